@@ -1,0 +1,72 @@
+"""Pure-PyTorch baselines, written from DESIGN §3: what a user of the seed would run.
+
+* :func:`seed_sampler` — the seed's stochastic Viterbi: ``torch.topk`` beam, one ``bmm`` for every
+  transition block, then a Python loop over positions with ``softmax`` + ``multinomial`` per state.
+* :func:`viterbi` — fairseq-style beam Viterbi (``DynamicCRF.forward_decoder``): the same transition
+  blocks, ``max`` over predecessors per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def transition_blocks(beam_tokens: torch.Tensor, E1: torch.Tensor, E2: torch.Tensor) -> torch.Tensor:
+    """(B, T-1, K, K) blocks ``E1[tok[t-1, i]] . E2[tok[t, j]]`` through one batched matmul."""
+    B, T, K = beam_tokens.shape
+    left = E1[beam_tokens[:, :-1]].reshape(-1, K, E1.shape[1])
+    right = E2[beam_tokens[:, 1:]].reshape(-1, K, E2.shape[1])
+    return torch.bmm(left, right.transpose(1, 2)).view(B, T - 1, K, K)
+
+
+def seed_sampler(emissions, E1, E2, k, num_samples=1, temperature=1.0, generator=None):
+    """The seed's sampler with N chains in the last dimension. Returns (beam_probs, beam_idx, tokens).
+
+    Shapes: beam_probs (B, T, K, N), beam_idx (B, T, N), tokens (B, T, N).
+    """
+    beam_scores, beam_tokens = torch.topk(emissions, k, 2)
+    B, T, K = beam_scores.shape
+    N = num_samples
+    trans = transition_blocks(beam_tokens, E1, E2)
+    score = beam_scores[:, 0, :, None].expand(B, K, N)  # (B, K, N)
+    history = [score]
+    backpointers = []
+    for t in range(1, T):
+        # logits[b, i, j, n] = score[b, i, n] + trans[b, t-1, i, j]; draw i for every (b, j, n)
+        logits = score[:, :, None, :] + trans[:, t - 1, :, :, None]
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, K)
+        probs = torch.softmax(flat / temperature, dim=-1)
+        picks = torch.multinomial(probs, 1, generator=generator)
+        score = flat.gather(1, picks).view(B, K, N) + beam_scores[:, t, :, None]
+        backpointers.append(picks.view(B, K, N))
+        history.append(score)
+    path_scores = torch.stack(history, dim=1)  # (B, T, K, N)
+    beam_probs = torch.softmax(path_scores, dim=2)
+    index = score.argmax(dim=1)  # (B, N)
+    path = [index]
+    for back in reversed(backpointers):
+        index = back.gather(1, index[:, None, :])[:, 0, :]
+        path.append(index)
+    beam_idx = torch.stack(path[::-1], dim=1)  # (B, T, N)
+    tokens = beam_tokens.gather(2, beam_idx)
+    return beam_probs, beam_idx, tokens
+
+
+def viterbi(emissions, E1, E2, k):
+    """fairseq-style Viterbi. Returns (best score (B,), tokens (B, T))."""
+    beam_scores, beam_tokens = torch.topk(emissions, k, 2)
+    B, T, K = beam_scores.shape
+    trans = transition_blocks(beam_tokens, E1, E2)
+    score = beam_scores[:, 0]
+    backpointers = []
+    for t in range(1, T):
+        score, index = (score[:, :, None] + trans[:, t - 1]).max(dim=1)
+        score = score + beam_scores[:, t]
+        backpointers.append(index)
+    best, index = score.max(dim=1)
+    path = [index]
+    for back in reversed(backpointers):
+        index = back.gather(1, index[:, None])[:, 0]
+        path.append(index)
+    beam_idx = torch.stack(path[::-1], dim=1)
+    return best, beam_tokens.gather(2, beam_idx[:, :, None])[:, :, 0]

@@ -1,0 +1,75 @@
+"""topk_beam against the NumPy reference and torch.topk's contract."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import reference as ref
+from viterbi_numba import topk_beam
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(1, 40), data=st.data(),
+       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans())
+def test_matches_reference(B, T, V, data, dtype, ties):
+    k = data.draw(st.integers(1, V))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    emissions = rng.standard_normal((B, T, V))
+    if ties:  # few distinct values: ties must go to the lower token id
+        emissions = np.round(emissions)
+    emissions = emissions.astype(dtype)
+    got = topk_beam(emissions, k)
+    want_scores, want_tokens = ref.topk(emissions, k)
+    np.testing.assert_array_equal(got.tokens, want_tokens)
+    np.testing.assert_array_equal(got.scores, want_scores)
+    assert got.scores.dtype == dtype and got.tokens.dtype == np.int64
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(1, 30), data=st.data())
+def test_force_tokens_match_reference(B, T, V, data):
+    k = data.draw(st.integers(1, V))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    emissions = rng.standard_normal((B, T, V))
+    forced = rng.integers(0, V, (B, T))
+    got = topk_beam(emissions, k, force_tokens=forced)
+    want_scores, want_tokens = ref.topk(emissions, k, forced)
+    np.testing.assert_array_equal(got.tokens, want_tokens)
+    np.testing.assert_array_equal(got.scores, want_scores)
+    assert (got.tokens == forced[:, :, None]).any(axis=2).all()
+
+
+def test_seed_size_against_numpy_sort(rng):
+    emissions = rng.standard_normal((2, 3, 30000)).astype(np.float32)
+    got = topk_beam(emissions, 256)
+    order = np.argsort(-emissions, axis=2, kind="stable")[:, :, :256]
+    np.testing.assert_array_equal(got.tokens, order)
+    np.testing.assert_array_equal(got.scores, np.take_along_axis(emissions, order, 2))
+
+
+def test_float16_is_computed_in_float32(rng):
+    emissions = rng.standard_normal((1, 2, 10)).astype(np.float16)
+    got = topk_beam(emissions, 3)
+    assert got.scores.dtype == np.float32
+    np.testing.assert_array_equal(got.tokens, ref.topk(emissions.astype(np.float32), 3)[1])
+
+
+def test_neg_inf_is_allowed_and_ranks_last(rng):
+    emissions = rng.standard_normal((1, 1, 6))
+    emissions[0, 0, [1, 4]] = -np.inf
+    got = topk_beam(emissions, 6)
+    assert list(got.tokens[0, 0, -2:]) == [1, 4]
+
+
+def test_non_contiguous_input(rng):
+    base = rng.standard_normal((12, 3, 2))
+    emissions = base.transpose(2, 1, 0)  # (2, 3, 12), strided
+    assert not emissions.flags.c_contiguous
+    got = topk_beam(emissions, 5)
+    want = topk_beam(np.ascontiguousarray(emissions), 5)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_empty_batch():
+    got = topk_beam(np.zeros((0, 3, 5), np.float32), 2)
+    assert got.scores.shape == (0, 3, 2) and got.tokens.shape == (0, 3, 2)

@@ -1,0 +1,186 @@
+"""Every bad input gets a ValueError or TypeError that names the argument."""
+
+import numpy as np
+import pytest
+
+from conftest import make_problem
+from viterbi_numba import stochastic_viterbi, topk_beam, viterbi_decode
+
+
+@pytest.fixture
+def problem(rng):
+    return make_problem(rng, 2, 5, 4, V=10)
+
+
+def _sv(problem, **changes):
+    scores, tokens, E1, E2 = problem
+    kwargs = dict(scores=scores, tokens=tokens, E1=E1, E2=E2)
+    kwargs.update(changes)
+    return stochastic_viterbi(**kwargs)
+
+
+def _vd(problem, **changes):
+    scores, tokens, E1, E2 = problem
+    kwargs = dict(scores=scores, tokens=tokens, E1=E1, E2=E2)
+    kwargs.update(changes)
+    return viterbi_decode(**kwargs)
+
+
+# --- topk_beam -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k, error, match", [
+    (0, ValueError, "k must be at least 1"),
+    (-3, ValueError, "k must be at least 1"),
+    (11, ValueError, "k must be at most V = 10"),
+    (2.5, TypeError, "k must be an integer"),
+    (True, TypeError, "k must be an integer"),
+])
+def test_topk_bad_k(rng, k, error, match):
+    with pytest.raises(error, match=match):
+        topk_beam(rng.standard_normal((1, 2, 10)), k)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_topk_rejects_nan_and_posinf(rng, bad):
+    emissions = rng.standard_normal((2, 3, 10))
+    emissions[1, 2, 7] = bad
+    with pytest.raises(ValueError, match=r"emissions contains NaN or \+inf \(first at batch 1, position 2\)"):
+        topk_beam(emissions, 3)
+    emissions[1, 2, 0] = bad  # also inside the first k entries
+    with pytest.raises(ValueError, match="emissions contains NaN"):
+        topk_beam(emissions, 3)
+
+
+def test_topk_bad_arrays(rng):
+    with pytest.raises(ValueError, match="emissions must have 3 dimensions"):
+        topk_beam(rng.standard_normal((2, 10)), 3)
+    with pytest.raises(TypeError, match="emissions must be a floating-point array"):
+        topk_beam(np.ones((1, 2, 10), np.int64), 3)
+    with pytest.raises(ValueError, match="force_tokens must have shape"):
+        topk_beam(rng.standard_normal((1, 2, 10)), 3, force_tokens=np.zeros((2, 1), np.int64))
+    with pytest.raises(ValueError, match=r"force_tokens must be token ids in \[0, 10\)"):
+        topk_beam(rng.standard_normal((1, 2, 10)), 3, force_tokens=np.array([[0, 10]]))
+    with pytest.raises(TypeError, match="force_tokens must be an integer array"):
+        topk_beam(rng.standard_normal((1, 2, 10)), 3, force_tokens=np.zeros((1, 2)))
+
+
+# --- beam inputs (both decoders) ---------------------------------------------------------------------
+@pytest.mark.parametrize("call", [_sv, _vd])
+def test_scores_nan_inf_and_dead_positions(problem, call):
+    scores = problem[0].copy()
+    scores[1, 3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"scores contains NaN or \+inf \(first at batch 1, position 3\)"):
+        call(problem, scores=scores)
+    scores[1, 3, 2] = np.inf
+    with pytest.raises(ValueError, match=r"scores contains NaN or \+inf"):
+        call(problem, scores=scores)
+    scores = problem[0].copy()
+    scores[0, 2, :] = -np.inf
+    with pytest.raises(ValueError, match="whole beam is -inf at batch 0, position 2"):
+        call(problem, scores=scores)
+    # a dead position after the sequence's end is padding, not an error
+    call(problem, scores=scores, lengths=[2, 5])
+
+
+@pytest.mark.parametrize("call", [_sv, _vd])
+def test_bad_tokens(problem, call):
+    tokens = problem[1].copy()
+    tokens[0, 0, 0] = 10
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 10\)"):
+        call(problem, tokens=tokens)
+    tokens[0, 0, 0] = -1
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 10\)"):
+        call(problem, tokens=tokens)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        call(problem, tokens=problem[1][:, :, :3])
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        call(problem, tokens=problem[1].astype(np.float64))
+
+
+@pytest.mark.parametrize("call", [_sv, _vd])
+def test_bad_tables(problem, call):
+    E1 = problem[2]
+    with pytest.raises(ValueError, match="E1 and E2 must have the same shape"):
+        call(problem, E1=E1[:, :3])
+    with pytest.raises(TypeError, match="E1 must be a floating-point array"):
+        call(problem, E1=E1.astype(np.int32))
+    with pytest.raises(TypeError, match="E2 must be a floating-point array"):
+        call(problem, E2=problem[3].astype(np.int32))
+    with pytest.raises(ValueError, match="E1 must have 2 dimensions"):
+        call(problem, E1=E1[None])
+    bad = E1.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="E1 contains NaN or inf"):
+        call(problem, E1=bad)
+
+
+@pytest.mark.parametrize("call", [_sv, _vd])
+def test_bad_scores_arrays(problem, call):
+    with pytest.raises(ValueError, match="scores must have 3 dimensions"):
+        call(problem, scores=problem[0][0])
+    with pytest.raises(TypeError, match="scores must be a floating-point array"):
+        call(problem, scores=problem[0].astype(np.int64))
+    with pytest.raises(ValueError, match=r"T >= 1"):
+        call(problem, scores=problem[0][:, :0], tokens=problem[1][:, :0])
+
+
+@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("lengths, error, match", [
+    ([0, 5], ValueError, r"lengths must lie in \[1, 5\]"),
+    ([1, 6], ValueError, r"lengths must lie in \[1, 5\]"),
+    ([5], ValueError, r"lengths must have shape \(2,\)"),
+    ([[5, 5]], ValueError, r"lengths must have shape \(2,\)"),
+    ([2.0, 3.0], TypeError, "lengths must be an integer array"),
+])
+def test_bad_lengths(problem, call, lengths, error, match):
+    with pytest.raises(error, match=match):
+        call(problem, lengths=np.array(lengths))
+
+
+@pytest.mark.parametrize("temperature, error", [
+    (0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError), ("hot", TypeError),
+])
+def test_bad_temperature(problem, temperature, error):
+    with pytest.raises(error, match="temperature must be"):
+        _sv(problem, temperature=temperature)
+
+
+@pytest.mark.parametrize("num_samples, error", [(0, ValueError), (-2, ValueError), (2.0, TypeError)])
+def test_bad_num_samples(problem, num_samples, error):
+    with pytest.raises(error, match="num_samples must be"):
+        _sv(problem, num_samples=num_samples)
+
+
+def test_bad_seed(problem):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        _sv(problem, seed=-1)
+    with pytest.raises(TypeError, match="seed must be None or an integer"):
+        _sv(problem, seed=1.5)
+
+
+def test_bad_uniforms(problem, rng):
+    with pytest.raises(ValueError, match=r"uniforms must have shape \(2, 4, 4\)"):
+        _sv(problem, uniforms=rng.random((2, 5, 4)))
+    with pytest.raises(ValueError, match=r"uniforms must have shape \(2, 4, 4, 3\)"):
+        _sv(problem, num_samples=3, uniforms=rng.random((2, 4, 4, 2)))
+    with pytest.raises(ValueError, match="uniforms must have 3 dimensions"):
+        _sv(problem, uniforms=rng.random((2, 4, 4, 1)))
+    for bad in (1.0, -0.1, np.nan):
+        uniforms = rng.random((2, 4, 4))
+        uniforms[1, 1, 1] = bad
+        with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+            _sv(problem, uniforms=uniforms)
+    with pytest.raises(ValueError, match="either seed or uniforms"):
+        _sv(problem, uniforms=rng.random((2, 4, 4)), seed=1)
+
+
+def test_empty_batch_gives_empty_results(problem):
+    _, _, E1, E2 = problem
+    got = stochastic_viterbi(np.zeros((0, 5, 4)), np.zeros((0, 5, 4), np.int64), E1, E2, num_samples=2)
+    assert got.beam_probs.shape == (0, 5, 4, 2) and got.tokens.shape == (0, 5, 2)
+
+
+def test_single_position_is_the_argmax(problem):
+    scores, tokens, E1, E2 = problem
+    got = stochastic_viterbi(scores[:, :1], tokens[:, :1], E1, E2, seed=0)
+    np.testing.assert_array_equal(got.beam_idx[:, 0, 0], scores[:, 0].argmax(axis=1))
+    assert got.backpointers.shape == (2, 0, 4)

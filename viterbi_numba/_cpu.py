@@ -1,0 +1,451 @@
+"""CPU kernels (``@njit``, ``prange`` over sequences).
+
+These functions trust their inputs: ``viterbi_numba.api`` validates shapes, dtypes, value ranges and
+allocates the outputs before it calls them. Every kernel works per sequence on thread-local scratch, so
+the results do not depend on how many threads run them.
+
+Conventions shared by the kernels
+* Beam scores are shifted per position by their maximum before use (``shift[t]``), so a large constant
+  added to the scores neither loses float32 precision nor changes a decision; reported path scores add
+  the cumulative shift back.
+* The transition block ``trans[i, j] = E1[tok[t-1, i]] . E2[tok[t, j]]`` of one step is computed into
+  a (K, K) scratch array and reused, never stored for all steps.
+* Positions at or after a sequence's length are padding: the path score carries over, back-pointers are
+  the identity, probabilities are 0 and indices/tokens are ``PAD`` (-1).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import core
+from ._fastexp import fast_exp
+
+# "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
+# and "contract" are left out so that sums are done in the documented sequential order.
+_FASTMATH = {"nsz", "arcp", "afn"}
+
+_device = core.build(njit(cache=True, inline="always"))
+uniform_pair = _device.uniform_pair
+inverse_cdf_pick = _device.inverse_cdf_pick
+
+PAD = -1
+
+
+# --------------------------------------------------------------------------------------------------
+# beam top-K
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _worse(key_a, id_a, key_b, id_b):
+    """True when (key_a, id_a) ranks below (key_b, id_b): lower score, or equal score and larger id."""
+    return key_a < key_b or (key_a == key_b and id_a > id_b)
+
+
+@njit(cache=True, inline="always")
+def _sift_down(keys, ids, start, size):
+    """Restore the min-heap (worst element at the root) below ``start`` within ``keys[:size]``."""
+    pos = start
+    key = keys[pos]
+    idx = ids[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(keys[child + 1], ids[child + 1], keys[child], ids[child]):
+            child += 1
+        if not _worse(keys[child], ids[child], key, idx):
+            break
+        keys[pos] = keys[child]
+        ids[pos] = ids[child]
+        pos = child
+    keys[pos] = key
+    ids[pos] = idx
+
+
+@njit(cache=True, parallel=True)
+def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_tokens, bad_rows):
+    """Per (b, t) row of ``emissions`` (B, T, V): the k best tokens, best first (ties: lower id first).
+
+    With ``use_force``, ``force_tokens[b, t]`` is in the beam whatever its score, kept at its own score.
+    ``bad_rows[b, t]`` is set to 1 where the row holds NaN or +inf (results there are meaningless).
+    """
+    B, T, V = emissions.shape
+    inf = np.inf
+    for row_id in prange(B * T):
+        b = row_id // T
+        t = row_id - b * T
+        row = emissions[b, t]
+        keys = np.empty(k, dtype=emissions.dtype)
+        ids = np.empty(k, dtype=np.int64)
+        forced = force_tokens[b, t] if use_force else -1
+        # fill the heap with the forced token (ranked first) and the first ids that are not forced
+        filled = 0
+        if forced >= 0:
+            keys[0] = inf
+            ids[0] = forced
+            filled = 1
+        v = 0
+        while filled < k:
+            if v != forced:
+                keys[filled] = row[v]
+                ids[filled] = v
+                filled += 1
+            v += 1
+        for start in range(k // 2 - 1, -1, -1):
+            _sift_down(keys, ids, start, k)
+        # scan the rest: ids only grow, so an equal score never displaces an earlier token
+        root = keys[0]
+        bad = 0
+        for u in range(v, V):
+            x = row[u]
+            if not x < inf:
+                bad = 1
+            if x > root and u != forced:
+                keys[0] = x
+                ids[0] = u
+                _sift_down(keys, ids, 0, k)
+                root = keys[0]
+        for u in range(v):
+            if not row[u] < inf:
+                bad = 1
+        bad_rows[b, t] = bad
+        # heapsort: the worst goes to the end each time, leaving best-first order
+        for size in range(k - 1, 0, -1):
+            key0 = keys[0]
+            id0 = ids[0]
+            keys[0] = keys[size]
+            ids[0] = ids[size]
+            keys[size] = key0
+            ids[size] = id0
+            _sift_down(keys, ids, 0, size)
+        if forced >= 0:
+            # the forced token sits first with key +inf: give it its own score and move it into place
+            own = row[forced]
+            pos = 0
+            while pos + 1 < k and _worse(own, forced, keys[pos + 1], ids[pos + 1]):
+                keys[pos] = keys[pos + 1]
+                ids[pos] = ids[pos + 1]
+                pos += 1
+            keys[pos] = own
+            ids[pos] = forced
+        for slot in range(k):
+            out_scores[b, t, slot] = keys[slot]
+            out_tokens[b, t, slot] = ids[slot]
+
+
+# --------------------------------------------------------------------------------------------------
+# shared per-step pieces
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always", fastmath=_FASTMATH | {"contract"})
+def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb_t, trans):
+    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]], through gathered copies (K, D) and (D, K).
+
+    The product runs as row updates over contiguous j (vectorised), four rows of ``trans`` at a time
+    so that each loaded row of ``dst_emb_t`` serves four of them.
+    """
+    K = src_rows.shape[0]
+    D = E1.shape[1]
+    for i in range(K):
+        src = E1[src_rows[i]]
+        for d in range(D):
+            src_emb[i, d] = src[d]
+    for j in range(K):
+        dst = E2[dst_rows[j]]
+        for d in range(D):
+            dst_emb_t[d, j] = dst[d]
+    trans[:, :] = 0.0
+    i = 0
+    while i + 4 <= K:
+        row0, row1, row2, row3 = trans[i], trans[i + 1], trans[i + 2], trans[i + 3]
+        for d in range(D):
+            a0, a1, a2, a3 = src_emb[i, d], src_emb[i + 1, d], src_emb[i + 2, d], src_emb[i + 3, d]
+            col = dst_emb_t[d]
+            for j in range(K):
+                c = col[j]
+                row0[j] += a0 * c
+                row1[j] += a1 * c
+                row2[j] += a2 * c
+                row3[j] += a3 * c
+        i += 4
+    for i in range(i, K):
+        row = trans[i]
+        for d in range(D):
+            a = src_emb[i, d]
+            col = dst_emb_t[d]
+            for j in range(K):
+                row[j] += a * col[j]
+
+
+@njit(cache=True, inline="always")
+def _position_shifts(scores_b, length, shift, cum_shift):
+    """shift[t] = max_k scores_b[t, k]; cum_shift[t] = sum of shifts up to min(t, length - 1)."""
+    T, K = scores_b.shape
+    total = 0.0
+    for t in range(T):
+        if t < length:
+            m = scores_b[t, 0]
+            for k in range(1, K):
+                if scores_b[t, k] > m:
+                    m = scores_b[t, k]
+            shift[t] = m
+            total += m
+        else:
+            shift[t] = 0.0
+        cum_shift[t] = total
+
+
+# --------------------------------------------------------------------------------------------------
+# Viterbi (max-product)
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_score, out_step_scores):
+    """Best beam path per sequence; ties go to the lowest beam index, both per step and at the end.
+
+    ``out_step_scores`` follows fairseq's ``forward_decoder``: with c[t] the cumulative score of step t
+    read at the path's beam index of step t+1 (at T-1: the final score), step t gets c[t] - c[t-1].
+    """
+    B, T, K = scores.shape
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb_t = np.empty((D, K), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        shift = np.empty(T, dtype=np.float64)
+        cum_shift = np.empty(T, dtype=np.float64)
+        history = np.empty((length, K), dtype=dtype)  # shifted cumulative scores per step
+        back = np.empty((length, K), dtype=np.int32)
+        best = np.empty(K, dtype=dtype)
+        arg = np.empty(K, dtype=np.int32)
+        _position_shifts(scores[b], length, shift, cum_shift)
+        for j in range(K):
+            history[0, j] = scores[b, 0, j] - shift[0]
+        for t in range(1, length):
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb_t, trans)
+            prev = history[t - 1]
+            for j in range(K):
+                best[j] = -np.inf
+                arg[j] = 0
+            for i in range(K):
+                s = prev[i]
+                row = trans[i]
+                for j in range(K):
+                    cand = s + row[j]
+                    if cand > best[j]:
+                        best[j] = cand
+                        arg[j] = i
+            emission_shift = shift[t]
+            for j in range(K):
+                history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
+                back[t, j] = arg[j]
+        # final argmax, lowest index on ties
+        last = history[length - 1]
+        y = 0
+        for j in range(1, K):
+            if last[j] > last[y]:
+                y = j
+        out_score[b] = last[y] + cum_shift[length - 1]
+        # backtrace, collecting fairseq's cumulative scores c[t]
+        cumulative_next = out_score[b]
+        for t in range(length - 1, -1, -1):
+            out_beam_idx[b, t] = y
+            out_tokens[b, t] = tokens[b, t, y]
+            if t == length - 1:
+                cumulative = out_score[b]
+            else:
+                cumulative = history[t, out_beam_idx[b, t + 1]] + cum_shift[t]
+            if t < length - 1:
+                out_step_scores[b, t + 1] = cumulative_next - cumulative
+            cumulative_next = cumulative
+            if t > 0:
+                y = back[t, y]
+        out_step_scores[b, 0] = cumulative_next
+        for t in range(length, T):
+            out_beam_idx[b, t] = PAD
+            out_tokens[b, t] = PAD
+            out_step_scores[b, t] = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the seed's stochastic Viterbi
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _softmax_into(values, out_probs, n):
+    """out_probs[:, n] = softmax(values) (values 1-D, K)."""
+    K = values.shape[0]
+    m = values[0]
+    for k in range(1, K):
+        if values[k] > m:
+            m = values[k]
+    total = 0.0
+    for k in range(K):
+        total += fast_exp(values[k] - m)
+    inv = 1.0 / total
+    for k in range(K):
+        out_probs[k, n] = fast_exp(values[k] - m) * inv
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
+    """The pick for state j from tempered logits prev[i] + trans[i, j], each exp'd on its own.
+
+    Used where the factored weights of ``stochastic_viterbi_kernel`` would lose precision to underflow.
+    """
+    K = prev.shape[0]
+    m = -np.inf
+    for i in range(K):
+        logits[i] = prev[i] + trans[i, j]
+        if logits[i] > m:
+            m = logits[i]
+    running = prefix[0] * 0
+    for i in range(K):
+        running += fast_exp((logits[i] - m) * inv_temp)
+        prefix[i] = running
+    return inverse_cdf_pick(prefix, target_u * running, K)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def stochastic_viterbi_kernel(
+    scores, tokens, E1, E2, lengths, inv_temp, tiny, seed_lo, seed_hi, uniforms, use_uniforms,
+    out_beam_probs, out_beam_idx, out_tokens, out_path_scores, out_backpointers, out_score,
+):
+    """The seed's sampler (DESIGN §3) for N = out_beam_idx.shape[2] independent chains per sequence.
+
+    For chain n at step t and state j the predecessor is drawn from softmax_i((prev[i] + trans[i, j]) / temp)
+    by the inverse-CDF rule with the uniform ``U[b, t-1, j, n]``. The weights are factored,
+    ``exp((prev[i] - max prev) / temp) * exp((trans[i, j] - max_i trans[i, j]) / temp)``, so the K x K exps
+    of a step are shared by all N chains; a column whose factored total falls below ``tiny`` (underflow)
+    is recomputed directly.
+    """
+    B, T, K = scores.shape
+    N = out_beam_idx.shape[2]
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb_t = np.empty((D, K), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        trans_weights = np.empty((K, K), dtype=dtype)
+        column_max = np.empty(K, dtype=dtype)
+        shift = np.empty(T, dtype=np.float64)
+        cum_shift = np.empty(T, dtype=np.float64)
+        chain_scores = np.empty((N, K), dtype=dtype)  # shifted cumulative scores per chain
+        new_scores = np.empty(K, dtype=dtype)
+        prev_weights = np.empty(K, dtype=dtype)
+        totals = np.empty(K, dtype=dtype)
+        prefix = np.empty(K, dtype=dtype)
+        targets = np.empty(K, dtype=dtype)
+        unif = np.empty(K + 1, dtype=np.float64)
+        picks = np.empty(K, dtype=np.int32)
+        logits = np.empty(K, dtype=dtype)
+        _position_shifts(scores[b], length, shift, cum_shift)
+        for n in range(N):
+            for j in range(K):
+                chain_scores[n, j] = scores[b, 0, j] - shift[0]
+                out_path_scores[b, 0, j, n] = scores[b, 0, j]
+            _softmax_into(chain_scores[n], out_beam_probs[b, 0], n)
+        for t in range(1, length):
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb_t, trans)
+            # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp)
+            for j in range(K):
+                column_max[j] = trans[0, j]
+            for i in range(1, K):
+                for j in range(K):
+                    if trans[i, j] > column_max[j]:
+                        column_max[j] = trans[i, j]
+            for i in range(K):
+                for j in range(K):
+                    trans_weights[i, j] = fast_exp((trans[i, j] - column_max[j]) * inv_temp)
+            emission_shift = shift[t]
+            for n in range(N):
+                prev = chain_scores[n]
+                m = prev[0]
+                for i in range(1, K):
+                    if prev[i] > m:
+                        m = prev[i]
+                for i in range(K):
+                    prev_weights[i] = fast_exp((prev[i] - m) * inv_temp)
+                # pass 1: column totals, summed over i in order
+                for j in range(K):
+                    totals[j] = 0.0
+                for i in range(K):
+                    a = prev_weights[i]
+                    if a == 0.0:
+                        continue
+                    row = trans_weights[i]
+                    for j in range(K):
+                        totals[j] += a * row[j]
+                # the uniforms of this (step, chain)
+                if use_uniforms:
+                    for j in range(K):
+                        unif[j] = uniforms[b, t - 1, j, n]
+                else:
+                    for jp in range((K + 1) // 2):
+                        u0, u1 = uniform_pair(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, jp, n)
+                        unif[2 * jp] = u0
+                        unif[2 * jp + 1] = u1
+                for j in range(K):
+                    targets[j] = unif[j] * totals[j]
+                    prefix[j] = 0.0
+                    picks[j] = K
+                # pass 2: the same running sums; the first i whose prefix passes the target is the pick
+                for i in range(K):
+                    a = prev_weights[i]
+                    if a == 0.0:
+                        continue
+                    row = trans_weights[i]
+                    for j in range(K):
+                        before = prefix[j]
+                        after = before + a * row[j]
+                        prefix[j] = after
+                        # only the first crossing has before <= target < after (weights are >= 0)
+                        crossed = (before <= targets[j]) & (after > targets[j])
+                        picks[j] = i if crossed else picks[j]
+                for j in range(K):
+                    pick = picks[j]
+                    if totals[j] < tiny or pick == K:
+                        pick = _direct_pick(prev, trans, j, inv_temp, unif[j], logits, prefix)
+                    new_scores[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
+                    out_backpointers[b, t - 1, j, n] = pick
+                for j in range(K):
+                    prev[j] = new_scores[j]
+                    out_path_scores[b, t, j, n] = new_scores[j] + cum_shift[t]
+                _softmax_into(prev, out_beam_probs[b, t], n)
+        # padding, then the final argmax (lowest index on ties) and the backtrace of each chain
+        for n in range(N):
+            for t in range(length, T):
+                for j in range(K):
+                    out_beam_probs[b, t, j, n] = 0.0
+                    out_path_scores[b, t, j, n] = chain_scores[n, j] + cum_shift[t]
+                    out_backpointers[b, t - 1, j, n] = j
+                out_beam_idx[b, t, n] = PAD
+                out_tokens[b, t, n] = PAD
+            last = chain_scores[n]
+            y = 0
+            for j in range(1, K):
+                if last[j] > last[y]:
+                    y = j
+            out_score[b, n] = last[y] + cum_shift[length - 1]
+            for t in range(length - 1, -1, -1):
+                out_beam_idx[b, t, n] = y
+                out_tokens[b, t, n] = tokens[b, t, y]
+                if t > 0:
+                    y = out_backpointers[b, t - 1, y, n]
+
+
+@njit(cache=True, parallel=True)
+def fill_uniforms(seed_lo, seed_hi, stream, out):
+    """out[b, t, j, n] = the uniform that the seed sampler draws for (b, step t+1, state j, chain n)."""
+    B, S, K, N = out.shape
+    for b in prange(B):
+        for t in range(S):
+            for n in range(N):
+                for jp in range((K + 1) // 2):
+                    u0, u1 = uniform_pair(seed_lo, seed_hi, stream, b, t, jp, n)
+                    out[b, t, 2 * jp, n] = u0
+                    if 2 * jp + 1 < K:
+                        out[b, t, 2 * jp + 1, n] = u1
