@@ -20,11 +20,16 @@ def transition_blocks(beam_tokens: torch.Tensor, E1: torch.Tensor, E2: torch.Ten
 
 
 def seed_sampler(emissions, E1, E2, k, num_samples=1, temperature=1.0, generator=None):
-    """The seed's sampler with N chains in the last dimension. Returns (beam_probs, beam_idx, tokens).
-
-    Shapes: beam_probs (B, T, K, N), beam_idx (B, T, N), tokens (B, T, N).
-    """
+    """The seed's sampler from emissions (B, T, V): ``torch.topk`` beam, then :func:`seed_sampler_beam`."""
     beam_scores, beam_tokens = torch.topk(emissions, k, 2)
+    return seed_sampler_beam(beam_scores, beam_tokens, E1, E2, num_samples, temperature, generator)
+
+
+def seed_sampler_beam(beam_scores, beam_tokens, E1, E2, num_samples=1, temperature=1.0, generator=None):
+    """The seed's sampler on a given beam, N chains in the last dimension.
+
+    Returns (beam_probs (B, T, K, N), beam_idx (B, T, N), tokens (B, T, N)).
+    """
     B, T, K = beam_scores.shape
     N = num_samples
     trans = transition_blocks(beam_tokens, E1, E2)
@@ -53,8 +58,13 @@ def seed_sampler(emissions, E1, E2, k, num_samples=1, temperature=1.0, generator
 
 
 def viterbi(emissions, E1, E2, k):
-    """fairseq-style Viterbi. Returns (best score (B,), tokens (B, T))."""
+    """fairseq-style Viterbi from emissions: ``torch.topk`` beam, then :func:`viterbi_beam`."""
     beam_scores, beam_tokens = torch.topk(emissions, k, 2)
+    return viterbi_beam(beam_scores, beam_tokens, E1, E2)
+
+
+def viterbi_beam(beam_scores, beam_tokens, E1, E2):
+    """fairseq-style Viterbi on a given beam. Returns (best score (B,), tokens (B, T))."""
     B, T, K = beam_scores.shape
     trans = transition_blocks(beam_tokens, E1, E2)
     score = beam_scores[:, 0]

@@ -138,12 +138,13 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
 # --------------------------------------------------------------------------------------------------
 # shared per-step pieces
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always", fastmath=_FASTMATH | {"contract"})
+@njit(cache=True, inline="always")
 def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb_t, trans):
-    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]], through gathered copies (K, D) and (D, K).
+    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]: gathered (K, D) and (D, K) copies, one BLAS gemm.
 
-    The product runs as row updates over contiguous j (vectorised), four rows of ``trans`` at a time
-    so that each loaded row of ``dst_emb_t`` serves four of them.
+    BLAS (through SciPy) runs the K x D x K product at about twice the speed of the best vectorised
+    loop Numba gives here; the caller keeps BLAS single-threaded, since the kernels already use every
+    core across sequences.
     """
     K = src_rows.shape[0]
     D = E1.shape[1]
@@ -155,27 +156,7 @@ def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb_t, trans):
         dst = E2[dst_rows[j]]
         for d in range(D):
             dst_emb_t[d, j] = dst[d]
-    trans[:, :] = 0.0
-    i = 0
-    while i + 4 <= K:
-        row0, row1, row2, row3 = trans[i], trans[i + 1], trans[i + 2], trans[i + 3]
-        for d in range(D):
-            a0, a1, a2, a3 = src_emb[i, d], src_emb[i + 1, d], src_emb[i + 2, d], src_emb[i + 3, d]
-            col = dst_emb_t[d]
-            for j in range(K):
-                c = col[j]
-                row0[j] += a0 * c
-                row1[j] += a1 * c
-                row2[j] += a2 * c
-                row3[j] += a3 * c
-        i += 4
-    for i in range(i, K):
-        row = trans[i]
-        for d in range(D):
-            a = src_emb[i, d]
-            col = dst_emb_t[d]
-            for j in range(K):
-                row[j] += a * col[j]
+    np.dot(src_emb, dst_emb_t, trans)
 
 
 @njit(cache=True, inline="always")
@@ -234,9 +215,9 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
                 row = trans[i]
                 for j in range(K):
                     cand = s + row[j]
-                    if cand > best[j]:
-                        best[j] = cand
-                        arg[j] = i
+                    better = cand > best[j]  # strict: ties keep the lower i
+                    best[j] = cand if better else best[j]
+                    arg[j] = i if better else arg[j]
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)

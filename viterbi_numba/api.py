@@ -6,7 +6,9 @@ Empty batches (B = 0) give empty results; T = 0 is an error (a sequence has at l
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from functools import lru_cache
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -27,6 +29,19 @@ __all__ = [
 # A column of factored sampling weights whose total falls below this is recomputed directly: far above
 # the dtype's smallest normal, so that the weights that matter never lose precision to underflow.
 _TINY = {np.dtype(np.float32): np.float32(1e-20), np.dtype(np.float64): np.float64(1e-250)}
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _single_threaded_blas():
+    """The kernels call BLAS from every core at once: keep each call on one thread while they run."""
+    controller = _blas_controller()
+    return controller.limit(limits=1) if controller else contextlib.nullcontext()
 
 
 class Beam(NamedTuple):
@@ -128,7 +143,8 @@ def viterbi_decode(scores: Any, tokens: Any, E1: Any, E2: Any, lengths: Optional
     score = np.empty(B, dtype=scores.dtype)
     step_scores = np.empty((B, T), dtype=scores.dtype)
     if B:
-        _cpu.viterbi_kernel(scores, tokens, E1, E2, lengths, beam_idx, path_tokens, score, step_scores)
+        with _single_threaded_blas():
+            _cpu.viterbi_kernel(scores, tokens, E1, E2, lengths, beam_idx, path_tokens, score, step_scores)
     return ViterbiResult(beam_idx, path_tokens, score, step_scores)
 
 
@@ -182,11 +198,12 @@ def stochastic_viterbi(
     backpointers = np.empty((B, T - 1, K, N), dtype=np.int64)
     score = np.empty((B, N), dtype=scores.dtype)
     if B:
-        _cpu.stochastic_viterbi_kernel(
-            scores, tokens, E1, E2, lengths, inv_temp, _TINY[scores.dtype],
-            seed & 0xFFFFFFFF, seed >> 32, replay, uniforms is not None,
-            beam_probs, beam_idx, path_tokens, path_scores, backpointers, score,
-        )
+        with _single_threaded_blas():
+            _cpu.stochastic_viterbi_kernel(
+                scores, tokens, E1, E2, lengths, inv_temp, _TINY[scores.dtype],
+                seed & 0xFFFFFFFF, seed >> 32, replay, uniforms is not None,
+                beam_probs, beam_idx, path_tokens, path_scores, backpointers, score,
+            )
     if single:
         return StochasticViterbiResult(
             beam_probs[..., 0], beam_idx, path_tokens[..., 0], path_scores[..., 0], backpointers[..., 0], score[:, 0]

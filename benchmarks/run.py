@@ -1,0 +1,215 @@
+"""Side-by-side benchmark: viterbi-numba against the pure-PyTorch seed algorithm and fairseq-style Viterbi.
+
+Both run in this process, on the same inputs, with the same thread count. Each case reports the median,
+min and max wall time over ``--repeats`` runs (after one warm-up) and the ratio of medians.
+Writes ``results/results.json``, ``results/results.md`` and ``results/time_vs_k.png``.
+
+    python benchmarks/run.py            # or: viterbi-numba bench
+    python benchmarks/run.py --quick    # fewer repeats, smaller scaling sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_baselines as tb  # noqa: E402
+
+import viterbi_numba as vn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
+
+
+def timed(fn, repeats):
+    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def make_inputs(B, T, V, K, D, seed=0):
+    rng = np.random.default_rng(seed)
+    emissions = rng.standard_normal((B, T, V), dtype=np.float32)
+    E1 = (rng.standard_normal((V, D), dtype=np.float32) * 0.1).astype(np.float32)
+    E2 = (rng.standard_normal((V, D), dtype=np.float32) * 0.1).astype(np.float32)
+    return emissions, E1, E2
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=numba.get_num_threads(), python=platform.python_version(),
+                numpy=np.__version__, numba=numba.__version__, torch=torch.__version__)
+
+
+def seed_size_cases(repeats, progress):
+    """Each op at the seed's size: ours vs torch, from emissions (end to end) and from a given beam."""
+    B, T, V, K, D = (SEED_SIZE[x] for x in "BTVKD")
+    emissions, E1, E2 = make_inputs(B, T, V, K, D)
+    em_t, E1_t, E2_t = (torch.from_numpy(a) for a in (emissions, E1, E2))
+    beam = vn.topk_beam(emissions, K)
+    beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
+    rows = []
+
+    def case(name, ours, theirs, baseline, target, torch_repeats=None):
+        progress(name)
+        a = timed(ours, repeats)
+        b = timed(theirs, torch_repeats or repeats)
+        rows.append(dict(case=name, ours=a, baseline_name=baseline, baseline=b, speedup=b[0] / a[0], target=target))
+
+    with torch.no_grad():
+        case("topk_beam (B,T,V)->(B,T,K)", lambda: vn.topk_beam(emissions, K),
+             lambda: torch.topk(em_t, K, 2), "torch.topk", 1 / 1.5)
+        case("Viterbi, end to end (top-K + decode)",
+             lambda: vn.viterbi_decode(*vn.topk_beam(emissions, K), E1, E2),
+             lambda: tb.viterbi(em_t, E1_t, E2_t, K), "fairseq-style torch Viterbi", 3)
+        case("Viterbi, given the beam", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
+             lambda: tb.viterbi_beam(*beam_t, E1_t, E2_t), "fairseq-style torch Viterbi", 3)
+        for N, target in ((1, 15), (8, 40)):
+            slow = 1 if N == 8 else None
+            case(f"seed sampler N={N}, end to end",
+                 lambda N=N: vn.stochastic_viterbi(*vn.topk_beam(emissions, K), E1, E2,
+                                                   num_samples=None if N == 1 else N, seed=1),
+                 lambda N=N: tb.seed_sampler(em_t, E1_t, E2_t, K, N), "torch seed algorithm", target, slow)
+            case(f"seed sampler N={N}, given the beam",
+                 lambda N=N: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2,
+                                                   num_samples=None if N == 1 else N, seed=1),
+                 lambda N=N: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, N), "torch seed algorithm", target, slow)
+    return rows
+
+
+def scaling_cases(repeats, quick, progress):
+    """Sampler time (given the beam) over K, T and N around the seed's size; torch where it is affordable."""
+    base = dict(SEED_SIZE, N=1)
+    sweeps = {
+        "K": [64, 128, 256] if quick else [64, 128, 256, 512],
+        "T": [25, 97] if quick else [25, 50, 97, 200],
+        "N": [1, 8] if quick else [1, 2, 4, 8, 16],
+    }
+    rows = []
+    with torch.no_grad():
+        for axis, values in sweeps.items():
+            for value in values:
+                size = dict(base, **{axis: value})
+                progress(f"scaling {axis}={value}")
+                emissions, E1, E2 = make_inputs(size["B"], size["T"], 2000 if axis != "K" else 4000, size["K"], size["D"])
+                beam = vn.topk_beam(emissions, size["K"])
+                N = size["N"]
+                ours = timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, num_samples=N, seed=1), repeats)
+                viterbi = timed(lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2), repeats)
+                theirs = None
+                if size["K"] * size["K"] * size["T"] * N <= 256 * 256 * 97 * 8:
+                    beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
+                    E_t = (torch.from_numpy(E1), torch.from_numpy(E2))
+                    theirs = timed(lambda: tb.seed_sampler_beam(*beam_t, *E_t, N), 1 if N * size["K"] >= 1024 else repeats)
+                rows.append(dict(axis=axis, value=value, size=size, ours=ours, viterbi=viterbi, torch=theirs,
+                                 speedup=None if theirs is None else theirs[0] / ours[0]))
+    return rows
+
+
+def fmt(t):
+    return f"{t[0] * 1e3:.1f} ({t[1] * 1e3:.1f}–{t[2] * 1e3:.1f})"
+
+
+def write_report(info, seed_rows, scaling_rows):
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "results.json", "w") as f:
+        json.dump(dict(machine=info, seed_size=SEED_SIZE, cases=seed_rows, scaling=scaling_rows), f, indent=1)
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads for both numba and torch; "
+        f"numpy {info['numpy']}, numba {info['numba']}, torch {info['torch']}.",
+        f"Seed size B={SEED_SIZE['B']}, T={SEED_SIZE['T']}, V={SEED_SIZE['V']}, K={SEED_SIZE['K']}, "
+        f"D={SEED_SIZE['D']}, float32. Times in ms: median (min–max).",
+        "",
+        "| case | viterbi-numba | baseline | baseline time | speed-up | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in seed_rows:
+        target = f"≥ {r['target']:g}×" if r["target"] >= 1 else f"≥ {r['target']:.2f}× (no slower than 1.5×)"
+        met = "met" if r["speedup"] >= r["target"] else "not met"
+        lines.append(f"| {r['case']} | {fmt(r['ours'])} | {r['baseline_name']} | {fmt(r['baseline'])} | "
+                     f"{r['speedup']:.1f}× | {target}: {met} |")
+    lines += ["", "Scaling (given the beam; B=8, D=32; V=4000 for the K sweep, 2000 otherwise): sampler and Viterbi time, ms.", "",
+              "| varied | K | T | N | sampler | Viterbi | torch seed sampler | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in scaling_rows:
+        s = r["size"]
+        torch_t = "—" if r["torch"] is None else fmt(r["torch"])
+        speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
+        lines.append(f"| {r['axis']} | {s['K']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | {torch_t} | {speed} |")
+    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ks = [r for r in scaling_rows if r["axis"] == "K"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["value"] for r in ks], [r["ours"][0] * 1e3 for r in ks], "o-", label="viterbi-numba sampler (N=1)")
+        ax.plot([r["value"] for r in ks], [r["viterbi"][0] * 1e3 for r in ks], "s-", label="viterbi-numba Viterbi")
+        tk = [r for r in ks if r["torch"] is not None]
+        ax.plot([r["value"] for r in tk], [r["torch"][0] * 1e3 for r in tk], "^-", label="PyTorch seed sampler (N=1)")
+        ax.set(xscale="log", yscale="log", xlabel="beam size K", ylabel="time (ms)",
+               title=f"B=8, T=97, D=32, float32; {info['threads']} threads")
+        ax.set_xticks([r["value"] for r in ks], [str(r["value"]) for r in ks])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "time_vs_k.png", dpi=110)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'viterbi-numba[bench]')")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (default 5)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats and a smaller scaling sweep")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    torch.set_num_threads(numba.get_num_threads())
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=7 + (7 if args.quick else 13), unit="case")
+    except ImportError:
+        bar = None
+
+    def progress(name):
+        if bar is None:
+            print(name, flush=True)
+        else:
+            bar.set_description(name)
+            bar.update(1)
+
+    info = machine()
+    seed_rows = seed_size_cases(repeats, progress)
+    scaling_rows = scaling_cases(repeats, args.quick, progress)
+    if bar is not None:
+        bar.close()
+    print(write_report(info, seed_rows, scaling_rows))
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
