@@ -73,3 +73,17 @@ def test_non_contiguous_input(rng):
 def test_empty_batch():
     got = topk_beam(np.zeros((0, 3, 5), np.float32), 2)
     assert got.scores.shape == (0, 3, 2) and got.tokens.shape == (0, 3, 2)
+
+
+def test_long_rows_with_prefilter_fallback_and_forcing(rng):
+    """Long rows take the sampled-threshold filter; a row built to defeat the sample must still be exact."""
+    V, k = 30000, 64
+    emissions = rng.standard_normal((2, 2, V))
+    emissions[0, 0, :: V // 2048] += 10.0  # only the sampled entries are large: too few candidates pass
+    emissions[1, 1] = np.sort(emissions[1, 1])  # ascending: every candidate displaces the heap's root
+    forced = rng.integers(0, V, (2, 2))
+    for force in (None, forced):
+        got = topk_beam(emissions, k, force_tokens=force)
+        want_scores, want_tokens = ref.topk(emissions, k, force)
+        np.testing.assert_array_equal(got.tokens, want_tokens)
+        np.testing.assert_array_equal(got.scores, want_scores)

@@ -64,12 +64,38 @@ def _sift_down(keys, ids, start, size):
     ids[pos] = idx
 
 
+_SAMPLE = 2048  # strided sample that sets the pre-filter threshold of a long row
+_OVERSAMPLE = 3  # the threshold aims at about 3k candidates; fewer than k (p < 1e-5) falls back
+
+
+@njit(cache=True, inline="always")
+def _sample_threshold(row, k, keys, ids):
+    """A score that about ``_OVERSAMPLE * k`` entries of ``row`` reach, from a strided sample of it."""
+    V = row.shape[0]
+    stride = V // _SAMPLE
+    rank = min(_SAMPLE, (_SAMPLE * _OVERSAMPLE * k) // V + 1)
+    for s in range(rank):
+        keys[s] = row[s * stride]
+        ids[s] = s
+    for start in range(rank // 2 - 1, -1, -1):
+        _sift_down(keys, ids, start, rank)
+    for s in range(rank, _SAMPLE):
+        x = row[s * stride]
+        if x > keys[0]:
+            keys[0] = x
+            ids[0] = s
+            _sift_down(keys, ids, 0, rank)
+    return keys[0]
+
+
 @njit(cache=True, parallel=True)
 def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_tokens, bad_rows):
     """Per (b, t) row of ``emissions`` (B, T, V): the k best tokens, best first (ties: lower id first).
 
     With ``use_force``, ``force_tokens[b, t]`` is in the beam whatever its score, kept at its own score.
     ``bad_rows[b, t]`` is set to 1 where the row holds NaN or +inf (results there are meaningless).
+    A long row is first filtered by a threshold from a sample (one predictable branch per entry), so the
+    heap only sees a few k candidates; if fewer than k pass, the row is redone without the filter.
     """
     B, T, V = emissions.shape
     inf = np.inf
@@ -77,40 +103,52 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
         b = row_id // T
         t = row_id - b * T
         row = emissions[b, t]
-        keys = np.empty(k, dtype=emissions.dtype)
-        ids = np.empty(k, dtype=np.int64)
+        keys = np.empty(max(k, _SAMPLE), dtype=emissions.dtype)
+        ids = np.empty(max(k, _SAMPLE), dtype=np.int64)
+        candidates = np.empty(V, dtype=np.int32)
         forced = force_tokens[b, t] if use_force else -1
-        # fill the heap with the forced token (ranked first) and the first ids that are not forced
+        threshold = _sample_threshold(row, k, keys, ids) if V >= 16 * k else -inf
+        while True:
+            # candidates: every id whose score is not below the threshold (NaN lands here too)
+            count = 0
+            bad = 0
+            for u in range(V):
+                x = row[u]
+                if not x < threshold:
+                    if not x < inf:
+                        bad = 1
+                    candidates[count] = u
+                    count += 1
+            if count >= k or threshold == -inf:
+                break
+            threshold = -inf
+        bad_rows[b, t] = bad
+        # fill the heap with the forced token (ranked first) and the first candidates that are not forced
         filled = 0
         if forced >= 0:
             keys[0] = inf
             ids[0] = forced
             filled = 1
-        v = 0
+        c = 0
         while filled < k:
-            if v != forced:
-                keys[filled] = row[v]
-                ids[filled] = v
+            u = candidates[c]
+            if u != forced:
+                keys[filled] = row[u]
+                ids[filled] = u
                 filled += 1
-            v += 1
+            c += 1
         for start in range(k // 2 - 1, -1, -1):
             _sift_down(keys, ids, start, k)
-        # scan the rest: ids only grow, so an equal score never displaces an earlier token
+        # the rest: ids only grow, so an equal score never displaces an earlier token
         root = keys[0]
-        bad = 0
-        for u in range(v, V):
+        for c in range(c, count):
+            u = candidates[c]
             x = row[u]
-            if not x < inf:
-                bad = 1
             if x > root and u != forced:
                 keys[0] = x
                 ids[0] = u
                 _sift_down(keys, ids, 0, k)
                 root = keys[0]
-        for u in range(v):
-            if not row[u] < inf:
-                bad = 1
-        bad_rows[b, t] = bad
         # heapsort: the worst goes to the end each time, leaving best-first order
         for size in range(k - 1, 0, -1):
             key0 = keys[0]
