@@ -103,3 +103,31 @@ def test_empty_batch(rng):
     _, _, E1, E2 = make_problem(rng, 1, 2, 3)
     got = viterbi_decode(np.zeros((0, 4, 3)), np.zeros((0, 4, 3), np.int64), E1, E2)
     assert got.beam_idx.shape == (0, 4) and got.score.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("score_scale, table_scale", [(3.0, 0.05), (1.0, 0.3), (0.01, 2.0)])
+def test_pruned_search_is_exact(dtype, score_scale, table_scale):
+    """Branch and bound over predecessor rows: wide scores (most rows pruned) to wide transitions (none)."""
+    rng = np.random.default_rng(int(score_scale * 100))
+    scores, tokens, E1, E2 = make_problem(rng, 3, 12, 100, V=400, D=16, dtype=dtype, scale=score_scale)
+    E1 = (E1 * table_scale).astype(dtype)
+    E2 = (E2 * table_scale).astype(dtype)
+    got = viterbi_decode(scores, tokens, E1, E2)
+    beam_idx, path_tokens, best, _ = ref.viterbi(scores, tokens, E1, E2)
+    np.testing.assert_array_equal(got.beam_idx, beam_idx)
+    np.testing.assert_allclose(got.score, best, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ties_everywhere_follow_the_lowest_index(seed):
+    """Integer scores and tables: exact ties in every column, whatever order rows are visited in."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-2, 3, (2, 6, 40)).astype(np.float64)
+    tokens = rng.integers(0, 7, (2, 6, 40))
+    E1 = rng.integers(-1, 2, (7, 3)).astype(np.float64)
+    E2 = rng.integers(-1, 2, (7, 3)).astype(np.float64)
+    got = viterbi_decode(scores, tokens, E1, E2)
+    beam_idx, _, best, _ = ref.viterbi(scores, tokens, E1, E2)
+    np.testing.assert_array_equal(got.beam_idx, beam_idx)
+    np.testing.assert_array_equal(got.score, best)

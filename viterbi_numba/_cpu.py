@@ -218,6 +218,71 @@ def _position_shifts(scores_b, length, shift, cum_shift):
 # --------------------------------------------------------------------------------------------------
 # Viterbi (max-product)
 # --------------------------------------------------------------------------------------------------
+_ROW_BLOCK = 32  # predecessor rows per gemm in the pruned Viterbi step
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb_t,
+                  trans_block, best, arg):
+    """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]], arg[j] = the lowest such i.
+
+    Exact branch and bound: predecessor rows are visited by decreasing ``prev``, a block of them per
+    gemm, and the visit stops once no remaining row can reach any column's best, since
+    prev[i] + a_i . b_j <= prev[i] + max|a| |b_j| (Cauchy-Schwarz; a margin covers rounding). Where the
+    scores of a step are spread wider than the transitions, most of the K x K x D product is skipped.
+    """
+    K = prev.shape[0]
+    D = E1.shape[1]
+    for j in range(K):
+        dst = E2[dst_rows[j]]
+        norm = 0.0
+        for d in range(D):
+            dst_emb_t[d, j] = dst[d]
+            norm += dst[d] * dst[d]
+        dst_norm[j] = np.sqrt(norm)
+        best[j] = -np.inf
+        arg[j] = K
+    max_src_norm = 0.0
+    for i in range(K):
+        src = E1[src_rows[i]]
+        norm = 0.0
+        for d in range(D):
+            norm += src[d] * src[d]
+        src_norm[i] = np.sqrt(norm)
+        max_src_norm = max(max_src_norm, src_norm[i])
+    reach = max_src_norm * 1.001  # bound on a_i . b_j / |b_j|, with room for the gemm's rounding
+    order[:] = np.argsort(-prev)
+    start = 0
+    while start < K:
+        if start > 0:
+            top = prev[order[start]]
+            if top == -np.inf:
+                break
+            open_column = False
+            for j in range(K):
+                if top + reach * dst_norm[j] + 1e-4 * (abs(best[j]) + 1.0) >= best[j]:
+                    open_column = True
+                    break
+            if not open_column:
+                break
+        rows = min(_ROW_BLOCK, K - start)
+        for r in range(rows):
+            src = E1[src_rows[order[start + r]]]
+            for d in range(D):
+                src_block[r, d] = src[d]
+        np.dot(src_block[:rows], dst_emb_t, trans_block[:rows])
+        for r in range(rows):
+            i = order[start + r]
+            s = prev[i]
+            row = trans_block[r]
+            for j in range(K):
+                cand = s + row[j]
+                better = (cand > best[j]) | ((cand == best[j]) & (i < arg[j]))  # ties: lowest i
+                best[j] = cand if better else best[j]
+                arg[j] = i if better else arg[j]
+        start += rows
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_score, out_step_scores):
     """Best beam path per sequence; ties go to the lowest beam index, both per step and at the end.
@@ -230,9 +295,12 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
     dtype = scores.dtype
     for b in prange(B):
         length = lengths[b]
-        src_emb = np.empty((K, D), dtype=dtype)
+        order = np.empty(K, dtype=np.int64)
+        src_norm = np.empty(K, dtype=dtype)
+        dst_norm = np.empty(K, dtype=dtype)
+        src_block = np.empty((_ROW_BLOCK, D), dtype=dtype)
         dst_emb_t = np.empty((D, K), dtype=dtype)
-        trans = np.empty((K, K), dtype=dtype)
+        trans_block = np.empty((_ROW_BLOCK, K), dtype=dtype)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         history = np.empty((length, K), dtype=dtype)  # shifted cumulative scores per step
@@ -243,19 +311,8 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
         for j in range(K):
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb_t, trans)
-            prev = history[t - 1]
-            for j in range(K):
-                best[j] = -np.inf
-                arg[j] = 0
-            for i in range(K):
-                s = prev[i]
-                row = trans[i]
-                for j in range(K):
-                    cand = s + row[j]
-                    better = cand > best[j]  # strict: ties keep the lower i
-                    best[j] = cand if better else best[j]
-                    arg[j] = i if better else arg[j]
+            _viterbi_step(history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, src_norm, dst_norm,
+                          src_block, dst_emb_t, trans_block, best, arg)
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
