@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from . import core
 from ._fastexp import fast_exp
+from ._vector import fmax
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
 # and "contract" are left out so that sums are done in the documented sequential order.
@@ -219,12 +220,15 @@ def _position_shifts(scores_b, length, shift, cum_shift):
 # Viterbi (max-product)
 # --------------------------------------------------------------------------------------------------
 _ROW_BLOCK = 32  # predecessor rows per gemm in the pruned Viterbi step
+_PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb_t,
                   trans_block, best, arg):
-    """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]], arg[j] = the lowest such i.
+    """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[c, j] = the lowest such i.
+
+    Returns c, the row of ``arg`` (2, K) that holds the result.
 
     Exact branch and bound: predecessor rows are visited by decreasing ``prev``, a block of them per
     gemm, and the visit stops once no remaining row can reach any column's best, since
@@ -241,7 +245,7 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
             norm += dst[d] * dst[d]
         dst_norm[j] = np.sqrt(norm)
         best[j] = -np.inf
-        arg[j] = K
+        arg[0, j] = K
     max_src_norm = 0.0
     for i in range(K):
         src = E1[src_rows[i]]
@@ -252,6 +256,7 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
         max_src_norm = max(max_src_norm, src_norm[i])
     reach = max_src_norm * 1.001  # bound on a_i . b_j / |b_j|, with room for the gemm's rounding
     order[:] = np.argsort(-prev)
+    current = 0  # arg[current] holds the arg-maxima so far (two buffers: see _vector)
     start = 0
     while start < K:
         if start > 0:
@@ -272,15 +277,20 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
                 src_block[r, d] = src[d]
         np.dot(src_block[:rows], dst_emb_t, trans_block[:rows])
         for r in range(rows):
-            i = order[start + r]
+            i = np.int32(order[start + r])
             s = prev[i]
             row = trans_block[r]
+            read = arg[current]
+            write = arg[1 - current]
             for j in range(K):
                 cand = s + row[j]
-                better = (cand > best[j]) | ((cand == best[j]) & (i < arg[j]))  # ties: lowest i
-                best[j] = cand if better else best[j]
-                arg[j] = i if better else arg[j]
+                old = best[j]
+                better = (cand > old) | ((cand == old) & (i < read[j]))  # ties: lowest i
+                write[j] = i if better else read[j]
+                best[j] = fmax(cand, old)
+            current = 1 - current
         start += rows
+    return current
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -306,17 +316,17 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
         history = np.empty((length, K), dtype=dtype)  # shifted cumulative scores per step
         back = np.empty((length, K), dtype=np.int32)
         best = np.empty(K, dtype=dtype)
-        arg = np.empty(K, dtype=np.int32)
+        arg = np.empty((2, K), dtype=np.int32)
         _position_shifts(scores[b], length, shift, cum_shift)
         for j in range(K):
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
-            _viterbi_step(history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, src_norm, dst_norm,
-                          src_block, dst_emb_t, trans_block, best, arg)
+            c = _viterbi_step(history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, src_norm,
+                              dst_norm, src_block, dst_emb_t, trans_block, best, arg)
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
-                back[t, j] = arg[j]
+                back[t, j] = arg[c, j]
         # final argmax, lowest index on ties
         last = history[length - 1]
         y = 0
@@ -349,19 +359,20 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
 # the seed's stochastic Viterbi
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _softmax_into(values, out_probs, n):
-    """out_probs[:, n] = softmax(values) (values 1-D, K)."""
+def _softmax_into(values, scratch, out_probs, n):
+    """out_probs[:, n] = softmax(values) (values 1-D, K), the exps vectorised through ``scratch`` (K)."""
     K = values.shape[0]
     m = values[0]
     for k in range(1, K):
-        if values[k] > m:
-            m = values[k]
+        m = values[k] if values[k] > m else m
+    for k in range(K):
+        scratch[k] = fast_exp(values[k] - m)
     total = 0.0
     for k in range(K):
-        total += fast_exp(values[k] - m)
+        total += scratch[k]
     inv = 1.0 / total
     for k in range(K):
-        out_probs[k, n] = fast_exp(values[k] - m) * inv
+        out_probs[k, n] = scratch[k] * inv
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -394,7 +405,9 @@ def stochastic_viterbi_kernel(
     by the inverse-CDF rule with the uniform ``U[b, t-1, j, n]``. The weights are factored,
     ``exp((prev[i] - max prev) / temp) * exp((trans[i, j] - max_i trans[i, j]) / temp)``, so the K x K exps
     of a step are shared by all N chains; a column whose factored total falls below ``tiny`` (underflow)
-    is recomputed directly.
+    is recomputed directly. Per chain, one vectorised pass over the rows sums every column and saves the
+    running sums every ``_PICK_BLOCK`` rows; each column's pick is then found by redoing its running sum
+    from the last saved value below its target (same order, same arithmetic, so the same pick).
     """
     B, T, K = scores.shape
     N = out_beam_idx.shape[2]
@@ -411,50 +424,62 @@ def stochastic_viterbi_kernel(
         cum_shift = np.empty(T, dtype=np.float64)
         chain_scores = np.empty((N, K), dtype=dtype)  # shifted cumulative scores per chain
         new_scores = np.empty(K, dtype=dtype)
-        prev_weights = np.empty(K, dtype=dtype)
+        prev_weights = np.empty((N, K), dtype=dtype)
+        row_needed = np.empty(K, dtype=np.bool_)
         totals = np.empty(K, dtype=dtype)
-        prefix = np.empty(K, dtype=dtype)
         targets = np.empty(K, dtype=dtype)
         unif = np.empty(K + 1, dtype=np.float64)
+        prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         picks = np.empty(K, dtype=np.int32)
+        blocks = np.empty(K, dtype=np.int32)
+        checkpoints = np.empty((K // _PICK_BLOCK, K), dtype=dtype)
         logits = np.empty(K, dtype=dtype)
         _position_shifts(scores[b], length, shift, cum_shift)
         for n in range(N):
             for j in range(K):
                 chain_scores[n, j] = scores[b, 0, j] - shift[0]
                 out_path_scores[b, 0, j, n] = scores[b, 0, j]
-            _softmax_into(chain_scores[n], out_beam_probs[b, 0], n)
+            _softmax_into(chain_scores[n], logits, out_beam_probs[b, 0], n)
         for t in range(1, length):
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb_t, trans)
-            # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp)
-            for j in range(K):
-                column_max[j] = trans[0, j]
-            for i in range(1, K):
-                for j in range(K):
-                    if trans[i, j] > column_max[j]:
-                        column_max[j] = trans[i, j]
+            # per-chain factor exp((prev[i] - max prev) / temp); a row no chain can reach is never read
             for i in range(K):
-                for j in range(K):
-                    trans_weights[i, j] = fast_exp((trans[i, j] - column_max[j]) * inv_temp)
-            emission_shift = shift[t]
+                row_needed[i] = False
             for n in range(N):
                 prev = chain_scores[n]
                 m = prev[0]
                 for i in range(1, K):
-                    if prev[i] > m:
-                        m = prev[i]
+                    m = max(m, prev[i])
                 for i in range(K):
-                    prev_weights[i] = fast_exp((prev[i] - m) * inv_temp)
-                # pass 1: column totals, summed over i in order
+                    prev_weights[n, i] = fast_exp((prev[i] - m) * inv_temp)
+                    row_needed[i] |= prev_weights[n, i] > 0.0
+            # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp)
+            for j in range(K):
+                column_max[j] = trans[0, j]
+            for i in range(1, K):
+                row = trans[i]
+                for j in range(K):
+                    column_max[j] = fmax(row[j], column_max[j])
+            for i in range(K):
+                if row_needed[i]:
+                    for j in range(K):
+                        trans_weights[i, j] = fast_exp((trans[i, j] - column_max[j]) * inv_temp)
+            emission_shift = shift[t]
+            for n in range(N):
+                prev = chain_scores[n]
+                weights = prev_weights[n]
+                # pass 1: column totals, summed over i in order, with the running sums saved after
+                # every _PICK_BLOCK rows (checkpoints) so that the pick search can start close to it
                 for j in range(K):
                     totals[j] = 0.0
                 for i in range(K):
-                    a = prev_weights[i]
-                    if a == 0.0:
-                        continue
-                    row = trans_weights[i]
-                    for j in range(K):
-                        totals[j] += a * row[j]
+                    a = weights[i]
+                    if a != 0.0:
+                        row = trans_weights[i]
+                        for j in range(K):
+                            totals[j] += a * row[j]
+                    if (i + 1) % _PICK_BLOCK == 0:
+                        checkpoints[(i + 1) // _PICK_BLOCK - 1, :] = totals
                 # the uniforms of this (step, chain)
                 if use_uniforms:
                     for j in range(K):
@@ -464,23 +489,27 @@ def stochastic_viterbi_kernel(
                         u0, u1 = uniform_pair(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, jp, n)
                         unif[2 * jp] = u0
                         unif[2 * jp + 1] = u1
+                # the block of rows where each column's running sum passes its target
                 for j in range(K):
                     targets[j] = unif[j] * totals[j]
-                    prefix[j] = 0.0
-                    picks[j] = K
-                # pass 2: the same running sums; the first i whose prefix passes the target is the pick
-                for i in range(K):
-                    a = prev_weights[i]
-                    if a == 0.0:
-                        continue
-                    row = trans_weights[i]
+                    blocks[j] = 0
+                for c in range(K // _PICK_BLOCK):
                     for j in range(K):
-                        before = prefix[j]
-                        after = before + a * row[j]
-                        prefix[j] = after
-                        # only the first crossing has before <= target < after (weights are >= 0)
-                        crossed = (before <= targets[j]) & (after > targets[j])
-                        picks[j] = i if crossed else picks[j]
+                        blocks[j] += np.int32(checkpoints[c, j] <= targets[j])
+                for j in range(K):
+                    # redo the running sum inside that block, in the same order and arithmetic as pass 1,
+                    # until it passes the target: the smallest i with target < prefix[i]
+                    first = blocks[j] * _PICK_BLOCK
+                    running = checkpoints[blocks[j] - 1, j] if first > 0 else totals[j] * 0.0
+                    pick = K
+                    for i in range(first, min(first + _PICK_BLOCK, K)):
+                        a = weights[i]
+                        if a != 0.0:
+                            running += a * trans_weights[i, j]
+                            if running > targets[j]:
+                                pick = i
+                                break
+                    picks[j] = pick
                 for j in range(K):
                     pick = picks[j]
                     if totals[j] < tiny or pick == K:
@@ -490,7 +519,7 @@ def stochastic_viterbi_kernel(
                 for j in range(K):
                     prev[j] = new_scores[j]
                     out_path_scores[b, t, j, n] = new_scores[j] + cum_shift[t]
-                _softmax_into(prev, out_beam_probs[b, t], n)
+                _softmax_into(prev, logits, out_beam_probs[b, t], n)
         # padding, then the final argmax (lowest index on ties) and the backtrace of each chain
         for n in range(N):
             for t in range(length, T):
