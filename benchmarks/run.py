@@ -33,7 +33,12 @@ SEED_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
 
 
 def timed(fn, repeats):
-    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after one warm-up.
+
+    Starts with a pause: torch's OpenMP workers keep spinning for a while after a call, and on a small
+    machine they would take cores from whatever is timed next.
+    """
+    time.sleep(0.5)
     fn()
     times = []
     for _ in range(repeats):

@@ -178,8 +178,8 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
 # shared per-step pieces
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb_t, trans):
-    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]: gathered (K, D) and (D, K) copies, one BLAS gemm.
+def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb, trans):
+    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]: two gathered (K, D) copies, one BLAS gemm.
 
     BLAS (through SciPy) runs the K x D x K product at about twice the speed of the best vectorised
     loop Numba gives here; the caller keeps BLAS single-threaded, since the kernels already use every
@@ -194,8 +194,8 @@ def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb_t, trans):
     for j in range(K):
         dst = E2[dst_rows[j]]
         for d in range(D):
-            dst_emb_t[d, j] = dst[d]
-    np.dot(src_emb, dst_emb_t, trans)
+            dst_emb[j, d] = dst[d]
+    np.dot(src_emb, dst_emb.T, trans)  # the transposed operand goes to BLAS as is, no copy
 
 
 @njit(cache=True, inline="always")
@@ -224,7 +224,7 @@ _PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb_t,
+def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb,
                   trans_block, best, arg):
     """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[c, j] = the lowest such i.
 
@@ -241,7 +241,7 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
         dst = E2[dst_rows[j]]
         norm = 0.0
         for d in range(D):
-            dst_emb_t[d, j] = dst[d]
+            dst_emb[j, d] = dst[d]
             norm += dst[d] * dst[d]
         dst_norm[j] = np.sqrt(norm)
         best[j] = -np.inf
@@ -275,7 +275,7 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
             src = E1[src_rows[order[start + r]]]
             for d in range(D):
                 src_block[r, d] = src[d]
-        np.dot(src_block[:rows], dst_emb_t, trans_block[:rows])
+        np.dot(src_block[:rows], dst_emb.T, trans_block[:rows])
         for r in range(rows):
             i = np.int32(order[start + r])
             s = prev[i]
@@ -309,7 +309,7 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
         src_norm = np.empty(K, dtype=dtype)
         dst_norm = np.empty(K, dtype=dtype)
         src_block = np.empty((_ROW_BLOCK, D), dtype=dtype)
-        dst_emb_t = np.empty((D, K), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
         trans_block = np.empty((_ROW_BLOCK, K), dtype=dtype)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
@@ -322,7 +322,7 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
             c = _viterbi_step(history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, src_norm,
-                              dst_norm, src_block, dst_emb_t, trans_block, best, arg)
+                              dst_norm, src_block, dst_emb, trans_block, best, arg)
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
@@ -416,7 +416,7 @@ def stochastic_viterbi_kernel(
     for b in prange(B):
         length = lengths[b]
         src_emb = np.empty((K, D), dtype=dtype)
-        dst_emb_t = np.empty((D, K), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
         trans_weights = np.empty((K, K), dtype=dtype)
         column_max = np.empty(K, dtype=dtype)
@@ -441,7 +441,7 @@ def stochastic_viterbi_kernel(
                 out_path_scores[b, 0, j, n] = scores[b, 0, j]
             _softmax_into(chain_scores[n], logits, out_beam_probs[b, 0], n)
         for t in range(1, length):
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb_t, trans)
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
             # per-chain factor exp((prev[i] - max prev) / temp); a row no chain can reach is never read
             for i in range(K):
                 row_needed[i] = False
