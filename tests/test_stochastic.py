@@ -183,3 +183,16 @@ def test_large_beam_underflow_fallback(rng):
     got = stochastic_viterbi(scores, tokens, E1, E2, num_samples=2, uniforms=want[-1])
     np.testing.assert_array_equal(got.backpointers, want[4])
     assert np.isfinite(got.beam_probs).all()
+
+
+def test_non_contiguous_and_float16_inputs(rng):
+    scores, tokens, E1, E2 = make_problem(rng, 3, 6, 5)
+    uniforms = rng.random((3, 5, 5, 2))
+    want = stochastic_viterbi(scores, tokens, E1, E2, num_samples=2, uniforms=uniforms)
+    got = stochastic_viterbi(np.asfortranarray(scores), np.asfortranarray(tokens), np.asfortranarray(E1), E2,
+                             num_samples=2, uniforms=np.asfortranarray(uniforms))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    half = stochastic_viterbi(scores.astype(np.float16), tokens, E1.astype(np.float16), E2.astype(np.float16),
+                              num_samples=2, seed=3)
+    assert half.beam_probs.dtype == np.float32 and half.score.dtype == np.float32
