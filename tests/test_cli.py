@@ -36,3 +36,14 @@ def test_demo_reports_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "viterbi_numba", "demo", *SMALL, "--beam", "51"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "k must be at most V = 50" in proc.stderr
+
+
+def test_bench_names_what_is_missing(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"bench needs torch.*\[bench\]"):
+        main(["bench", "--quick"])

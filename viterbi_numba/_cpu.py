@@ -16,7 +16,6 @@ Conventions shared by the kernels
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -220,7 +219,6 @@ def _position_shifts(scores_b, length, shift, cum_shift):
 # Viterbi (max-product)
 # --------------------------------------------------------------------------------------------------
 _ROW_BLOCK = 32  # predecessor rows per gemm in the pruned Viterbi step
-_PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -358,6 +356,8 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
 # --------------------------------------------------------------------------------------------------
 # the seed's stochastic Viterbi
 # --------------------------------------------------------------------------------------------------
+_PICK_BLOCK = 16  # rows between the sampler's saved running sums
+
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _softmax_into(values, scratch, out_probs, n):
     """out_probs[:, n] = softmax(values) (values 1-D, K), the exps vectorised through ``scratch`` (K)."""

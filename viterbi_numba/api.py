@@ -190,7 +190,7 @@ def stochastic_viterbi(
         replay = np.zeros((1, 1, 1, 1), dtype=np.float64)
         if seed is None:
             seed = secrets.randbits(64)
-    seed = seed or 0
+    seed_bits = 0 if seed is None else seed  # unused when replaying uniforms
     beam_probs = np.empty((B, T, K, N), dtype=scores.dtype)
     beam_idx = np.empty((B, T, N), dtype=np.int64)
     path_tokens = np.empty((B, T, N), dtype=np.int64)
@@ -201,7 +201,7 @@ def stochastic_viterbi(
         with _single_threaded_blas():
             _cpu.stochastic_viterbi_kernel(
                 scores, tokens, E1, E2, lengths, inv_temp, _TINY[scores.dtype],
-                seed & 0xFFFFFFFF, seed >> 32, replay, uniforms is not None,
+                seed_bits & 0xFFFFFFFF, seed_bits >> 32, replay, uniforms is not None,
                 beam_probs, beam_idx, path_tokens, path_scores, backpointers, score,
             )
     if single:

@@ -1,0 +1,38 @@
+"""The shared device functions and the float32 exp, on their own."""
+
+import math
+
+import numpy as np
+import pytest
+
+from viterbi_numba import _cpu
+from viterbi_numba._fastexp import fast_exp_array
+
+pick = _cpu.inverse_cdf_pick
+
+
+@pytest.mark.parametrize("prefix, target, expected", [
+    ([0.1, 0.5, 1.0], 0.0, 0),       # smallest i with target < prefix[i]
+    ([0.1, 0.5, 1.0], 0.1, 1),       # equal to a step: the next one
+    ([0.1, 0.5, 1.0], 0.99, 2),
+    ([0.0, 0.0, 1.0], 0.0, 2),       # zero-weight states are never picked
+    ([0.1, 0.5, 0.5], 0.5, 1),       # target at the total: clamp to the last positive weight
+    ([0.1, 0.5, 0.5], 0.7, 1),
+    ([0.0, 0.0, 0.0], 0.0, 0),       # nothing positive: 0, never out of range
+])
+def test_inverse_cdf_pick(prefix, target, expected):
+    assert pick(np.array(prefix), target, len(prefix)) == expected
+
+
+def test_fast_exp_accuracy_and_limits():
+    x = np.linspace(-86.99, 0.0, 2_000_001).astype(np.float32)
+    got = fast_exp_array(x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    edge = np.array([-np.inf, -1e30, -87.0, -87.5, 0.0], np.float32)
+    np.testing.assert_array_equal(fast_exp_array(edge), [0, 0, 0, 0, 1])
+
+
+def test_float64_exp_is_math_exp():
+    x = np.linspace(-700, 0, 1001)
+    np.testing.assert_array_equal(fast_exp_array(x), [math.exp(v) for v in x])
