@@ -3,7 +3,7 @@
 Times, with the same threads and data as ``run.py``, the pieces every step must do:
 * the transition blocks alone: gather E1/E2 rows and the K x D x K product, for all B x (T-1) steps;
 * K^2 exps per step (the sampler's weights), with the vectorised float32 ``fast_exp`` and with ``math.exp``;
-* the whole ops, for comparison. Writes ``results/profile.md``.
+* the whole ops, for comparison, and Viterbi where its branch and bound can prune nothing. Writes ``results/profile.md``.
 
     python benchmarks/profile.py
 """
@@ -67,6 +67,10 @@ def main():
     rows.append(("topk_beam", timed(lambda: vn.topk_beam(emissions, K), 5)))
     rows.append(("viterbi_decode (given the beam)",
                  timed(lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2), 5)))
+    # worst case of the Viterbi branch and bound: transitions far wider than the scores, nothing pruned
+    E1_wide, E2_wide = E1 * np.float32(30), E2 * np.float32(30)
+    rows.append(("viterbi_decode, transitions 30x wider (no pruning)",
+                 timed(lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1_wide, E2_wide), 5)))
     rows.append(("stochastic_viterbi N=1 (given the beam)",
                  timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, seed=1), 5)))
     rows.append(("stochastic_viterbi N=8 (given the beam)",

@@ -218,7 +218,7 @@ def _position_shifts(scores_b, length, shift, cum_shift):
 # --------------------------------------------------------------------------------------------------
 # Viterbi (max-product)
 # --------------------------------------------------------------------------------------------------
-_ROW_BLOCK = 32  # predecessor rows per gemm in the pruned Viterbi step
+_ROW_BLOCK = 32  # predecessor rows in the first gemm of the pruned Viterbi step
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -228,8 +228,8 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
 
     Returns c, the row of ``arg`` (2, K) that holds the result.
 
-    Exact branch and bound: predecessor rows are visited by decreasing ``prev``, a block of them per
-    gemm, and the visit stops once no remaining row can reach any column's best, since
+    Exact branch and bound: predecessor rows are visited by decreasing ``prev``, in blocks that double
+    (32, 32, 64, ...) with one gemm each, and the visit stops once no remaining row can reach any column's best, since
     prev[i] + a_i . b_j <= prev[i] + max|a| |b_j| (Cauchy-Schwarz; a margin covers rounding). Where the
     scores of a step are spread wider than the transitions, most of the K x K x D product is skipped.
     """
@@ -268,7 +268,7 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
                     break
             if not open_column:
                 break
-        rows = min(_ROW_BLOCK, K - start)
+        rows = min(max(_ROW_BLOCK, start), K - start)  # blocks of 32, 32, 64, 128, ...: few gemms if nothing prunes
         for r in range(rows):
             src = E1[src_rows[order[start + r]]]
             for d in range(D):
@@ -306,9 +306,9 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
         order = np.empty(K, dtype=np.int64)
         src_norm = np.empty(K, dtype=dtype)
         dst_norm = np.empty(K, dtype=dtype)
-        src_block = np.empty((_ROW_BLOCK, D), dtype=dtype)
+        src_block = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
-        trans_block = np.empty((_ROW_BLOCK, K), dtype=dtype)
+        trans_block = np.empty((K, K), dtype=dtype)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         history = np.empty((length, K), dtype=dtype)  # shifted cumulative scores per step
