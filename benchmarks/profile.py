@@ -14,10 +14,13 @@ import math
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch_baselines as tb  # noqa: E402
 from run import RESULTS, SEED_SIZE, fmt, machine, make_inputs, timed  # noqa: E402
 
 import viterbi_numba as vn  # noqa: E402
@@ -71,6 +74,11 @@ def main():
     E1_wide, E2_wide = E1 * np.float32(30), E2 * np.float32(30)
     rows.append(("viterbi_decode, transitions 30x wider (no pruning)",
                  timed(lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1_wide, E2_wide), 5)))
+    with torch.no_grad():
+        torch.set_num_threads(numba.get_num_threads())
+        beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
+        rows.append(("for comparison: fairseq-style torch Viterbi (given the beam)",
+                     timed(lambda: tb.viterbi_beam(*beam_t, torch.from_numpy(E1), torch.from_numpy(E2)), 5)))
     rows.append(("stochastic_viterbi N=1 (given the beam)",
                  timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, seed=1), 5)))
     rows.append(("stochastic_viterbi N=8 (given the beam)",
