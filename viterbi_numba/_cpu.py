@@ -358,6 +358,7 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
 # --------------------------------------------------------------------------------------------------
 _PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
+
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _softmax_into(values, scratch, out_probs, n):
     """out_probs[:, n] = softmax(values) (values 1-D, K), the exps vectorised through ``scratch`` (K)."""
@@ -394,6 +395,52 @@ def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
     return inverse_cdf_pick(prefix, target_u * running, K)
 
 
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _draw_predecessors(prev, weights, trans, trans_weights, unif, inv_temp, tiny, picks,
+                       totals, checkpoints, targets, blocks, logits, prefix):
+    """The sampling step of one chain: picks[j] = predecessor of state j, drawn with uniform unif[j].
+
+    Column j's weights are weights[i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``); the pick
+    is the smallest i with unif[j] * total_j < prefix_j[i]. One vectorised pass over the rows sums every
+    column and saves the running sums every ``_PICK_BLOCK`` rows (``checkpoints``); each column's pick is
+    then found by redoing its running sum from the last saved value not above its target, in the same
+    order and arithmetic, so the result is that of a full scan. Columns whose total underflows below
+    ``tiny``, or whose target rounding leaves no crossing, are redone by ``_direct_pick``.
+    """
+    K = prev.shape[0]
+    for j in range(K):
+        totals[j] = 0.0
+    for i in range(K):
+        a = weights[i]
+        if a != 0.0:
+            row = trans_weights[i]
+            for j in range(K):
+                totals[j] += a * row[j]
+        if (i + 1) % _PICK_BLOCK == 0:
+            checkpoints[(i + 1) // _PICK_BLOCK - 1, :] = totals
+    # the block of rows where each column's running sum passes its target
+    for j in range(K):
+        targets[j] = unif[j] * totals[j]
+        blocks[j] = 0
+    for c in range(K // _PICK_BLOCK):
+        for j in range(K):
+            blocks[j] += np.int32(checkpoints[c, j] <= targets[j])
+    for j in range(K):
+        first = blocks[j] * _PICK_BLOCK
+        running = checkpoints[blocks[j] - 1, j] if first > 0 else totals[j] * 0.0
+        pick = K
+        for i in range(first, min(first + _PICK_BLOCK, K)):
+            a = weights[i]
+            if a != 0.0:
+                running += a * trans_weights[i, j]
+                if running > targets[j]:
+                    pick = i
+                    break
+        if totals[j] < tiny or pick == K:
+            pick = _direct_pick(prev, trans, j, inv_temp, unif[j], logits, prefix)
+        picks[j] = pick
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def stochastic_viterbi_kernel(
     scores, tokens, E1, E2, lengths, inv_temp, tiny, seed_lo, seed_hi, uniforms, use_uniforms,
@@ -405,9 +452,7 @@ def stochastic_viterbi_kernel(
     by the inverse-CDF rule with the uniform ``U[b, t-1, j, n]``. The weights are factored,
     ``exp((prev[i] - max prev) / temp) * exp((trans[i, j] - max_i trans[i, j]) / temp)``, so the K x K exps
     of a step are shared by all N chains; a column whose factored total falls below ``tiny`` (underflow)
-    is recomputed directly. Per chain, one vectorised pass over the rows sums every column and saves the
-    running sums every ``_PICK_BLOCK`` rows; each column's pick is then found by redoing its running sum
-    from the last saved value below its target (same order, same arithmetic, so the same pick).
+    is recomputed directly. The draw itself is ``_draw_predecessors``.
     """
     B, T, K = scores.shape
     N = out_beam_idx.shape[2]
@@ -467,19 +512,6 @@ def stochastic_viterbi_kernel(
             emission_shift = shift[t]
             for n in range(N):
                 prev = chain_scores[n]
-                weights = prev_weights[n]
-                # pass 1: column totals, summed over i in order, with the running sums saved after
-                # every _PICK_BLOCK rows (checkpoints) so that the pick search can start close to it
-                for j in range(K):
-                    totals[j] = 0.0
-                for i in range(K):
-                    a = weights[i]
-                    if a != 0.0:
-                        row = trans_weights[i]
-                        for j in range(K):
-                            totals[j] += a * row[j]
-                    if (i + 1) % _PICK_BLOCK == 0:
-                        checkpoints[(i + 1) // _PICK_BLOCK - 1, :] = totals
                 # the uniforms of this (step, chain)
                 if use_uniforms:
                     for j in range(K):
@@ -489,31 +521,10 @@ def stochastic_viterbi_kernel(
                         u0, u1 = uniform_pair(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, jp, n)
                         unif[2 * jp] = u0
                         unif[2 * jp + 1] = u1
-                # the block of rows where each column's running sum passes its target
-                for j in range(K):
-                    targets[j] = unif[j] * totals[j]
-                    blocks[j] = 0
-                for c in range(K // _PICK_BLOCK):
-                    for j in range(K):
-                        blocks[j] += np.int32(checkpoints[c, j] <= targets[j])
-                for j in range(K):
-                    # redo the running sum inside that block, in the same order and arithmetic as pass 1,
-                    # until it passes the target: the smallest i with target < prefix[i]
-                    first = blocks[j] * _PICK_BLOCK
-                    running = checkpoints[blocks[j] - 1, j] if first > 0 else totals[j] * 0.0
-                    pick = K
-                    for i in range(first, min(first + _PICK_BLOCK, K)):
-                        a = weights[i]
-                        if a != 0.0:
-                            running += a * trans_weights[i, j]
-                            if running > targets[j]:
-                                pick = i
-                                break
-                    picks[j] = pick
+                _draw_predecessors(prev, prev_weights[n], trans, trans_weights, unif, inv_temp, tiny, picks,
+                                   totals, checkpoints, targets, blocks, logits, prefix)
                 for j in range(K):
                     pick = picks[j]
-                    if totals[j] < tiny or pick == K:
-                        pick = _direct_pick(prev, trans, j, inv_temp, unif[j], logits, prefix)
                     new_scores[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
                     out_backpointers[b, t - 1, j, n] = pick
                 for j in range(K):
