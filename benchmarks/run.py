@@ -136,6 +136,33 @@ def fmt(t):
     return f"{t[0] * 1e3:.1f} ({t[1] * 1e3:.1f}–{t[2] * 1e3:.1f})"
 
 
+def plot_time_vs_k(scaling_rows, threads):
+    """results/time_vs_k.png from the K sweep (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'viterbi-numba[bench]')")
+        return
+    ks = [r for r in scaling_rows if r["axis"] == "K"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["value"] for r in ks], [r["ours"][0] * 1e3 for r in ks], "o-", label="viterbi-numba sampler (N=1)")
+    ax.plot([r["value"] for r in ks], [r["viterbi"][0] * 1e3 for r in ks], "s-", label="viterbi-numba Viterbi")
+    tk = [r for r in ks if r["torch"] is not None]
+    ax.plot([r["value"] for r in tk], [r["torch"][0] * 1e3 for r in tk], "^-", label="PyTorch seed sampler (N=1)")
+    ax.set(xscale="log", yscale="log", xlabel="beam size K", ylabel="time (ms)",
+           title=f"B=8, T=97, D=32, float32; {threads} threads")
+    ax.set_xticks([r["value"] for r in ks], [str(r["value"]) for r in ks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "time_vs_k.png", dpi=110)
+
+
 def write_report(info, seed_rows, scaling_rows):
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "results.json", "w") as f:
@@ -162,27 +189,7 @@ def write_report(info, seed_rows, scaling_rows):
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         lines.append(f"| {r['axis']} | {s['K']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | {torch_t} | {speed} |")
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ks = [r for r in scaling_rows if r["axis"] == "K"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["value"] for r in ks], [r["ours"][0] * 1e3 for r in ks], "o-", label="viterbi-numba sampler (N=1)")
-        ax.plot([r["value"] for r in ks], [r["viterbi"][0] * 1e3 for r in ks], "s-", label="viterbi-numba Viterbi")
-        tk = [r for r in ks if r["torch"] is not None]
-        ax.plot([r["value"] for r in tk], [r["torch"][0] * 1e3 for r in tk], "^-", label="PyTorch seed sampler (N=1)")
-        ax.set(xscale="log", yscale="log", xlabel="beam size K", ylabel="time (ms)",
-               title=f"B=8, T=97, D=32, float32; {info['threads']} threads")
-        ax.set_xticks([r["value"] for r in ks], [str(r["value"]) for r in ks])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / "time_vs_k.png", dpi=110)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'viterbi-numba[bench]')")
+    plot_time_vs_k(scaling_rows, info['threads'])
     return "\n".join(lines)
 
 
@@ -190,7 +197,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (default 5)")
     parser.add_argument("--quick", action="store_true", help="3 repeats and a smaller scaling sweep")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from results/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((RESULTS / "results.json").read_text())
+        plot_time_vs_k(saved["scaling"], saved["machine"]["threads"])
+        return
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(numba.get_num_threads())
     try:
