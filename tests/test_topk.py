@@ -1,7 +1,6 @@
 """topk_beam against the NumPy reference and torch.topk's contract."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import reference as ref
