@@ -28,7 +28,7 @@ from ._vector import fmax
 _FASTMATH = {"nsz", "arcp", "afn"}
 
 _device = core.build(njit(cache=True, inline="always"))
-uniform_pair = _device.uniform_pair
+chain_uniforms = _device.chain_uniforms
 inverse_cdf_pick = _device.inverse_cdf_pick
 
 PAD = -1
@@ -473,7 +473,7 @@ def stochastic_viterbi_kernel(
         row_needed = np.empty(K, dtype=np.bool_)
         totals = np.empty(K, dtype=dtype)
         targets = np.empty(K, dtype=dtype)
-        unif = np.empty(K + 1, dtype=np.float64)
+        unif = np.empty(K, dtype=np.float64)
         prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         picks = np.empty(K, dtype=np.int32)
         blocks = np.empty(K, dtype=np.int32)
@@ -517,10 +517,7 @@ def stochastic_viterbi_kernel(
                     for j in range(K):
                         unif[j] = uniforms[b, t - 1, j, n]
                 else:
-                    for jp in range((K + 1) // 2):
-                        u0, u1 = uniform_pair(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, jp, n)
-                        unif[2 * jp] = u0
-                        unif[2 * jp + 1] = u1
+                    chain_uniforms(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, n, unif)
                 _draw_predecessors(prev, prev_weights[n], trans, trans_weights, unif, inv_temp, tiny, picks,
                                    totals, checkpoints, targets, blocks, logits, prefix)
                 for j in range(K):
@@ -560,8 +557,4 @@ def fill_uniforms(seed_lo, seed_hi, stream, out):
     for b in prange(B):
         for t in range(S):
             for n in range(N):
-                for jp in range((K + 1) // 2):
-                    u0, u1 = uniform_pair(seed_lo, seed_hi, stream, b, t, jp, n)
-                    out[b, t, 2 * jp, n] = u0
-                    if 2 * jp + 1 < K:
-                        out[b, t, 2 * jp + 1, n] = u1
+                chain_uniforms(seed_lo, seed_hi, stream, b, t, n, out[b, t, :, n])

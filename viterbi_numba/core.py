@@ -70,6 +70,16 @@ def build(jit: Callable) -> SimpleNamespace:
         return u0, u1
 
     @jit
+    def chain_uniforms(seed_lo, seed_hi, stream, b, t, n, out):
+        """out[j] = the uniform of (b, t, j, n) for every state j < len(out)."""
+        K = out.shape[0]
+        for j_pair in range((K + 1) // 2):
+            u0, u1 = uniform_pair(seed_lo, seed_hi, stream, b, t, j_pair, n)
+            out[2 * j_pair] = u0
+            if 2 * j_pair + 1 < K:
+                out[2 * j_pair + 1] = u1
+
+    @jit
     def inverse_cdf_pick(prefix, target, count):
         """Smallest i < count with ``target < prefix[i]`` for a nondecreasing ``prefix``.
 
@@ -90,5 +100,6 @@ def build(jit: Callable) -> SimpleNamespace:
     return SimpleNamespace(
         philox4x32=philox4x32,
         uniform_pair=uniform_pair,
+        chain_uniforms=chain_uniforms,
         inverse_cdf_pick=inverse_cdf_pick,
     )
