@@ -80,3 +80,24 @@ def viterbi_beam(beam_scores, beam_tokens, E1, E2):
         path.append(index)
     beam_idx = torch.stack(path[::-1], dim=1)
     return best, beam_tokens.gather(2, beam_idx[:, :, None])[:, :, 0]
+
+
+def log_likelihood(emissions, targets, E1, E2, k):
+    """fairseq-style ``DynamicCRF.forward`` (full-length sequences): log p(targets), differentiable.
+
+    The targets are forced into each position's top-k beam (their score set to +inf for the selection,
+    the original score gathered back); log Z is a log-sum-exp forward pass over the beam.
+    """
+    B, T, V = emissions.shape
+    # numerator: S(targets)
+    numerator = emissions.gather(2, targets[:, :, None])[:, :, 0].sum(1)
+    numerator = numerator + (E1[targets[:, :-1]] * E2[targets[:, 1:]]).sum((1, 2))
+    # denominator: log Z over the beam that contains the targets
+    forced = emissions.detach().scatter(2, targets[:, :, None], float("inf"))
+    beam_tokens = forced.topk(k, 2)[1]
+    beam_scores = emissions.gather(2, beam_tokens)
+    trans = transition_blocks(beam_tokens, E1, E2)
+    alpha = beam_scores[:, 0]
+    for t in range(1, T):
+        alpha = torch.logsumexp(alpha[:, :, None] + trans[:, t - 1], dim=1) + beam_scores[:, t]
+    return numerator - torch.logsumexp(alpha, dim=1)

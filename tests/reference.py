@@ -231,3 +231,131 @@ def crf_path_distribution(scores, tokens, E1, E2, temperature=1.0):
     logits = np.array([path_score(scores, trans, 0, y) for y in paths]) / temperature
     probs = _softmax(logits, 0)
     return dict(zip(paths, probs))
+
+
+# ------------------------------------------------------------------------------------------------
+# exact CRF inference (DESIGN §4)
+# ------------------------------------------------------------------------------------------------
+def _logsumexp(x, axis=None):
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    return out.squeeze() if axis is None else np.squeeze(out, axis=axis)
+
+
+def crf_enumerate(scores, tokens, E1, E2, b, length, temperature=1.0):
+    """All K^length beam paths of sequence b with their log p_tau(y); returns (paths, log_probs, log Z)."""
+    K = scores.shape[2]
+    trans = transitions(tokens, E1, E2)
+    paths = list(itertools.product(range(K), repeat=length))
+    logits = np.array([path_score(scores, trans, b, y) for y in paths]) / temperature
+    log_z = _logsumexp(logits)
+    return paths, logits - log_z, log_z
+
+
+def crf_exact(scores, tokens, E1, E2, temperature=1.0, lengths=None):
+    """By enumeration: log Z (B,), node marginals (B, T, K), and the gradients of sum_b log Z_tau[b] with
+    respect to the tables, E[d S(y) / d E] / tau, as (V, D) arrays. Returns (log_z, marginals, gE1, gE2)."""
+    B, T, K = scores.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    E1 = E1.astype(np.float64)
+    E2 = E2.astype(np.float64)
+    log_z = np.empty(B)
+    mu = np.zeros((B, T, K))
+    gE1 = np.zeros_like(E1)
+    gE2 = np.zeros_like(E2)
+    for b in range(B):
+        L = int(lengths[b])
+        paths, log_probs, log_z[b] = crf_enumerate(scores, tokens, E1, E2, b, L, temperature)
+        for y, lp in zip(paths, log_probs):
+            p = np.exp(lp)
+            for t in range(L):
+                mu[b, t, y[t]] += p
+            for t in range(1, L):
+                u, v = tokens[b, t - 1, y[t - 1]], tokens[b, t, y[t]]
+                gE1[u] += p * E2[v] / temperature
+                gE2[v] += p * E1[u] / temperature
+    return log_z, mu, gE1, gE2
+
+
+def log_partition(scores, tokens, E1, E2, temperature=1.0, lengths=None):
+    """log Z_tau by the plain forward recursion in float64 (for sizes too big to enumerate)."""
+    B, T, K = scores.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    trans = transitions(tokens, E1, E2)
+    out = np.empty(B)
+    for b in range(B):
+        alpha = scores[b, 0].astype(np.float64) / temperature
+        for t in range(1, int(lengths[b])):
+            alpha = _logsumexp(alpha[:, None] + trans[b, t - 1] / temperature, axis=0) + scores[b, t] / temperature
+        out[b] = _logsumexp(alpha)
+    return out
+
+
+def crf_sample(scores, tokens, E1, E2, uniforms=None, temperature=1.0, lengths=None, num_samples=1, rng=None,
+               margin=0.0):
+    """Forward filtering, backward sampling in float64; returns (beam_idx (B,T,N), log_prob (B,N), uniforms).
+
+    ``uniforms[b, t, n]`` draws position t of sample n (the last position first) by the inverse CDF.
+    When ``uniforms`` is None they are drawn from ``rng``, each redrawn while u * total lies within
+    ``margin * total`` of a CDF step (see :func:`stochastic_viterbi`).
+    """
+    scores = scores.astype(np.float64)
+    B, T, K = scores.shape
+    N = num_samples if uniforms is None else uniforms.shape[2]
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    trans = transitions(tokens, E1, E2) / temperature
+    used = np.zeros((B, T, N)) if uniforms is None else uniforms
+    beam_idx = np.full((B, T, N), PAD)
+    log_prob = np.empty((B, N))
+
+    def draw(logits, b, t, n):
+        probs = np.exp(logits - logits.max())
+        cdf = np.cumsum(probs)
+        if uniforms is None:
+            u = rng.random()
+            while (np.abs(u * cdf[-1] - cdf) < margin * cdf[-1]).any():
+                u = rng.random()
+            used[b, t, n] = u
+        above = np.nonzero(used[b, t, n] * cdf[-1] < cdf)[0]
+        return int(above[0]) if above.size else int(np.nonzero(probs > 0)[0][-1])
+
+    for b in range(B):
+        L = int(lengths[b])
+        alphas = [scores[b, 0] / temperature]
+        for t in range(1, L):
+            alphas.append(_logsumexp(alphas[-1][:, None] + trans[b, t - 1], axis=0) + scores[b, t] / temperature)
+        log_z = _logsumexp(alphas[-1])
+        for n in range(N):
+            y = draw(alphas[L - 1], b, L - 1, n)
+            beam_idx[b, L - 1, n] = y
+            for t in range(L - 1, 0, -1):
+                y = draw(alphas[t - 1] + trans[b, t - 1, :, y], b, t - 1, n)
+                beam_idx[b, t - 1, n] = y
+            path = beam_idx[b, :L, n]
+            log_prob[b, n] = path_score(scores, trans * temperature, b, path) / temperature - log_z
+    return beam_idx, log_prob, used
+
+
+def exact_sampler_uniforms(seed, shape):
+    """(B, T, N) uniforms that ``seed`` gives crf_sample: the documented uniform of (b, t, state 0, n)
+    on the exact sampler's stream (1)."""
+    B, T, N = shape
+    out = np.empty(shape)
+    for b, t, n in itertools.product(range(B), range(T), range(N)):
+        out[b, t, n] = uniform(seed, 1, b, t, 0, n)
+    return out
+
+
+def log_likelihood(emissions, targets, E1, E2, k, lengths=None, temperature=1.0):
+    """fairseq DynamicCRF.forward: S(targets) / tau - log Z_tau over the beam with the targets forced in."""
+    B, T, V = emissions.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    beam_scores, beam_tokens = topk(emissions, k, force_tokens=targets)
+    numerator = np.empty(B)
+    for b in range(B):
+        L = int(lengths[b])
+        y = targets[b, :L]
+        numerator[b] = emissions[b, np.arange(L), y].astype(np.float64).sum()
+        numerator[b] += sum(E1[y[t - 1]].astype(np.float64) @ E2[y[t]].astype(np.float64) for t in range(1, L))
+    return numerator / temperature - log_partition(beam_scores, beam_tokens, E1, E2, temperature, lengths)

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats
 
 import reference as ref
-from conftest import make_problem
+from conftest import chi_square_pvalue, make_problem, path_counts
 from viterbi_numba import PAD, stochastic_viterbi, viterbi_decode
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -45,34 +45,6 @@ def test_matches_reference_given_uniforms(B, T, K, N, seed, dtype, temperature, 
     assert got.beam_probs.dtype == dtype and got.path_scores.dtype == dtype
 
 
-def _path_counts(beam_idx):
-    """Count paths over chains: beam_idx (T, N) -> {path tuple: count}."""
-    paths, counts = np.unique(beam_idx.T, axis=0, return_counts=True)
-    return {tuple(int(x) for x in p): int(c) for p, c in zip(paths, counts)}
-
-
-def _chi_square_pvalue(counts, probs):
-    """Goodness of fit of observed path counts to exact path probabilities (bins with expected < 5 pooled)."""
-    total = sum(counts.values())
-    keys = sorted(probs, key=lambda key: -probs[key])
-    observed, expected = [], []
-    pool_obs = pool_exp = 0.0
-    for key in keys:
-        e = probs[key] * total
-        if e >= 5:
-            observed.append(counts.get(key, 0))
-            expected.append(e)
-        else:
-            pool_obs += counts.get(key, 0)
-            pool_exp += e
-    assert sum(counts.get(key, 0) for key in counts if key not in probs) == 0, "a path of probability 0"
-    if pool_exp > 0:
-        observed.append(pool_obs)
-        expected.append(pool_exp)
-    expected = np.array(expected) * (total / np.sum(expected))
-    return stats.chisquare(observed, expected).pvalue
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_chi_square_against_exact_enumeration(temperature):
     rng = np.random.default_rng(7)
@@ -80,11 +52,11 @@ def test_chi_square_against_exact_enumeration(temperature):
     exact = ref.seed_sampler_path_distribution(scores, tokens, E1, E2, temperature)
     assert abs(sum(exact.values()) - 1) < 1e-12
     draws = stochastic_viterbi(scores, tokens, E1, E2, num_samples=40_000, temperature=temperature, seed=11)
-    counts = _path_counts(draws.beam_idx[0])
-    assert _chi_square_pvalue(counts, exact) > 1e-3
+    counts = path_counts(draws.beam_idx[0])
+    assert chi_square_pvalue(counts, exact) > 1e-3
     # power: the same draws are clearly not samples of the CRF (DESIGN §3: a different distribution)
     crf = ref.crf_path_distribution(scores, tokens, E1, E2, temperature)
-    assert _chi_square_pvalue({k: counts.get(k, 0) for k in crf}, crf) < 1e-6
+    assert chi_square_pvalue({k: counts.get(k, 0) for k in crf}, crf) < 1e-6
 
 
 def test_two_sample_chi_square_against_reference_with_numpy_uniforms():
@@ -93,14 +65,14 @@ def test_two_sample_chi_square_against_reference_with_numpy_uniforms():
     N = 20_000
     ours = stochastic_viterbi(scores, tokens, E1, E2, num_samples=N, seed=3).beam_idx[0]
     theirs = ref.stochastic_viterbi(scores, tokens, E1, E2, uniforms=rng.random((1, 3, 3, N)))[1][0]
-    a, b = _path_counts(ours), _path_counts(theirs)
+    a, b = path_counts(ours), path_counts(theirs)
     keys = sorted(set(a) | set(b))
     table = np.array([[a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]])
     table = table[:, table.sum(axis=0) >= 10]
     assert stats.chi2_contingency(table).pvalue > 1e-3
     # power check: a sampler at another temperature is told apart by the same test
     other = stochastic_viterbi(scores, tokens, E1, E2, num_samples=N, temperature=0.6, seed=3).beam_idx[0]
-    c = _path_counts(other)
+    c = path_counts(other)
     keys = sorted(set(a) | set(c))
     table = np.array([[a.get(k, 0) for k in keys], [c.get(k, 0) for k in keys]])
     table = table[:, table.sum(axis=0) >= 10]

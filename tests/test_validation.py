@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 
 from conftest import make_problem
-from viterbi_numba import stochastic_viterbi, topk_beam, viterbi_decode
+from viterbi_numba import (
+    crf_sample,
+    log_likelihood,
+    log_likelihood_grad,
+    log_partition,
+    log_partition_grad,
+    marginals,
+    sequence_score,
+    stochastic_viterbi,
+    topk_beam,
+    viterbi_decode,
+)
 
 
 @pytest.fixture
@@ -24,6 +35,28 @@ def _vd(problem, **changes):
     kwargs = dict(scores=scores, tokens=tokens, E1=E1, E2=E2)
     kwargs.update(changes)
     return viterbi_decode(**kwargs)
+
+
+def _on_beam(function):
+    """A call of ``function(scores, tokens, E1, E2, **changes)`` on the fixture's problem."""
+
+    def call(problem, **changes):
+        scores, tokens, E1, E2 = problem
+        kwargs = dict(scores=scores, tokens=tokens, E1=E1, E2=E2)
+        kwargs.update(changes)
+        return function(**kwargs)
+
+    call.__name__ = function.__name__
+    return call
+
+
+def _score_paths(scores, tokens, E1, E2, **kwargs):
+    return sequence_score(scores, tokens, E1, E2, np.zeros(scores.shape[:2], np.int64), **kwargs)
+
+
+_cs, _lp, _mg, _lpg = map(_on_beam, (crf_sample, log_partition, marginals, log_partition_grad))
+BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _on_beam(_score_paths)]
+TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg]
 
 
 # --- topk_beam -------------------------------------------------------------------------------------
@@ -64,7 +97,7 @@ def test_topk_bad_arrays(rng):
 
 
 # --- beam inputs (both decoders) ---------------------------------------------------------------------
-@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("call", BEAM_CALLS)
 def test_scores_nan_inf_and_dead_positions(problem, call):
     scores = problem[0].copy()
     scores[1, 3, 2] = np.nan
@@ -81,7 +114,7 @@ def test_scores_nan_inf_and_dead_positions(problem, call):
     call(problem, scores=scores, lengths=[2, 5])
 
 
-@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("call", BEAM_CALLS)
 def test_bad_tokens(problem, call):
     tokens = problem[1].copy()
     tokens[0, 0, 0] = 10
@@ -96,7 +129,7 @@ def test_bad_tokens(problem, call):
         call(problem, tokens=problem[1].astype(np.float64))
 
 
-@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("call", BEAM_CALLS)
 def test_bad_tables(problem, call):
     E1 = problem[2]
     with pytest.raises(ValueError, match="E1 and E2 must have the same shape"):
@@ -113,7 +146,7 @@ def test_bad_tables(problem, call):
         call(problem, E1=bad)
 
 
-@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("call", BEAM_CALLS)
 def test_bad_scores_arrays(problem, call):
     with pytest.raises(ValueError, match="scores must have 3 dimensions"):
         call(problem, scores=problem[0][0])
@@ -123,7 +156,7 @@ def test_bad_scores_arrays(problem, call):
         call(problem, scores=problem[0][:, :0], tokens=problem[1][:, :0])
 
 
-@pytest.mark.parametrize("call", [_sv, _vd])
+@pytest.mark.parametrize("call", BEAM_CALLS)
 @pytest.mark.parametrize("lengths, error, match", [
     ([0, 5], ValueError, r"lengths must lie in \[1, 5\]"),
     ([1, 6], ValueError, r"lengths must lie in \[1, 5\]"),
@@ -139,22 +172,25 @@ def test_bad_lengths(problem, call, lengths, error, match):
 @pytest.mark.parametrize("temperature, error", [
     (0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError), ("hot", TypeError),
 ])
-def test_bad_temperature(problem, temperature, error):
+@pytest.mark.parametrize("call", TEMPERATURE_CALLS)
+def test_bad_temperature(problem, temperature, error, call):
     with pytest.raises(error, match="temperature must be"):
-        _sv(problem, temperature=temperature)
+        call(problem, temperature=temperature)
 
 
+@pytest.mark.parametrize("call", [_sv, _cs])
 @pytest.mark.parametrize("num_samples, error", [(0, ValueError), (-2, ValueError), (2.0, TypeError)])
-def test_bad_num_samples(problem, num_samples, error):
+def test_bad_num_samples(problem, num_samples, error, call):
     with pytest.raises(error, match="num_samples must be"):
-        _sv(problem, num_samples=num_samples)
+        call(problem, num_samples=num_samples)
 
 
-def test_bad_seed(problem):
+@pytest.mark.parametrize("call", [_sv, _cs])
+def test_bad_seed(problem, call):
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
-        _sv(problem, seed=-1)
+        call(problem, seed=-1)
     with pytest.raises(TypeError, match="seed must be None or an integer"):
-        _sv(problem, seed=1.5)
+        call(problem, seed=1.5)
 
 
 def test_bad_uniforms(problem, rng):
@@ -173,10 +209,75 @@ def test_bad_uniforms(problem, rng):
         _sv(problem, uniforms=rng.random((2, 4, 4)), seed=1)
 
 
+def test_crf_sample_bad_uniforms(problem, rng):
+    with pytest.raises(ValueError, match=r"uniforms must have shape \(2, 5, 3\) \(B, T, N\)"):
+        _cs(problem, num_samples=3, uniforms=rng.random((2, 4, 3)))
+    uniforms = rng.random((2, 5, 1))
+    uniforms[0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+        _cs(problem, uniforms=uniforms)
+    with pytest.raises(ValueError, match="either seed or uniforms"):
+        _cs(problem, uniforms=rng.random((2, 5, 1)), seed=1)
+
+
+def test_bad_grad_output(problem):
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(2,\)"):
+        _lpg(problem, grad_output=np.ones(3))
+    with pytest.raises(ValueError, match="grad_output contains NaN"):
+        _lpg(problem, grad_output=np.array([1.0, np.nan]))
+    with pytest.raises(TypeError, match="grad_output must be a floating-point array"):
+        _lpg(problem, grad_output=np.array([1, 2]))
+
+
+def test_sequence_score_bad_beam_idx(problem):
+    scores, tokens, E1, E2 = problem
+    paths = np.zeros((2, 5), np.int64)
+    paths[1, 3] = 4
+    with pytest.raises(ValueError, match=r"beam_idx must be beam slots in \[0, 4\)"):
+        sequence_score(scores, tokens, E1, E2, paths)
+    sequence_score(scores, tokens, E1, E2, paths, lengths=[5, 3])  # past the length: ignored
+    with pytest.raises(ValueError, match=r"beam_idx must have shape \(B, T\) or \(B, T, N\)"):
+        sequence_score(scores, tokens, E1, E2, np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match=r"beam_idx must have shape \(2, 5\)"):
+        sequence_score(scores, tokens, E1, E2, np.zeros((2, 4), np.int64))
+    with pytest.raises(TypeError, match="beam_idx must be an integer array"):
+        sequence_score(scores, tokens, E1, E2, np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("function", [log_likelihood, log_likelihood_grad])
+def test_log_likelihood_bad_inputs(rng, function):
+    emissions = rng.standard_normal((2, 5, 10))
+    targets = rng.integers(0, 10, (2, 5))
+    E1, E2 = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
+    function(emissions, targets, E1, E2, 4)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 10\)"):
+        function(emissions, targets + 5, E1, E2, 4)
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 5\)"):
+        function(emissions, targets[:, :4], E1, E2, 4)
+    with pytest.raises(ValueError, match="E1 and E2 must have V = 10 rows"):
+        function(emissions, targets, E1[:9], E2[:9], 4)
+    with pytest.raises(ValueError, match="k must be at most V = 10"):
+        function(emissions, targets, E1, E2, 11)
+    with pytest.raises(ValueError, match=r"emissions must have at least one position \(T >= 1\)"):
+        function(emissions[:, :0], targets[:, :0], E1, E2, 4)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
+        function(emissions, targets, E1, E2, 4, lengths=[0, 5])
+    bad = emissions.copy()
+    bad[1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="emissions contains NaN"):
+        function(emissions=bad, targets=targets, E1=E1, E2=E2, k=4)
+
+
 def test_empty_batch_gives_empty_results(problem):
     _, _, E1, E2 = problem
-    got = stochastic_viterbi(np.zeros((0, 5, 4)), np.zeros((0, 5, 4), np.int64), E1, E2, num_samples=2)
+    empty = np.zeros((0, 5, 4)), np.zeros((0, 5, 4), np.int64), E1, E2
+    got = stochastic_viterbi(*empty, num_samples=2)
     assert got.beam_probs.shape == (0, 5, 4, 2) and got.tokens.shape == (0, 5, 2)
+    assert crf_sample(*empty, num_samples=2).beam_idx.shape == (0, 5, 2)
+    assert log_partition(*empty).shape == (0,) and marginals(*empty).shape == (0, 5, 4)
+    grad = log_partition_grad(*empty)
+    assert grad.grad_scores.shape == (0, 5, 4) and (grad.grad_E1 == 0).all()
+    assert log_likelihood(np.zeros((0, 5, 10)), np.zeros((0, 5), np.int64), E1, E2, 3).shape == (0,)
 
 
 def test_single_position_is_the_argmax(problem):

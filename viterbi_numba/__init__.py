@@ -5,6 +5,9 @@ Array API (NumPy in, NumPy out):
 * :func:`topk_beam` — per-position top-K beam, optionally forcing given tokens into it.
 * :func:`viterbi_decode` — the best beam path (max-product).
 * :func:`stochastic_viterbi` — the seed's stochastic Viterbi sampler, one or N chains.
+* :func:`crf_sample` — exact samples of the CRF with their log-probabilities (FFBS).
+* :func:`log_partition`, :func:`marginals`, :func:`log_likelihood` (fairseq ``DynamicCRF.forward``),
+  :func:`sequence_score`, and the gradients :func:`log_partition_grad`, :func:`log_likelihood_grad`.
 """
 
 from .api import (
@@ -15,6 +18,18 @@ from .api import (
     stochastic_viterbi,
     topk_beam,
     viterbi_decode,
+)
+from .crf import (
+    CRFSample,
+    LikelihoodGrad,
+    PartitionGrad,
+    crf_sample,
+    log_likelihood,
+    log_likelihood_grad,
+    log_partition,
+    log_partition_grad,
+    marginals,
+    sequence_score,
 )
 
 __version__ = "0.1.0"
@@ -27,4 +42,14 @@ __all__ = [
     "stochastic_viterbi",
     "topk_beam",
     "viterbi_decode",
+    "CRFSample",
+    "LikelihoodGrad",
+    "PartitionGrad",
+    "crf_sample",
+    "log_likelihood",
+    "log_likelihood_grad",
+    "log_partition",
+    "log_partition_grad",
+    "marginals",
+    "sequence_score",
 ]

@@ -66,6 +66,16 @@ def seed(value: Any) -> int | None:
     return value
 
 
+def uniforms(value: Any, shape: tuple[int, ...], layout: str) -> np.ndarray:
+    """Replayed uniforms: exactly ``shape`` (named ``layout`` in errors), values in [0, 1); as float64."""
+    array = float_array(value, "uniforms", len(shape))
+    if array.shape != tuple(shape):
+        raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {array.shape}")
+    if array.size and not ((array >= 0) & (array < 1)).all():
+        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
 def beam_scores(scores: np.ndarray, lengths: np.ndarray, name: str = "scores") -> None:
     """No NaN or +inf anywhere; no position before a sequence's length whose whole beam is -inf."""
     if np.isnan(scores).any() or np.isposinf(scores).any():

@@ -180,12 +180,8 @@ def stochastic_viterbi(
         if seed is not None:
             raise ValueError("give either seed or uniforms, not both")
         expected = (B, T - 1, K) if single else (B, T - 1, K, N)
-        replay = _validate.float_array(uniforms, "uniforms", len(expected))
-        if replay.shape != expected:
-            raise ValueError(f"uniforms must have shape {expected} (B, T-1, K{'' if single else ', N'}), got {replay.shape}")
-        if replay.size and not ((replay >= 0) & (replay < 1)).all():
-            raise ValueError("uniforms must lie in [0, 1) (no NaN)")
-        replay = np.ascontiguousarray(replay, dtype=np.float64).reshape(B, T - 1, K, N)
+        replay = _validate.uniforms(uniforms, expected, "(B, T-1, K)" if single else "(B, T-1, K, N)")
+        replay = replay.reshape(B, T - 1, K, N)
     else:
         replay = np.zeros((1, 1, 1, 1), dtype=np.float64)
         if seed is None:

@@ -1,0 +1,327 @@
+"""CPU kernels of exact CRF inference: forward algorithm, forward-filtering backward-sampling (FFBS),
+marginals and gradients by forward-backward (DESIGN §2, §4).
+
+Like ``_cpu``, these trust their inputs (``viterbi_numba.crf`` validates them) and work per sequence on
+thread-local scratch. With temperature tau the model is p(y) = exp(S(y) / tau) / Z_tau.
+
+Forward, kept normalised in log space: ``alpha[t]`` (K) is log alpha_t minus its maximum, so every
+step's values are <= 0 with a 0 among them, and the removed maxima add up in a float64 ``log_norm``.
+Step t, with logits[i, j] = alpha[t-1, i] + trans[i, j] / tau:
+
+    col_max[t, j] = max_i logits[i, j]
+    col_sum[t, j] = sum_i exp(logits[i, j] - col_max[t, j])            (>= 1: no underflow to 0)
+    log alpha_t[j] = col_max[t, j] + log col_sum[t, j] + s[t, j] / tau (+ removed maxima)
+
+Backward, in probability space: with node marginals mu_t, the edge marginal of step t is
+xi[i, j] = q[i, j] mu_t[j], where q[i, j] = exp(logits[i, j] - col_max[t, j]) / col_sum[t, j] is
+p(y_{t-1} = i | y_t = j) — the same conditional that FFBS samples from — and mu_{t-1}[i] = sum_j xi[i, j].
+Only products of numbers in [0, 1] appear: no log, no NaN, and a -inf beam slot has marginal 0.
+The gradient of log Z_tau is mu / tau for the beam scores and, through
+trans[i, j] = E1[tok[t-1, i]] . E2[tok[t, j]], (xi @ E2 rows) / tau and (xi^T @ E1 rows) / tau for the
+gathered table rows, which are then added into (V, D) gradients — no (T, K, K) array is ever kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import core
+from ._cpu import _FASTMATH, PAD, _transition_block, inverse_cdf_pick
+from ._fastexp import fast_exp
+from ._vector import fmax
+
+_device = core.build(njit(cache=True, inline="always"))
+uniform_pair = _device.uniform_pair
+
+
+# --------------------------------------------------------------------------------------------------
+# forward algorithm
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward_step(prev, trans, inv_temp, col_max, col_sum):
+    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]).
+
+    Rows with prev[i] = -inf (unreachable beam slots) are skipped: they add exactly 0.
+    """
+    K = prev.shape[0]
+    for j in range(K):
+        col_max[j] = -np.inf
+        col_sum[j] = 0.0
+    for i in range(K):
+        a = prev[i]
+        if a != -np.inf:
+            row = trans[i]
+            for j in range(K):
+                col_max[j] = fmax(a + row[j] * inv_temp, col_max[j])
+    for i in range(K):
+        a = prev[i]
+        if a != -np.inf:
+            row = trans[i]
+            for j in range(K):
+                col_sum[j] += fast_exp(a + row[j] * inv_temp - col_max[j])
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, src_emb, dst_emb, trans, alpha, col_max, col_sum):
+    """Forward pass of one sequence; fills alpha, col_max, col_sum (T, K) up to ``length``; returns log Z.
+
+    scores_b, tokens_b: (T, K). The log normaliser is accumulated in float64.
+    """
+    K = scores_b.shape[1]
+    shift = scores_b[0, 0]
+    for j in range(1, K):
+        shift = max(shift, scores_b[0, j])
+    for j in range(K):
+        alpha[0, j] = (scores_b[0, j] - shift) * inv_temp
+    log_norm = np.float64(shift) * np.float64(inv_temp)
+    for t in range(1, length):
+        _transition_block(tokens_b[t - 1], tokens_b[t], E1, E2, src_emb, dst_emb, trans)
+        _forward_step(alpha[t - 1], trans, inv_temp, col_max[t], col_sum[t])
+        shift = scores_b[t, 0]
+        for j in range(1, K):
+            shift = max(shift, scores_b[t, j])
+        top = -np.inf
+        for j in range(K):
+            value = col_max[t, j] + np.log(col_sum[t, j]) + (scores_b[t, j] - shift) * inv_temp
+            alpha[t, j] = value
+            top = max(top, value)
+        for j in range(K):
+            alpha[t, j] -= top
+        log_norm += np.float64(top) + np.float64(shift) * np.float64(inv_temp)
+    last = alpha[length - 1]
+    total = 0.0
+    for j in range(K):
+        total += np.exp(np.float64(last[j]))
+    return log_norm + np.log(total)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z):
+    """out_log_z[b] = log Z_tau of sequence b (float64)."""
+    B, T, K = scores.shape
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        alpha = np.empty((T, K), dtype=dtype)
+        col_max = np.empty((T, K), dtype=dtype)
+        col_sum = np.empty((T, K), dtype=dtype)
+        out_log_z[b] = _forward(scores[b], tokens[b], E1, E2, lengths[b], inv_temp, src_emb, dst_emb, trans,
+                                alpha, col_max, col_sum)
+
+
+# --------------------------------------------------------------------------------------------------
+# exact sampling: forward filtering, backward sampling
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def exact_sampler_uniform(seed_lo, seed_hi, b, t, n):
+    """The uniform that draws y_t of sample n of sequence b: the first of Philox's pair for state 0."""
+    u0, _ = uniform_pair(seed_lo, seed_hi, core.STREAM_EXACT_SAMPLER, b, t, 0, n)
+    return u0
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _pick(logits, u, weights):
+    """Index drawn from softmax(logits) with uniform u by the inverse CDF (``weights``: scratch)."""
+    K = logits.shape[0]
+    m = logits[0]
+    for i in range(1, K):
+        m = max(m, logits[i])
+    running = weights[0] * 0
+    for i in range(K):
+        running += fast_exp(logits[i] - m)
+        weights[i] = running
+    return inverse_cdf_pick(weights, u * running, K)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_hi, uniforms, use_uniforms,
+                      out_beam_idx, out_tokens, out_log_prob):
+    """N = out_beam_idx.shape[2] exact samples per sequence from one forward pass (FFBS, DESIGN §4).
+
+    y_{L-1} ~ softmax(alpha[L-1]); y_{t-1} ~ softmax_i(alpha[t-1, i] + trans[i, y_t] / tau), each by the
+    inverse CDF with the uniform U[b, t, n] of the drawn position t. log_prob = S(y) / tau - log Z_tau,
+    with S(y) summed in float64.
+    """
+    B, T, K = scores.shape
+    N = out_beam_idx.shape[2]
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        alpha = np.empty((T, K), dtype=dtype)
+        col_max = np.empty((T, K), dtype=dtype)
+        col_sum = np.empty((T, K), dtype=dtype)
+        logits = np.empty(K, dtype=dtype)
+        weights = np.empty(K, dtype=dtype)
+        sampled_rows = np.empty((N, D), dtype=dtype)  # E2 rows of the N tokens drawn at position t
+        columns = np.empty((K, N), dtype=dtype)  # trans[i, y_t] of every sample
+        path_score = np.zeros(N, dtype=np.float64)
+        log_z = _forward(scores[b], tokens[b], E1, E2, length, inv_temp, src_emb, dst_emb, trans,
+                         alpha, col_max, col_sum)
+        for n in range(N):
+            u = uniforms[b, length - 1, n] if use_uniforms else exact_sampler_uniform(seed_lo, seed_hi, b, length - 1, n)
+            y = _pick(alpha[length - 1], u, weights)
+            out_beam_idx[b, length - 1, n] = y
+            path_score[n] = scores[b, length - 1, y]
+        for t in range(length - 1, 0, -1):
+            src_rows = tokens[b, t - 1]
+            for i in range(K):
+                src = E1[src_rows[i]]
+                for d in range(D):
+                    src_emb[i, d] = src[d]
+            for n in range(N):
+                dst = E2[tokens[b, t, out_beam_idx[b, t, n]]]
+                for d in range(D):
+                    sampled_rows[n, d] = dst[d]
+            np.dot(src_emb, sampled_rows.T, columns)
+            for n in range(N):
+                for i in range(K):
+                    logits[i] = alpha[t - 1, i] + columns[i, n] * inv_temp
+                u = uniforms[b, t - 1, n] if use_uniforms else exact_sampler_uniform(seed_lo, seed_hi, b, t - 1, n)
+                x = _pick(logits, u, weights)
+                out_beam_idx[b, t - 1, n] = x
+                # S(y) gets the transition in float64, independent of the gemm's rounding
+                dot = np.float64(0.0)
+                for d in range(D):
+                    dot += np.float64(src_emb[x, d]) * np.float64(sampled_rows[n, d])
+                path_score[n] += dot + scores[b, t - 1, x]
+        for n in range(N):
+            out_log_prob[b, n] = path_score[n] * inv_temp - log_z
+            for t in range(T):
+                if t < length:
+                    out_tokens[b, t, n] = tokens[b, t, out_beam_idx[b, t, n]]
+                else:
+                    out_beam_idx[b, t, n] = PAD
+                    out_tokens[b, t, n] = PAD
+
+
+# --------------------------------------------------------------------------------------------------
+# forward-backward: marginals and gradients
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count, want_rows,
+                            out_log_z, out_marginals, grad_src, grad_dst):
+    """Sequences b = first .. first+count-1: log Z_tau, node marginals and, with ``want_rows``, the
+    gradient of log Z_tau with respect to the gathered table rows, times tau:
+
+    grad_src[c, t] (K, D) = sum_j xi_t[i, j] E2[tok[t+1, j]]  (the E1 rows of position t, t < L-1)
+    grad_dst[c, t] (K, D) = sum_i xi_{t-1}[i, j] E1[tok[t-1, i]]  (the E2 rows of position t, t >= 1)
+
+    for c = b - first; rows outside [0, L-1) resp. [1, L) are left untouched (``scatter_rows`` skips them).
+    out_marginals[b] (T, K) is 0 at padded positions.
+    """
+    B, T, K = scores.shape
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for c in prange(count):
+        b = first + c
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        alpha = np.empty((T, K), dtype=dtype)
+        col_max = np.empty((T, K), dtype=dtype)
+        col_sum = np.empty((T, K), dtype=dtype)
+        ratio = np.empty(K, dtype=dtype)
+        ones = np.ones(K, dtype=dtype)
+        mu = out_marginals[b]
+        log_z = _forward(scores[b], tokens[b], E1, E2, length, inv_temp, src_emb, dst_emb, trans,
+                         alpha, col_max, col_sum)
+        out_log_z[b] = log_z
+        # mu_{L-1} = softmax(alpha[L-1]) (its maximum is 0, so the total is >= 1)
+        total = 0.0
+        for j in range(K):
+            mu[length - 1, j] = fast_exp(alpha[length - 1, j])
+            total += mu[length - 1, j]
+        for j in range(K):
+            mu[length - 1, j] /= total
+        for t in range(length - 1, 0, -1):
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            for j in range(K):
+                ratio[j] = mu[t, j] / col_sum[t, j]
+            # trans becomes xi in place: xi[i, j] = exp(logits[i, j] - col_max[j]) * mu_t[j] / col_sum[j]
+            for i in range(K):
+                a = alpha[t - 1, i]
+                row = trans[i]
+                if a == -np.inf:
+                    for j in range(K):
+                        row[j] = 0.0
+                else:
+                    for j in range(K):
+                        row[j] = fast_exp(a + row[j] * inv_temp - col_max[t, j]) * ratio[j]
+            np.dot(trans, ones, mu[t - 1])  # row sums: mu_{t-1}
+            if want_rows:
+                np.dot(trans, dst_emb, grad_src[c, t - 1])
+                np.dot(trans.T, src_emb, grad_dst[c, t])
+        for t in range(length, T):
+            for j in range(K):
+                mu[t, j] = 0.0
+
+
+@njit(cache=True)
+def scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2):
+    """grad_E1[tok[b, t, i]] += scale[b] * grad_src[c, t, i] (t < L-1), likewise grad_E2 (t >= 1).
+
+    Sequential in (b, t, i) order, so the sums do not depend on the thread count or on ``count``.
+    """
+    K = tokens.shape[2]
+    D = grad_E1.shape[1]
+    for c in range(count):
+        b = first + c
+        length = lengths[b]
+        s = scale[b]
+        for t in range(length):
+            for i in range(K):
+                if t < length - 1:
+                    row = grad_E1[tokens[b, t, i]]
+                    src = grad_src[c, t, i]
+                    for d in range(D):
+                        row[d] += s * src[d]
+                if t > 0:
+                    row = grad_E2[tokens[b, t, i]]
+                    dst = grad_dst[c, t, i]
+                    for d in range(D):
+                        row[d] += s * dst[d]
+
+
+@njit(cache=True)
+def add_path_rows(path_tokens, lengths, scale, E1, E2, grad_E1, grad_E2):
+    """The table gradient of scale[b] * S(y) for token paths y (B, T): for every transition y_t -> y_{t+1},
+    grad_E1[y_t] += scale[b] * E2[y_{t+1}] and grad_E2[y_{t+1}] += scale[b] * E1[y_t]."""
+    B = path_tokens.shape[0]
+    D = E1.shape[1]
+    for b in range(B):
+        s = scale[b]
+        for t in range(lengths[b] - 1):
+            u = path_tokens[b, t]
+            v = path_tokens[b, t + 1]
+            for d in range(D):
+                grad_E1[u, d] += s * E2[v, d]
+                grad_E2[v, d] += s * E1[u, d]
+
+
+@njit(cache=True, parallel=True)
+def sequence_score_kernel(scores, tokens, E1, E2, lengths, beam_idx, out_score):
+    """out_score[b, n] = S(y) (float64 sums) for the beam path beam_idx[b, :, n] up to lengths[b]."""
+    B, T, N = beam_idx.shape
+    D = E1.shape[1]
+    for b in prange(B):
+        for n in range(N):
+            y = beam_idx[b, 0, n]
+            total = np.float64(scores[b, 0, y])
+            for t in range(1, lengths[b]):
+                x = y
+                y = beam_idx[b, t, n]
+                src = E1[tokens[b, t - 1, x]]
+                dst = E2[tokens[b, t, y]]
+                for d in range(D):
+                    total += np.float64(src[d]) * np.float64(dst[d])
+                total += scores[b, t, y]
+            out_score[b, n] = total

@@ -1,0 +1,303 @@
+"""Exact inference in the beam CRF p(y) = exp(S(y) / tau) / Z_tau (DESIGN §2, §4): log partition,
+exact samples with their log-probabilities, fairseq's log-likelihood, marginals and gradients.
+
+Same conventions as :mod:`viterbi_numba.api`: NumPy in, NumPy out; B sequences, T positions, K beam
+slots, V tokens, D low-rank dimension, N samples; ``lengths`` (B,) in [1, T] (None: all T); the compute
+dtype is float64 if any float input is float64, else float32; padded positions hold ``PAD`` / 0.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+from numba import get_num_threads
+
+from . import _cpu_crf, _validate
+from .api import _beam_inputs, _single_threaded_blas, topk_beam
+
+__all__ = [
+    "CRFSample",
+    "PartitionGrad",
+    "LikelihoodGrad",
+    "crf_sample",
+    "log_partition",
+    "log_partition_grad",
+    "log_likelihood",
+    "log_likelihood_grad",
+    "marginals",
+    "sequence_score",
+]
+
+
+class CRFSample(NamedTuple):
+    """Output of :func:`crf_sample`: N exact samples per sequence, N last."""
+
+    beam_idx: np.ndarray  # (B, T, N) int64 beam slot per position (PAD after the length)
+    tokens: np.ndarray  # (B, T, N) int64 token id per position (PAD after the length)
+    log_prob: np.ndarray  # (B, N) log p_tau(y) = S(y) / tau - log Z_tau
+
+
+class PartitionGrad(NamedTuple):
+    """Output of :func:`log_partition_grad`.
+
+    ``grad_scores`` (B, T, K) is grad_output[b] * marginals / tau; ``grad_E1``, ``grad_E2`` (V, D) are the
+    gradients of sum_b grad_output[b] * log Z_tau[b] with respect to the tables.
+    """
+
+    log_z: np.ndarray  # (B,)
+    marginals: np.ndarray  # (B, T, K)
+    grad_scores: np.ndarray
+    grad_E1: np.ndarray
+    grad_E2: np.ndarray
+
+
+class LikelihoodGrad(NamedTuple):
+    """Output of :func:`log_likelihood_grad`.
+
+    The beam (``beam_scores``, ``beam_tokens``, (B, T, K)) is the one the likelihood was computed on, with
+    each target in it. The gradient with respect to ``emissions`` is zero except at the beam tokens, where
+    it is ``grad_scores``: ``grad_emissions[b, t, beam_tokens[b, t, k]] = grad_scores[b, t, k]``.
+    """
+
+    log_likelihood: np.ndarray  # (B,)
+    beam_scores: np.ndarray
+    beam_tokens: np.ndarray
+    grad_scores: np.ndarray  # (B, T, K)
+    grad_E1: np.ndarray  # (V, D)
+    grad_E2: np.ndarray  # (V, D)
+
+
+def _inv_temp(temperature: Any, dtype: np.dtype):
+    return dtype.type(1.0 / _validate.temperature(temperature))
+
+
+def log_partition(
+    scores: Any, tokens: Any, E1: Any, E2: Any, temperature: float = 1.0, lengths: Optional[Any] = None
+) -> np.ndarray:
+    """log Z_tau = log sum_y exp(S(y) / tau) over all beam paths, per sequence: (B,) in the compute dtype.
+
+    scores (B, T, K), tokens (B, T, K) token ids in [0, V), E1/E2 (V, D): as for :func:`viterbi_decode`.
+    """
+    scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
+    inv_temp = _inv_temp(temperature, scores.dtype)
+    log_z = np.empty(scores.shape[0], dtype=np.float64)
+    if log_z.size:
+        with _single_threaded_blas():
+            _cpu_crf.log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z)
+    return log_z.astype(scores.dtype)
+
+
+def crf_sample(
+    scores: Any,
+    tokens: Any,
+    E1: Any,
+    E2: Any,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    lengths: Optional[Any] = None,
+    seed: Optional[int] = None,
+    uniforms: Optional[Any] = None,
+) -> CRFSample:
+    """``num_samples`` independent exact samples of p(y) proportional to exp(S(y) / temperature).
+
+    Forward filtering, backward sampling (DESIGN §4): one forward pass per sequence, then O(T K D) per
+    sample, so N samples cost about as much as one. Each position is drawn by the inverse CDF (smallest
+    i with u * total < prefix[i]), the last position first.
+
+    Randomness: ``uniforms`` (B, T, N) in [0, 1) replays given numbers, ``uniforms[b, t, n]`` drawing
+    position t of sample n (positions at or after the length are unused); otherwise they come from
+    Philox4x32-10 keyed by ``seed`` (a fresh one when None), on a stream of their own, so the same seed
+    gives the same samples for any thread count. Returns :class:`CRFSample`.
+    """
+    scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
+    B, T, _ = scores.shape
+    N = _validate.positive_int(num_samples, "num_samples")
+    inv_temp = _inv_temp(temperature, scores.dtype)
+    seed = _validate.seed(seed)
+    if uniforms is not None:
+        if seed is not None:
+            raise ValueError("give either seed or uniforms, not both")
+        replay = _validate.uniforms(uniforms, (B, T, N), "(B, T, N)")
+    else:
+        replay = np.zeros((1, 1, 1), dtype=np.float64)
+        if seed is None:
+            seed = secrets.randbits(64)
+    seed_bits = 0 if seed is None else seed  # unused when replaying uniforms
+    beam_idx = np.empty((B, T, N), dtype=np.int64)
+    path_tokens = np.empty((B, T, N), dtype=np.int64)
+    log_prob = np.empty((B, N), dtype=np.float64)
+    if B:
+        with _single_threaded_blas():
+            _cpu_crf.crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_bits & 0xFFFFFFFF,
+                                       seed_bits >> 32, replay, uniforms is not None, beam_idx, path_tokens, log_prob)
+    return CRFSample(beam_idx, path_tokens, log_prob.astype(scores.dtype))
+
+
+def _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, scale):
+    """log Z_tau (float64, (B,)), marginals (B, T, K) and, when ``scale`` (B,) is given, the table
+    gradients of sum_b scale[b] * tau * log Z_tau[b] (the kernel's row gradients are those times tau)."""
+    B, T, K = scores.shape
+    V, D = E1.shape
+    log_z = np.empty(B, dtype=np.float64)
+    mu = np.empty((B, T, K), dtype=scores.dtype)
+    grad_E1 = grad_E2 = None
+    if scale is None:
+        chunk, rows = max(B, 1), np.zeros((1, 1, 1, 1, 1), dtype=scores.dtype)
+    else:
+        # the per-position row gradients of ``chunk`` sequences at a time, added into (V, D) in order
+        chunk = max(1, min(B, get_num_threads()))
+        rows = np.zeros((2, chunk, T, K, D), dtype=scores.dtype)
+        grad_E1 = np.zeros((V, D), dtype=scores.dtype)
+        grad_E2 = np.zeros((V, D), dtype=scores.dtype)
+    with _single_threaded_blas():
+        for first in range(0, B, chunk):
+            count = min(chunk, B - first)
+            _cpu_crf.forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count,
+                                             scale is not None, log_z, mu, rows[0], rows[-1])
+            if scale is not None:
+                _cpu_crf.scatter_rows(tokens, lengths, first, count, scale, rows[0], rows[1], grad_E1, grad_E2)
+    return log_z, mu, grad_E1, grad_E2
+
+
+def marginals(
+    scores: Any, tokens: Any, E1: Any, E2: Any, temperature: float = 1.0, lengths: Optional[Any] = None
+) -> np.ndarray:
+    """Node marginals p_tau(y_t = k) (B, T, K) by forward-backward; 0 at padded positions."""
+    scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
+    inv_temp = _inv_temp(temperature, scores.dtype)
+    _, mu, _, _ = _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, None)
+    return mu
+
+
+def _grad_output(grad_output: Any, batch: int, dtype: np.dtype) -> np.ndarray:
+    if grad_output is None:
+        return np.ones(batch, dtype=dtype)
+    weights = _validate.float_array(grad_output, "grad_output", 1)
+    if weights.shape != (batch,):
+        raise ValueError(f"grad_output must have shape ({batch},) (B,), got {weights.shape}")
+    if not np.isfinite(weights).all():
+        raise ValueError("grad_output contains NaN or inf")
+    return np.ascontiguousarray(weights, dtype=dtype)
+
+
+def log_partition_grad(
+    scores: Any,
+    tokens: Any,
+    E1: Any,
+    E2: Any,
+    temperature: float = 1.0,
+    lengths: Optional[Any] = None,
+    grad_output: Optional[Any] = None,
+) -> PartitionGrad:
+    """log Z_tau and its gradients, by one forward-backward pass per sequence (see :class:`PartitionGrad`).
+
+    ``grad_output`` (B,) weights each sequence (default all 1), as in a backward pass of autograd: the
+    gradients are those of sum_b grad_output[b] * log Z_tau[b]. The edge marginals are contracted with
+    the table rows step by step; memory is O(K^2) per thread plus O(T K D) per thread for the rows.
+    """
+    scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
+    inv_temp = _inv_temp(temperature, scores.dtype)
+    weights = _grad_output(grad_output, scores.shape[0], scores.dtype)
+    log_z, mu, grad_E1, grad_E2 = _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, weights * inv_temp)
+    grad_scores = mu * (weights * inv_temp)[:, None, None]
+    return PartitionGrad(log_z.astype(scores.dtype), mu, grad_scores, grad_E1, grad_E2)
+
+
+def sequence_score(
+    scores: Any, tokens: Any, E1: Any, E2: Any, beam_idx: Any, lengths: Optional[Any] = None
+) -> np.ndarray:
+    """S(y) of given beam paths: ``beam_idx`` (B, T) gives (B,), (B, T, N) gives (B, N).
+
+    Entries at or after a sequence's length are ignored (they may be ``PAD``). Sums in float64, returned
+    in the compute dtype.
+    """
+    scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
+    B, T, K = scores.shape
+    paths = np.asarray(beam_idx)
+    if paths.ndim not in (2, 3):
+        raise ValueError(f"beam_idx must have shape (B, T) or (B, T, N), got {paths.shape}")
+    single = paths.ndim == 2
+    paths = _validate.int_array(paths, "beam_idx", (B, T) if single else (B, T, paths.shape[2]))
+    if single:
+        paths = paths[:, :, None]
+    inside = np.arange(T)[None, :, None] < lengths[:, None, None]
+    if ((inside & ((paths < 0) | (paths >= K))).any()):
+        raise ValueError(f"beam_idx must be beam slots in [0, {K}) before each sequence's length")
+    out = np.empty((B, paths.shape[2]), dtype=np.float64)
+    _cpu_crf.sequence_score_kernel(scores, tokens, E1, E2, lengths, np.where(inside, paths, 0), out)
+    out = out.astype(scores.dtype)
+    return out[:, 0] if single else out
+
+
+def _likelihood(emissions, targets, E1, E2, k, lengths, temperature, grad_output, want_grad):
+    emissions = _validate.float_array(emissions, "emissions", 3)
+    B, T, V = emissions.shape
+    if T == 0:
+        raise ValueError(f"emissions must have at least one position (T >= 1), got shape {emissions.shape}")
+    targets = _validate.int_array(targets, "targets", (B, T))
+    _validate.token_ids(targets, V, "targets")
+    E1, E2 = _validate.embedding_tables(E1, E2)
+    if E1.shape[0] != V:
+        raise ValueError(f"E1 and E2 must have V = {V} rows (emissions.shape[2]), got {E1.shape[0]}")
+    beam_scores, beam_tokens = topk_beam(emissions, k, force_tokens=targets)
+    # the target's slot: where the beam holds the target token (it always does, it was forced)
+    slots = np.argmax(beam_tokens == targets[:, :, None], axis=2)
+    scores, beam_tokens, E1, E2, lengths = _beam_inputs(beam_scores, beam_tokens, E1, E2, lengths)
+    inv_temp = _inv_temp(temperature, scores.dtype)
+    numerator = np.empty((B, 1), dtype=np.float64)
+    _cpu_crf.sequence_score_kernel(scores, beam_tokens, E1, E2, lengths, slots[:, :, None], numerator)
+    if not want_grad:
+        log_z = np.empty(B, dtype=np.float64)
+        if B:
+            with _single_threaded_blas():
+                _cpu_crf.log_partition_kernel(scores, beam_tokens, E1, E2, lengths, inv_temp, log_z)
+        return (numerator[:, 0] * inv_temp - log_z).astype(scores.dtype)
+    weights = _grad_output(grad_output, B, scores.dtype)
+    scale = weights * inv_temp
+    log_z, mu, grad_E1, grad_E2 = _forward_backward(scores, beam_tokens, E1, E2, lengths, inv_temp, -scale)
+    target_tokens = np.where(np.arange(T)[None, :] < lengths[:, None], targets, 0)
+    _cpu_crf.add_path_rows(target_tokens, lengths, scale, E1, E2, grad_E1, grad_E2)
+    grad_scores = -mu
+    b_index, t_index = np.nonzero(np.arange(T)[None, :] < lengths[:, None])
+    grad_scores[b_index, t_index, slots[b_index, t_index]] += 1
+    grad_scores *= scale[:, None, None]
+    log_likelihood = (numerator[:, 0] * inv_temp - log_z).astype(scores.dtype)
+    return LikelihoodGrad(log_likelihood, scores, beam_tokens, grad_scores, grad_E1, grad_E2)
+
+
+def log_likelihood(
+    emissions: Any,
+    targets: Any,
+    E1: Any,
+    E2: Any,
+    k: int,
+    lengths: Optional[Any] = None,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """log p_tau(targets) under the beam CRF, fairseq ``DynamicCRF.forward`` parity: (B,).
+
+    emissions (B, T, V), targets (B, T) token ids, E1/E2 (V, D), k: beam size. Each position's beam is
+    its top k tokens with the target forced in (at its own score, replacing the k-th best if needed);
+    the result is S(targets) / tau - log Z_tau over that beam. Positions at or after ``lengths[b]`` are
+    ignored (fairseq's prefix masks). This scores sequences sampled under an older policy for a PPO ratio.
+    """
+    return _likelihood(emissions, targets, E1, E2, k, lengths, temperature, None, False)
+
+
+def log_likelihood_grad(
+    emissions: Any,
+    targets: Any,
+    E1: Any,
+    E2: Any,
+    k: int,
+    lengths: Optional[Any] = None,
+    temperature: float = 1.0,
+    grad_output: Optional[Any] = None,
+) -> LikelihoodGrad:
+    """:func:`log_likelihood` and the gradients of sum_b grad_output[b] * log_likelihood[b] (default
+    weights 1) with respect to the beam scores (hence the emissions) and the tables; see
+    :class:`LikelihoodGrad`.
+    """
+    return _likelihood(emissions, targets, E1, E2, k, lengths, temperature, grad_output, True)
