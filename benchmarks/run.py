@@ -1,8 +1,8 @@
-"""Side-by-side benchmark: viterbi-numba against the pure-PyTorch seed algorithm and fairseq-style Viterbi.
+"""Side-by-side benchmark: viterbi-numba against the pure-PyTorch seed algorithm and fairseq-style code.
 
 Both run in this process, on the same inputs, with the same thread count. Each case reports the median,
-min and max wall time over ``--repeats`` runs (after one warm-up) and the ratio of medians.
-Writes ``results/results.json``, ``results/results.md`` and ``results/time_vs_k.png``.
+min and max wall time over ``--repeats`` runs (after one warm-up) and the ratio of medians; peak memory
+is measured in fresh processes. Writes ``results/results.json``, ``results/results.md`` and ``results/time_vs_k.png``.
 
     python benchmarks/run.py            # or: viterbi-numba bench
     python benchmarks/run.py --quick    # fewer repeats, smaller scaling sweep
@@ -77,10 +77,12 @@ def seed_size_cases(repeats, progress):
     rows = []
 
     def case(name, ours, theirs, baseline, target, torch_repeats=None):
+        """Time both; ``theirs`` may be a (median, min, max) already measured in this run."""
         progress(name)
         a = timed(ours, repeats)
-        b = timed(theirs, torch_repeats or repeats)
+        b = theirs if isinstance(theirs, tuple) else timed(theirs, torch_repeats or repeats)
         rows.append(dict(case=name, ours=a, baseline_name=baseline, baseline=b, speedup=b[0] / a[0], target=target))
+        return b
 
     with torch.no_grad():
         case("topk_beam (B,T,V)->(B,T,K)", lambda: vn.topk_beam(emissions, K),
@@ -90,16 +92,105 @@ def seed_size_cases(repeats, progress):
              lambda: tb.viterbi(em_t, E1_t, E2_t, K), "fairseq-style torch Viterbi", 3)
         case("Viterbi, given the beam", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
              lambda: tb.viterbi_beam(*beam_t, E1_t, E2_t), "fairseq-style torch Viterbi", 3)
+        seed_end_to_end, seed_given_beam = {}, {}
         for N, target in ((1, 15), (8, 40)):
             slow = 1 if N == 8 else None
-            case(f"seed sampler N={N}, end to end",
-                 lambda N=N: vn.stochastic_viterbi(*vn.topk_beam(emissions, K), E1, E2,
-                                                   num_samples=None if N == 1 else N, seed=1),
-                 lambda N=N: tb.seed_sampler(em_t, E1_t, E2_t, K, N), "torch seed algorithm", target, slow)
-            case(f"seed sampler N={N}, given the beam",
-                 lambda N=N: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2,
-                                                   num_samples=None if N == 1 else N, seed=1),
-                 lambda N=N: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, N), "torch seed algorithm", target, slow)
+            seed_end_to_end[N] = case(
+                f"seed sampler N={N}, end to end",
+                lambda N=N: vn.stochastic_viterbi(*vn.topk_beam(emissions, K), E1, E2,
+                                                  num_samples=None if N == 1 else N, seed=1),
+                lambda N=N: tb.seed_sampler(em_t, E1_t, E2_t, K, N), "torch seed algorithm", target, slow)
+            seed_given_beam[N] = case(
+                f"seed sampler N={N}, given the beam",
+                lambda N=N: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2,
+                                                  num_samples=None if N == 1 else N, seed=1),
+                lambda N=N: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, N), "torch seed algorithm", target, slow)
+        # the exact sampler against the same (already timed) 8-sample seed algorithm
+        case("exact sampler (crf_sample) N=8, end to end",
+             lambda: vn.crf_sample(*vn.topk_beam(emissions, K), E1, E2, num_samples=8, seed=1),
+             seed_end_to_end[8], "torch seed algorithm, N=8", 80)
+        case("exact sampler (crf_sample) N=8, given the beam",
+             lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, num_samples=8, seed=1),
+             seed_given_beam[8], "torch seed algorithm, N=8", 80)
+    targets = np.random.default_rng(1).integers(0, V, (B, T))
+    case("log-likelihood + gradients (emissions, E1, E2)",
+         lambda: log_likelihood_step(emissions, targets, E1, E2, K),
+         lambda: torch_log_likelihood_step(em_t, torch.from_numpy(targets), E1_t, E2_t, K),
+         "torch autograd, fairseq-style forward", 5, 3)
+    return rows
+
+
+def log_likelihood_step(emissions, targets, E1, E2, K):
+    """log p(targets) and the gradients a training step needs, the emissions' as a dense (B, T, V) array."""
+    result = vn.log_likelihood_grad(emissions, targets, E1, E2, K)
+    grad_emissions = np.zeros_like(emissions)
+    np.put_along_axis(grad_emissions, result.beam_tokens, result.grad_scores, axis=2)
+    return result.log_likelihood, grad_emissions, result.grad_E1, result.grad_E2
+
+
+def torch_log_likelihood_step(emissions, targets, E1, E2, K):
+    leaves = [a.detach().requires_grad_() for a in (emissions, E1, E2)]
+    log_likelihood = tb.log_likelihood(leaves[0], targets, leaves[1], leaves[2], K)
+    log_likelihood.sum().backward()
+    return log_likelihood.detach(), *(a.grad for a in leaves)
+
+
+# --------------------------------------------------------------------------------------------------
+# peak memory: each case in a fresh process (``--memory-probe CASE``), so one case's freed pages never
+# hide another's; the peak is the resident-set high-water mark above the process after its inputs were
+# built and everything was compiled / initialised on a tiny problem.
+# --------------------------------------------------------------------------------------------------
+MEMORY_CASES = {
+    "gradients for the beam scores and tables: viterbi-numba": "ours-beam",
+    "gradients for the beam scores and tables: torch autograd": "torch-beam",
+    "gradients for the emissions (dense) and tables: viterbi-numba": "ours-dense",
+    "gradients for the emissions (dense) and tables: torch autograd": "torch-dense",
+}
+
+
+def _rss_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def memory_probe(which):
+    B, T, V, K, D = (SEED_SIZE[x] for x in "BTVKD")
+    emissions, E1, E2 = make_inputs(B, T, V, K, D)
+    targets = np.random.default_rng(1).integers(0, V, (B, T))
+    if which == "ours-dense":
+        step = lambda em, tg: log_likelihood_step(em, tg, E1, E2, K)  # noqa: E731
+    elif which == "ours-beam":
+        step = lambda em, tg: vn.log_likelihood_grad(em, tg, E1, E2, K)  # noqa: E731
+    else:
+        E1, E2 = torch.from_numpy(E1), torch.from_numpy(E2)
+
+        def step(em, tg):
+            em, tg = torch.from_numpy(em), torch.from_numpy(tg)
+            if which == "torch-dense":
+                return torch_log_likelihood_step(em, tg, E1, E2, K)
+            leaves = [a.detach().requires_grad_() for a in (E1, E2)]
+            beam_tokens = tb.forced_beam(em, tg, K)
+            beam_scores = em.gather(2, beam_tokens).requires_grad_()
+            tb.log_likelihood_beam(beam_scores, beam_tokens, tg, *leaves).sum().backward()
+            return beam_scores.grad, leaves[0].grad, leaves[1].grad
+
+    step(emissions[:1, :3, :], targets[:1, :3])  # compile / initialise
+    before = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark
+    step(emissions, targets)
+    print(json.dumps(dict(peak_mb=_rss_mb("VmHWM") - before)))
+
+
+def memory_cases(progress):
+    import subprocess
+
+    rows = []
+    for name, which in MEMORY_CASES.items():
+        progress(f"memory: {name}")
+        out = subprocess.run([sys.executable, __file__, "--memory-probe", which], capture_output=True, text=True,
+                             check=True)
+        rows.append(dict(case=name, peak_mb=json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]))
     return rows
 
 
@@ -122,12 +213,13 @@ def scaling_cases(repeats, quick, progress):
                 N = size["N"]
                 ours = timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, num_samples=N, seed=1), repeats)
                 viterbi = timed(lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2), repeats)
+                exact = timed(lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, num_samples=N, seed=1), repeats)
                 theirs = None
                 if size["K"] * size["K"] * size["T"] * N <= 256 * 256 * 97 * 8:
                     beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
                     E_t = (torch.from_numpy(E1), torch.from_numpy(E2))
                     theirs = timed(lambda: tb.seed_sampler_beam(*beam_t, *E_t, N), 1 if N * size["K"] >= 1024 else repeats)
-                rows.append(dict(axis=axis, value=value, size=size, ours=ours, viterbi=viterbi, torch=theirs,
+                rows.append(dict(axis=axis, value=value, size=size, ours=ours, viterbi=viterbi, exact=exact, torch=theirs,
                                  speedup=None if theirs is None else theirs[0] / ours[0]))
     return rows
 
@@ -151,6 +243,7 @@ def plot_time_vs_k(scaling_rows, threads):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["value"] for r in ks], [r["ours"][0] * 1e3 for r in ks], "o-", label="viterbi-numba sampler (N=1)")
     ax.plot([r["value"] for r in ks], [r["viterbi"][0] * 1e3 for r in ks], "s-", label="viterbi-numba Viterbi")
+    ax.plot([r["value"] for r in ks], [r["exact"][0] * 1e3 for r in ks], "d-", label="viterbi-numba exact sampler (N=1)")
     tk = [r for r in ks if r["torch"] is not None]
     ax.plot([r["value"] for r in tk], [r["torch"][0] * 1e3 for r in tk], "^-", label="PyTorch seed sampler (N=1)")
     ax.set(xscale="log", yscale="log", xlabel="beam size K", ylabel="time (ms)",
@@ -163,10 +256,11 @@ def plot_time_vs_k(scaling_rows, threads):
     fig.savefig(RESULTS / "time_vs_k.png", dpi=110)
 
 
-def write_report(info, seed_rows, scaling_rows):
+def write_report(info, seed_rows, memory_rows, scaling_rows):
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "results.json", "w") as f:
-        json.dump(dict(machine=info, seed_size=SEED_SIZE, cases=seed_rows, scaling=scaling_rows), f, indent=1)
+        json.dump(dict(machine=info, seed_size=SEED_SIZE, cases=seed_rows, memory=memory_rows, scaling=scaling_rows),
+                  f, indent=1)
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads for both numba and torch; "
         f"numpy {info['numpy']}, numba {info['numba']}, torch {info['torch']}.",
@@ -181,13 +275,25 @@ def write_report(info, seed_rows, scaling_rows):
         met = "met" if r["speedup"] >= r["target"] else "not met"
         lines.append(f"| {r['case']} | {fmt(r['ours'])} | {r['baseline_name']} | {fmt(r['baseline'])} | "
                      f"{r['speedup']:.1f}× | {target}: {met} |")
-    lines += ["", "Scaling (given the beam; B=8, D=32; V=4000 for the K sweep, 2000 otherwise): sampler and Viterbi time, ms.", "",
-              "| varied | K | T | N | sampler | Viterbi | torch seed sampler | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    if memory_rows:
+        lines += ["", "Peak memory of one log-likelihood + gradients call at the seed's size, each in a fresh process: "
+                  "resident-set high-water mark above the process with its inputs built and its code compiled. "
+                  "The dense emissions gradient (B, T, V) is itself 93 MB; the table gradients (V, D) 7.7 MB.", "",
+                  "| case | peak MB | viterbi-numba / torch | target ≤ 0.1 |", "|---|---|---|---|"]
+        for ours, theirs in zip(memory_rows[0::2], memory_rows[1::2]):
+            ratio = ours["peak_mb"] / theirs["peak_mb"]
+            lines.append(f"| {ours['case']} | {ours['peak_mb']:.0f} | {ratio:.3f} | {'met' if ratio <= 0.1 else 'not met'} |")
+            lines.append(f"| {theirs['case']} | {theirs['peak_mb']:.0f} | | |")
+    lines += ["", "Scaling (given the beam; B=8, D=32; V=4000 for the K sweep, 2000 otherwise): seed sampler, Viterbi "
+              "and exact sampler time, ms.", "",
+              "| varied | K | T | N | seed sampler | Viterbi | exact sampler | torch seed sampler | speed-up (seed sampler) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in scaling_rows:
         s = r["size"]
         torch_t = "—" if r["torch"] is None else fmt(r["torch"])
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
-        lines.append(f"| {r['axis']} | {s['K']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | {torch_t} | {speed} |")
+        lines.append(f"| {r['axis']} | {s['K']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | "
+                     f"{fmt(r['exact'])} | {torch_t} | {speed} |")
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
     plot_time_vs_k(scaling_rows, info['threads'])
     return "\n".join(lines)
@@ -198,7 +304,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (default 5)")
     parser.add_argument("--quick", action="store_true", help="3 repeats and a smaller scaling sweep")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from results/results.json")
+    parser.add_argument("--memory-probe", choices=sorted(set(MEMORY_CASES.values())), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
     if args.replot:
         saved = json.loads((RESULTS / "results.json").read_text())
         plot_time_vs_k(saved["scaling"], saved["machine"]["threads"])
@@ -208,7 +318,7 @@ def main(argv=None):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=7 + (7 if args.quick else 13), unit="case")
+        bar = tqdm(total=10 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
     except ImportError:
         bar = None
 
@@ -221,10 +331,11 @@ def main(argv=None):
 
     info = machine()
     seed_rows = seed_size_cases(repeats, progress)
+    memory_rows = memory_cases(progress)
     scaling_rows = scaling_cases(repeats, args.quick, progress)
     if bar is not None:
         bar.close()
-    print(write_report(info, seed_rows, scaling_rows))
+    print(write_report(info, seed_rows, memory_rows, scaling_rows))
     print(f"\nwritten to {RESULTS}")
 
 

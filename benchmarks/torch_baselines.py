@@ -82,22 +82,29 @@ def viterbi_beam(beam_scores, beam_tokens, E1, E2):
     return best, beam_tokens.gather(2, beam_idx[:, :, None])[:, :, 0]
 
 
-def log_likelihood(emissions, targets, E1, E2, k):
-    """fairseq-style ``DynamicCRF.forward`` (full-length sequences): log p(targets), differentiable.
-
-    The targets are forced into each position's top-k beam (their score set to +inf for the selection,
-    the original score gathered back); log Z is a log-sum-exp forward pass over the beam.
-    """
-    B, T, V = emissions.shape
-    # numerator: S(targets)
-    numerator = emissions.gather(2, targets[:, :, None])[:, :, 0].sum(1)
-    numerator = numerator + (E1[targets[:, :-1]] * E2[targets[:, 1:]]).sum((1, 2))
-    # denominator: log Z over the beam that contains the targets
+def forced_beam(emissions, targets, k):
+    """fairseq's beam for the likelihood: the top k tokens with each target forced in (score +inf for the
+    selection only). Returns the beam's token ids (B, T, K); no gradient flows through the selection."""
     forced = emissions.detach().scatter(2, targets[:, :, None], float("inf"))
-    beam_tokens = forced.topk(k, 2)[1]
-    beam_scores = emissions.gather(2, beam_tokens)
+    return forced.topk(k, 2)[1]
+
+
+def log_likelihood_beam(beam_scores, beam_tokens, targets, E1, E2):
+    """fairseq-style ``DynamicCRF.forward`` on a beam that holds the targets (full-length sequences):
+    S(targets) - log Z, with log Z a log-sum-exp forward pass over the beam; differentiable."""
+    B, T, K = beam_scores.shape
+    slots = (beam_tokens == targets[:, :, None]).to(torch.int64).argmax(2)
+    numerator = beam_scores.gather(2, slots[:, :, None])[:, :, 0].sum(1)
+    numerator = numerator + (E1[targets[:, :-1]] * E2[targets[:, 1:]]).sum((1, 2))
     trans = transition_blocks(beam_tokens, E1, E2)
     alpha = beam_scores[:, 0]
     for t in range(1, T):
         alpha = torch.logsumexp(alpha[:, :, None] + trans[:, t - 1], dim=1) + beam_scores[:, t]
     return numerator - torch.logsumexp(alpha, dim=1)
+
+
+def log_likelihood(emissions, targets, E1, E2, k):
+    """fairseq-style ``DynamicCRF.forward`` from emissions (B, T, V): log p(targets), differentiable with
+    respect to the emissions (through the gathered beam scores) and the tables."""
+    beam_tokens = forced_beam(emissions, targets, k)
+    return log_likelihood_beam(emissions.gather(2, beam_tokens), beam_tokens, targets, E1, E2)

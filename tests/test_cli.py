@@ -15,7 +15,8 @@ def test_demo_prints_a_summary(capsys):
     out = capsys.readouterr().out
     assert "emissions (B, T, V) = (2, 6, 50)" in out
     assert "beam_probs (2, 6, 8, 3)" in out and "tokens (2, 6, 3)" in out
-    assert "Viterbi" in out and "sample 2" in out and "stochastic_viterbi" in out
+    assert "Viterbi" in out and "seed sampler 2" in out and "stochastic_viterbi" in out
+    assert "exact sample 2  (log p" in out and "crf_sample" in out
 
 
 def test_demo_from_files(tmp_path, capsys):

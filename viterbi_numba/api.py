@@ -33,6 +33,9 @@ _TINY = {np.dtype(np.float32): np.float32(1e-20), np.dtype(np.float64): np.float
 
 @lru_cache(maxsize=1)
 def _blas_controller():
+    # The kernels' np.dot calls SciPy's BLAS (numba binds scipy.linalg.cython_blas); it must be loaded
+    # before threadpoolctl looks, or the controller would only see NumPy's and leave SciPy's multi-threaded.
+    import scipy.linalg.cython_blas  # noqa: F401
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController().select(user_api="blas")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import stochastic_viterbi, topk_beam, viterbi_decode
+from . import crf_sample, stochastic_viterbi, topk_beam, viterbi_decode
 
 
 def _load_problem(args: argparse.Namespace):
@@ -62,14 +62,18 @@ def demo(args: argparse.Namespace) -> None:
     best = run("viterbi_decode", lambda: viterbi_decode(beam.scores, beam.tokens, E1, E2))
     samples = run("stochastic_viterbi", lambda: stochastic_viterbi(
         beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed))
+    exact = run("crf_sample", lambda: crf_sample(
+        beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed))
     shown = min(T, args.show)
     print(f"\nbeam: scores {beam.scores.shape}, tokens {beam.tokens.shape}")
     print(f"samples: beam_probs {samples.beam_probs.shape}, beam_idx {samples.beam_idx.shape}, "
           f"tokens {samples.tokens.shape}")
     print(f"\nsequence 0, first {shown} tokens")
-    print(f"  Viterbi   (score {best.score[0]:9.3f}): {best.tokens[0, :shown].tolist()}")
+    print(f"  Viterbi         (score {best.score[0]:9.3f}): {best.tokens[0, :shown].tolist()}")
     for n in range(min(args.samples, 3)):
-        print(f"  sample {n}  (score {samples.score[0, n]:9.3f}): {samples.tokens[0, :shown, n].tolist()}")
+        print(f"  seed sampler {n}  (score {samples.score[0, n]:9.3f}): {samples.tokens[0, :shown, n].tolist()}")
+    for n in range(min(args.samples, 3)):
+        print(f"  exact sample {n}  (log p {exact.log_prob[0, n]:9.3f}): {exact.tokens[0, :shown, n].tolist()}")
     print("\nwall time          first call (compile or cache load)   second call")
     for name, (first, second) in timings.items():
         print(f"  {name:<20} {first * 1e3:12.1f} ms {second * 1e3:26.1f} ms")
