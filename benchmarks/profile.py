@@ -3,7 +3,8 @@
 Times, with the same threads and data as ``run.py``, the pieces every step must do:
 * the transition blocks alone: gather E1/E2 rows and the K x D x K product, for all B x (T-1) steps;
 * K^2 exps per step (the sampler's weights), with the vectorised float32 ``fast_exp`` and with ``math.exp``;
-* the whole ops, for comparison, and Viterbi where its branch and bound can prune nothing. Writes ``results/profile.md``.
+* the whole ops, for comparison, and Viterbi where its branch and bound can prune nothing; the exact-inference
+  ops, whose forward pass has the same two floors. Writes ``results/profile.md``.
 
     python benchmarks/profile.py
 """
@@ -83,6 +84,14 @@ def main():
                  timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, seed=1), 5)))
     rows.append(("stochastic_viterbi N=8 (given the beam)",
                  timed(lambda: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2, num_samples=8, seed=1), 5)))
+    rows.append(("log_partition: the forward pass (given the beam)",
+                 timed(lambda: vn.log_partition(beam.scores, beam.tokens, E1, E2), 5)))
+    rows.append(("crf_sample N=8: forward pass + backward sampling (given the beam)",
+                 timed(lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, num_samples=8, seed=1), 5)))
+    rows.append(("marginals: forward-backward (given the beam)",
+                 timed(lambda: vn.marginals(beam.scores, beam.tokens, E1, E2), 5)))
+    rows.append(("log_partition_grad: forward-backward + table gradients (given the beam)",
+                 timed(lambda: vn.log_partition_grad(beam.scores, beam.tokens, E1, E2), 5)))
     info = machine()
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads. "
              f"B={B}, T={T}, K={K}, D={D}, float32: {B * (T - 1)} steps, "
