@@ -229,7 +229,7 @@ def fmt(t):
 
 
 def plot_time_vs_k(scaling_rows, threads):
-    """results/time_vs_k.png from the K sweep (needs matplotlib)."""
+    """results/time_vs_k.png from the K sweep and the N sweep (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -239,19 +239,23 @@ def plot_time_vs_k(scaling_rows, threads):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'viterbi-numba[bench]')")
         return
-    ks = [r for r in scaling_rows if r["axis"] == "K"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["value"] for r in ks], [r["ours"][0] * 1e3 for r in ks], "o-", label="viterbi-numba sampler (N=1)")
-    ax.plot([r["value"] for r in ks], [r["viterbi"][0] * 1e3 for r in ks], "s-", label="viterbi-numba Viterbi")
-    ax.plot([r["value"] for r in ks], [r["exact"][0] * 1e3 for r in ks], "d-", label="viterbi-numba exact sampler (N=1)")
-    tk = [r for r in ks if r["torch"] is not None]
-    ax.plot([r["value"] for r in tk], [r["torch"][0] * 1e3 for r in tk], "^-", label="PyTorch seed sampler (N=1)")
-    ax.set(xscale="log", yscale="log", xlabel="beam size K", ylabel="time (ms)",
-           title=f"B=8, T=97, D=32, float32; {threads} threads")
-    ax.set_xticks([r["value"] for r in ks], [str(r["value"]) for r in ks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, axis in zip(axes, ("K", "N")):
+        sweep = [r for r in scaling_rows if r["axis"] == axis]
+        x = [r["value"] for r in sweep]
+        ax.plot(x, [r["ours"][0] * 1e3 for r in sweep], "o-", label="viterbi-numba seed sampler")
+        ax.plot(x, [r["exact"][0] * 1e3 for r in sweep], "d-", label="viterbi-numba exact sampler")
+        ax.plot(x, [r["viterbi"][0] * 1e3 for r in sweep], "s-", label="viterbi-numba Viterbi")
+        with_torch = [r for r in sweep if r["torch"] is not None]
+        ax.plot([r["value"] for r in with_torch], [r["torch"][0] * 1e3 for r in with_torch], "^-",
+                label="PyTorch seed sampler")
+        fixed = "N=1" if axis == "K" else "K=256"
+        ax.set(xscale="log", yscale="log", xlabel="beam size K" if axis == "K" else "samples per sequence N",
+               ylabel="time (ms)", title=f"B=8, T=97, D=32, {fixed}, float32; {threads} threads")
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "time_vs_k.png", dpi=110)
 
