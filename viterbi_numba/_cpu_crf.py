@@ -117,8 +117,11 @@ def log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z):
 # exact sampling: forward filtering, backward sampling
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def exact_sampler_uniform(seed_lo, seed_hi, b, t, n):
-    """The uniform that draws y_t of sample n of sequence b: the first of Philox's pair for state 0."""
+def _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t, n):
+    """The uniform that draws y_t of sample n of sequence b: replayed, or the first of Philox's pair for
+    state 0 on the exact sampler's stream."""
+    if use_uniforms:
+        return uniforms[b, t, n]
     u0, _ = uniform_pair(seed_lo, seed_hi, core.STREAM_EXACT_SAMPLER, b, t, 0, n)
     return u0
 
@@ -166,7 +169,7 @@ def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_h
         log_z = _forward(scores[b], tokens[b], E1, E2, length, inv_temp, src_emb, dst_emb, trans,
                          alpha, col_max, col_sum)
         for n in range(N):
-            u = uniforms[b, length - 1, n] if use_uniforms else exact_sampler_uniform(seed_lo, seed_hi, b, length - 1, n)
+            u = _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, length - 1, n)
             y = _pick(alpha[length - 1], u, weights)
             out_beam_idx[b, length - 1, n] = y
             path_score[n] = scores[b, length - 1, y]
@@ -184,8 +187,7 @@ def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_h
             for n in range(N):
                 for i in range(K):
                     logits[i] = alpha[t - 1, i] + columns[i, n] * inv_temp
-                u = uniforms[b, t - 1, n] if use_uniforms else exact_sampler_uniform(seed_lo, seed_hi, b, t - 1, n)
-                x = _pick(logits, u, weights)
+                x = _pick(logits, _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t - 1, n), weights)
                 out_beam_idx[b, t - 1, n] = x
                 # S(y) gets the transition in float64, independent of the gemm's rounding
                 dot = np.float64(0.0)
