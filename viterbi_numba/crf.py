@@ -144,20 +144,21 @@ def _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, scale):
     mu = np.empty((B, T, K), dtype=scores.dtype)
     grad_E1 = grad_E2 = None
     if scale is None:
-        chunk, rows = max(B, 1), np.zeros((1, 1, 1, 1, 1), dtype=scores.dtype)
+        chunk, rows = max(B, 1), np.zeros((1, 1, 1, 1, 1), dtype=scores.dtype)  # unused placeholder
     else:
         # the per-position row gradients of ``chunk`` sequences at a time, added into (V, D) in order
         chunk = max(1, min(B, get_num_threads()))
         rows = np.zeros((2, chunk, T, K, D), dtype=scores.dtype)
         grad_E1 = np.zeros((V, D), dtype=scores.dtype)
         grad_E2 = np.zeros((V, D), dtype=scores.dtype)
+    src_rows, dst_rows = rows[0], rows[-1]
     with _single_threaded_blas():
         for first in range(0, B, chunk):
             count = min(chunk, B - first)
             _cpu_crf.forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count,
-                                             scale is not None, log_z, mu, rows[0], rows[-1])
+                                             scale is not None, log_z, mu, src_rows, dst_rows)
             if scale is not None:
-                _cpu_crf.scatter_rows(tokens, lengths, first, count, scale, rows[0], rows[1], grad_E1, grad_E2)
+                _cpu_crf.scatter_rows(tokens, lengths, first, count, scale, src_rows, dst_rows, grad_E1, grad_E2)
     return log_z, mu, grad_E1, grad_E2
 
 
