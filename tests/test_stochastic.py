@@ -7,7 +7,7 @@ from scipy import stats
 
 import reference as ref
 from conftest import chi_square_pvalue, make_problem, path_counts
-from viterbi_numba import PAD, stochastic_viterbi, viterbi_decode
+from viterbi_numba import PAD, stochastic_viterbi, stochastic_viterbi_backward, viterbi_decode
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 # Uniforms are kept this far (relative to the column total) from every CDF step, so float32 rounding
@@ -168,3 +168,34 @@ def test_non_contiguous_and_float16_inputs(rng):
     half = stochastic_viterbi(scores.astype(np.float16), tokens, E1.astype(np.float16), E2.astype(np.float16),
                               num_samples=2, seed=3)
     assert half.beam_probs.dtype == np.float32 and half.score.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-6), (np.float32, 1e-4)])
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_backward_matches_torch_autograd_of_the_seed(rng, dtype, tol, num_samples):
+    torch = pytest.importorskip("torch")
+    from seed_torch import seed_sampler
+
+    B, T, K, V, D = 3, 7, 6, 25, 4
+    scores, tokens, E1, E2 = make_problem(rng, B, T, K, V=V, D=D, dtype=dtype)
+    lengths = np.array([7, 4, 1])
+    N = num_samples or 1
+    want = ref.stochastic_viterbi(scores, tokens, E1, E2, temperature=0.8, lengths=lengths, num_samples=N,
+                                  rng=rng, margin=MARGIN[dtype])
+    uniforms = want[-1]
+    got = stochastic_viterbi(scores, tokens, E1, E2, num_samples=num_samples, temperature=0.8, lengths=lengths,
+                             uniforms=uniforms if num_samples else uniforms[..., 0])
+    leaves = [torch.tensor(a, requires_grad=True) for a in (scores, E1, E2)]
+    beam_probs, beam_idx = seed_sampler(leaves[0], torch.tensor(tokens), leaves[1], leaves[2],
+                                        torch.tensor(uniforms), temperature=0.8, lengths=lengths)
+    weights = rng.standard_normal(beam_probs.shape)
+    (beam_probs * torch.tensor(weights)).sum().backward()
+    shape = got.beam_probs.shape
+    np.testing.assert_allclose(got.beam_probs, beam_probs.detach().numpy().reshape(shape), rtol=tol, atol=tol)
+    inside = np.arange(T)[None, :, None] < lengths[:, None, None]
+    np.testing.assert_array_equal(got.beam_idx.reshape(B, T, N), np.where(inside, beam_idx.numpy(), PAD))
+    grad = stochastic_viterbi_backward(weights.reshape(shape), got, tokens, E1, E2, lengths=lengths)
+    for ours, leaf in zip(grad, leaves):
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, leaf.grad.numpy(), rtol=tol, atol=tol)
+    assert (grad.grad_scores[1, 4:] == 0).all() and (grad.grad_scores[2, 1:] == 0).all()

@@ -4,7 +4,8 @@ Array API (NumPy in, NumPy out):
 
 * :func:`topk_beam` — per-position top-K beam, optionally forcing given tokens into it.
 * :func:`viterbi_decode` — the best beam path (max-product).
-* :func:`stochastic_viterbi` — the seed's stochastic Viterbi sampler, one or N chains.
+* :func:`stochastic_viterbi` — the seed's stochastic Viterbi sampler, one or N chains, and
+  :func:`stochastic_viterbi_backward`, the gradient the seed's autograd gives through ``beam_probs``.
 * :func:`crf_sample` — exact samples of the CRF with their log-probabilities (FFBS).
 * :func:`log_partition`, :func:`marginals`, :func:`log_likelihood` (fairseq ``DynamicCRF.forward``),
   :func:`sequence_score`, and the gradients :func:`log_partition_grad`, :func:`log_likelihood_grad`.
@@ -13,9 +14,11 @@ Array API (NumPy in, NumPy out):
 from .api import (
     PAD,
     Beam,
+    SamplerGrad,
     StochasticViterbiResult,
     ViterbiResult,
     stochastic_viterbi,
+    stochastic_viterbi_backward,
     topk_beam,
     viterbi_decode,
 )
@@ -42,6 +45,8 @@ __all__ = [
     "stochastic_viterbi",
     "topk_beam",
     "viterbi_decode",
+    "SamplerGrad",
+    "stochastic_viterbi_backward",
     "CRFSample",
     "LikelihoodGrad",
     "PartitionGrad",

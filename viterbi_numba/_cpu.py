@@ -550,6 +550,96 @@ def stochastic_viterbi_kernel(
                     y = out_backpointers[b, t - 1, y, n]
 
 
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def stochastic_viterbi_backward_kernel(beam_probs, backpointers, tokens, E1, E2, lengths, grad_beam_probs,
+                                       first, count, out_grad_scores, grad_src, grad_dst):
+    """Gradient of a loss on the seed sampler's ``beam_probs`` (B, T, K, N), for sequences first..first+count-1.
+
+    As in the seed's autograd, the draws are constants and the gathered scores carry the gradient:
+    path[t, j] = path[t-1, i] + trans[t-1, i, j] + s[t, j] with i = backpointers[t-1, j], and
+    beam_probs[t] = softmax(path[t]). Walking back from the last step, ``upstream`` (K, N) holds the
+    gradient reaching path[t]; each (j, n) sends it to its emission, to its predecessor and to the two
+    table rows of its transition. Writes out_grad_scores[b] (T, K) (summed over chains) and, per
+    sequence c = b - first, the table-row gradients grad_src[c, t] (E1 rows of position t, t < L-1)
+    and grad_dst[c, t] (E2 rows of position t, t >= 1) in ``scatter_rows``'s layout.
+    Padded positions (beam_probs 0, a constant there) get no gradient. O(T K N D) per sequence.
+    """
+    B, T, K, N = beam_probs.shape
+    D = E1.shape[1]
+    dtype = beam_probs.dtype
+    for c in prange(count):
+        b = first + c
+        length = lengths[b]
+        upstream = np.zeros((K, N), dtype=dtype)
+        incoming = np.empty((K, N), dtype=dtype)
+        for t in range(length):
+            for k in range(K):
+                for d in range(D):
+                    grad_src[c, t, k, d] = 0.0
+                    grad_dst[c, t, k, d] = 0.0
+        for t in range(length - 1, -1, -1):
+            probs = beam_probs[b, t]
+            grads = grad_beam_probs[b, t]
+            for n in range(N):  # softmax backward: p (g - sum_k p_k g_k)
+                inner = 0.0
+                for k in range(K):
+                    inner += probs[k, n] * grads[k, n]
+                for k in range(K):
+                    upstream[k, n] += probs[k, n] * (grads[k, n] - inner)
+            for j in range(K):
+                total = 0.0
+                for n in range(N):
+                    total += upstream[j, n]
+                out_grad_scores[b, t, j] = total
+            if t == 0:
+                break
+            incoming[:] = 0.0
+            src_rows = tokens[b, t - 1]
+            for j in range(K):
+                dst = E2[tokens[b, t, j]]
+                dst_grad = grad_dst[c, t, j]
+                for n in range(N):
+                    a = upstream[j, n]
+                    if a != 0.0:
+                        i = backpointers[b, t - 1, j, n]
+                        incoming[i, n] += a
+                        src = E1[src_rows[i]]
+                        src_grad = grad_src[c, t - 1, i]
+                        for d in range(D):
+                            src_grad[d] += a * dst[d]
+                            dst_grad[d] += a * src[d]
+            upstream[:] = incoming
+        for t in range(length, T):
+            for j in range(K):
+                out_grad_scores[b, t, j] = 0.0
+
+
+@njit(cache=True)
+def scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2):
+    """grad_E1[tok[b, t, i]] += scale[b] * grad_src[c, t, i] (t < L-1), likewise grad_E2 (t >= 1).
+
+    Sequential in (b, t, i) order, so the sums do not depend on the thread count or on ``count``.
+    """
+    K = tokens.shape[2]
+    D = grad_E1.shape[1]
+    for c in range(count):
+        b = first + c
+        length = lengths[b]
+        s = scale[b]
+        for t in range(length):
+            for i in range(K):
+                if t < length - 1:
+                    row = grad_E1[tokens[b, t, i]]
+                    src = grad_src[c, t, i]
+                    for d in range(D):
+                        row[d] += s * src[d]
+                if t > 0:
+                    row = grad_E2[tokens[b, t, i]]
+                    dst = grad_dst[c, t, i]
+                    for d in range(D):
+                        row[d] += s * dst[d]
+
+
 @njit(cache=True, parallel=True)
 def fill_uniforms(seed_lo, seed_hi, stream, out):
     """out[b, t, j, n] = the uniform that the seed sampler draws for (b, step t+1, state j, chain n)."""

@@ -331,32 +331,6 @@ def forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, co
 
 
 @njit(cache=True)
-def scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2):
-    """grad_E1[tok[b, t, i]] += scale[b] * grad_src[c, t, i] (t < L-1), likewise grad_E2 (t >= 1).
-
-    Sequential in (b, t, i) order, so the sums do not depend on the thread count or on ``count``.
-    """
-    K = tokens.shape[2]
-    D = grad_E1.shape[1]
-    for c in range(count):
-        b = first + c
-        length = lengths[b]
-        s = scale[b]
-        for t in range(length):
-            for i in range(K):
-                if t < length - 1:
-                    row = grad_E1[tokens[b, t, i]]
-                    src = grad_src[c, t, i]
-                    for d in range(D):
-                        row[d] += s * src[d]
-                if t > 0:
-                    row = grad_E2[tokens[b, t, i]]
-                    dst = grad_dst[c, t, i]
-                    for d in range(D):
-                        row[d] += s * dst[d]
-
-
-@njit(cache=True)
 def add_path_rows(path_tokens, lengths, scale, E1, E2, grad_E1, grad_E2):
     """The table gradient of scale[b] * S(y) for token paths y (B, T): for every transition y_t -> y_{t+1},
     grad_E1[y_t] += scale[b] * E2[y_{t+1}] and grad_E2[y_{t+1}] += scale[b] * E1[y_t]."""

@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
+from numba import get_num_threads
 
 from . import _cpu, _validate
 from ._cpu import PAD
@@ -24,6 +25,8 @@ __all__ = [
     "topk_beam",
     "viterbi_decode",
     "stochastic_viterbi",
+    "SamplerGrad",
+    "stochastic_viterbi_backward",
 ]
 
 # A column of factored sampling weights whose total falls below this is recomputed directly: far above
@@ -45,6 +48,27 @@ def _single_threaded_blas():
     """The kernels call BLAS from every core at once: keep each call on one thread while they run."""
     controller = _blas_controller()
     return controller.limit(limits=1) if controller else contextlib.nullcontext()
+
+
+def _table_gradients(run_kernel, tokens, lengths, scale, table_shape):
+    """(grad_E1, grad_E2) from a kernel that writes per-position table-row gradients.
+
+    ``run_kernel(first, count, grad_src, grad_dst)`` fills the rows of sequences first..first+count-1
+    (layout of ``_cpu.scatter_rows``); they are added into (V, D) arrays, weighted by ``scale`` (B,), in
+    (b, t, k) order. Only as many sequences as there are threads hold rows at a time, so the memory is
+    O(threads * T * K * D) and the sums do not depend on the thread count.
+    """
+    B, T, K = tokens.shape
+    dtype = scale.dtype
+    chunk = max(1, min(B, get_num_threads()))
+    grad_src, grad_dst = np.zeros((2, chunk, T, K, table_shape[1]), dtype=dtype)
+    grad_E1 = np.zeros(table_shape, dtype=dtype)
+    grad_E2 = np.zeros(table_shape, dtype=dtype)
+    for first in range(0, B, chunk):
+        count = min(chunk, B - first)
+        run_kernel(first, count, grad_src, grad_dst)
+        _cpu.scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2)
+    return grad_E1, grad_E2
 
 
 class Beam(NamedTuple):
@@ -208,3 +232,62 @@ def stochastic_viterbi(
             beam_probs[..., 0], beam_idx, path_tokens[..., 0], path_scores[..., 0], backpointers[..., 0], score[:, 0]
         )
     return StochasticViterbiResult(beam_probs, beam_idx, path_tokens, path_scores, backpointers, score)
+
+
+class SamplerGrad(NamedTuple):
+    """Output of :func:`stochastic_viterbi_backward`."""
+
+    grad_scores: np.ndarray  # (B, T, K), summed over the chains
+    grad_E1: np.ndarray  # (V, D)
+    grad_E2: np.ndarray  # (V, D)
+
+
+def stochastic_viterbi_backward(
+    grad_beam_probs: Any,
+    sample: StochasticViterbiResult,
+    tokens: Any,
+    E1: Any,
+    E2: Any,
+    lengths: Optional[Any] = None,
+) -> SamplerGrad:
+    """The gradient that the seed's PyTorch autograd gives for a loss on ``beam_probs``.
+
+    ``sample`` is what :func:`stochastic_viterbi` returned for ``tokens``, ``E1``, ``E2`` and ``lengths``;
+    ``grad_beam_probs`` is dL/d beam_probs, of ``sample.beam_probs``' shape. As in the seed, the draws
+    (predecessor picks) are constants and the scores they gather carry the gradient, so
+    ``beam_probs`` depends on the beam scores along each state's sampled predecessor chain and on the
+    tables through the transitions on it. Returns dL/d scores (B, T, K) and dL/d E1, dL/d E2 (V, D) in
+    the sample's dtype; O(T K N D) per sequence.
+    """
+    beam_probs = _validate.float_array(sample.beam_probs, "sample.beam_probs", np.ndim(sample.beam_probs))
+    if beam_probs.ndim not in (3, 4):
+        raise ValueError(f"sample.beam_probs must have shape (B, T, K) or (B, T, K, N), got {beam_probs.shape}")
+    B, T, K = beam_probs.shape[:3]
+    N = 1 if beam_probs.ndim == 3 else beam_probs.shape[3]
+    dtype = beam_probs.dtype
+    grads = _validate.float_array(grad_beam_probs, "grad_beam_probs", beam_probs.ndim)
+    if grads.shape != beam_probs.shape:
+        raise ValueError(f"grad_beam_probs must have the shape of sample.beam_probs {beam_probs.shape}, got {grads.shape}")
+    if not np.isfinite(grads).all():
+        raise ValueError("grad_beam_probs contains NaN or inf")
+    backpointers = _validate.int_array(sample.backpointers, "sample.backpointers", (B, T - 1, K) + ((N,) if beam_probs.ndim == 4 else ()))
+    if backpointers.size and (backpointers.min() < 0 or backpointers.max() >= K):
+        raise ValueError(f"sample.backpointers must be beam slots in [0, {K})")
+    tokens = _validate.int_array(tokens, "tokens", (B, T, K))
+    E1, E2 = _validate.embedding_tables(E1, E2)
+    _validate.token_ids(tokens, E1.shape[0])
+    lengths = _validate.lengths(lengths, B, T)
+    shape = (B, T, K, N)
+    beam_probs = np.ascontiguousarray(beam_probs).reshape(shape)
+    grads = np.ascontiguousarray(grads, dtype=dtype).reshape(shape)
+    backpointers = backpointers.reshape((B, T - 1, K, N))
+    E1 = np.ascontiguousarray(E1, dtype=dtype)
+    E2 = np.ascontiguousarray(E2, dtype=dtype)
+    grad_scores = np.empty((B, T, K), dtype=dtype)
+
+    def run(first, count, grad_src, grad_dst):
+        _cpu.stochastic_viterbi_backward_kernel(beam_probs, backpointers, tokens, E1, E2, lengths, grads,
+                                                first, count, grad_scores, grad_src, grad_dst)
+
+    grad_E1, grad_E2 = _table_gradients(run, tokens, lengths, np.ones(B, dtype=dtype), E1.shape)
+    return SamplerGrad(grad_scores, grad_E1, grad_E2)

@@ -12,10 +12,9 @@ import secrets
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
-from numba import get_num_threads
 
 from . import _cpu_crf, _validate
-from .api import _beam_inputs, _single_threaded_blas, topk_beam
+from .api import _beam_inputs, _single_threaded_blas, _table_gradients, topk_beam
 
 __all__ = [
     "CRFSample",
@@ -139,26 +138,18 @@ def _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, scale):
     """log Z_tau (float64, (B,)), marginals (B, T, K) and, when ``scale`` (B,) is given, the table
     gradients of sum_b scale[b] * tau * log Z_tau[b] (the kernel's row gradients are those times tau)."""
     B, T, K = scores.shape
-    V, D = E1.shape
     log_z = np.empty(B, dtype=np.float64)
     mu = np.empty((B, T, K), dtype=scores.dtype)
-    grad_E1 = grad_E2 = None
-    if scale is None:
-        chunk, rows = max(B, 1), np.zeros((1, 1, 1, 1, 1), dtype=scores.dtype)  # unused placeholder
-    else:
-        # the per-position row gradients of ``chunk`` sequences at a time, added into (V, D) in order
-        chunk = max(1, min(B, get_num_threads()))
-        rows = np.zeros((2, chunk, T, K, D), dtype=scores.dtype)
-        grad_E1 = np.zeros((V, D), dtype=scores.dtype)
-        grad_E2 = np.zeros((V, D), dtype=scores.dtype)
-    src_rows, dst_rows = rows[0], rows[-1]
+
+    def run(first, count, src_rows, dst_rows):
+        _cpu_crf.forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count,
+                                         scale is not None, log_z, mu, src_rows, dst_rows)
+
     with _single_threaded_blas():
-        for first in range(0, B, chunk):
-            count = min(chunk, B - first)
-            _cpu_crf.forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count,
-                                             scale is not None, log_z, mu, src_rows, dst_rows)
-            if scale is not None:
-                _cpu_crf.scatter_rows(tokens, lengths, first, count, scale, src_rows, dst_rows, grad_E1, grad_E2)
+        if scale is None:
+            run(0, B, *np.zeros((2, 1, 1, 1, 1), dtype=scores.dtype))
+            return log_z, mu, None, None
+        grad_E1, grad_E2 = _table_gradients(run, tokens, lengths, scale, E1.shape)
     return log_z, mu, grad_E1, grad_E2
 
 
