@@ -97,8 +97,9 @@ def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, src_emb, dst_emb, tra
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z):
-    """out_log_z[b] = log Z_tau of sequence b (float64)."""
+def forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z, alpha, col_max, col_sum):
+    """Forward pass of every sequence: out_log_z[b] = log Z_tau (float64) and the state the backward
+    pass needs, alpha, col_max, col_sum (B, T, K) (see the module docstring; valid up to each length)."""
     B, T, K = scores.shape
     D = E1.shape[1]
     dtype = scores.dtype
@@ -106,11 +107,8 @@ def log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z):
         src_emb = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
-        alpha = np.empty((T, K), dtype=dtype)
-        col_max = np.empty((T, K), dtype=dtype)
-        col_sum = np.empty((T, K), dtype=dtype)
         out_log_z[b] = _forward(scores[b], tokens[b], E1, E2, lengths[b], inv_temp, src_emb, dst_emb, trans,
-                                alpha, col_max, col_sum)
+                                alpha[b], col_max[b], col_sum[b])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,56 +269,51 @@ def _xi_t_times(xi, rows, out):
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count, want_rows,
-                            out_log_z, out_marginals, grad_src, grad_dst):
-    """Sequences b = first .. first+count-1: log Z_tau, node marginals and, with ``want_rows``, the
-    gradient of log Z_tau with respect to the gathered table rows, times tau:
+def backward_kernel(tokens, E1, E2, lengths, inv_temp, alpha, col_max, col_sum, first, count, want_rows,
+                    out_marginals, grad_src, grad_dst):
+    """Backward pass of sequences b = first .. first+count-1 from ``forward_kernel``'s state: node
+    marginals and, with ``want_rows``, the gradient of log Z_tau with respect to the gathered table
+    rows, times tau:
 
     grad_src[c, t] (K, D) = sum_j xi_t[i, j] E2[tok[t+1, j]]  (the E1 rows of position t, t < L-1)
     grad_dst[c, t] (K, D) = sum_i xi_{t-1}[i, j] E1[tok[t-1, i]]  (the E2 rows of position t, t >= 1)
 
-    for c = b - first; rows outside [0, L-1) resp. [1, L) are left untouched (``scatter_rows`` skips them).
-    out_marginals[b] (T, K) is 0 at padded positions.
+    for c = b - first (``scatter_rows``'s layout). out_marginals[b] (T, K) is 0 at padded positions.
+    Each step recomputes its transition block (one gemm) rather than keeping T of them.
     """
-    B, T, K = scores.shape
+    B, T, K = tokens.shape
     D = E1.shape[1]
-    dtype = scores.dtype
+    dtype = alpha.dtype
     for c in prange(count):
         b = first + c
         length = lengths[b]
         src_emb = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
-        alpha = np.empty((T, K), dtype=dtype)
-        col_max = np.empty((T, K), dtype=dtype)
-        col_sum = np.empty((T, K), dtype=dtype)
         ratio = np.empty(K, dtype=dtype)
         ones = np.ones(K, dtype=dtype)
         mu = out_marginals[b]
-        log_z = _forward(scores[b], tokens[b], E1, E2, length, inv_temp, src_emb, dst_emb, trans,
-                         alpha, col_max, col_sum)
-        out_log_z[b] = log_z
         # mu_{L-1} = softmax(alpha[L-1]) (its maximum is 0, so the total is >= 1)
         total = 0.0
         for j in range(K):
-            mu[length - 1, j] = fast_exp(alpha[length - 1, j])
+            mu[length - 1, j] = fast_exp(alpha[b, length - 1, j])
             total += mu[length - 1, j]
         for j in range(K):
             mu[length - 1, j] /= total
         for t in range(length - 1, 0, -1):
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
             for j in range(K):
-                ratio[j] = mu[t, j] / col_sum[t, j]
+                ratio[j] = mu[t, j] / col_sum[b, t, j]
             # trans becomes xi in place: xi[i, j] = exp(logits[i, j] - col_max[j]) * mu_t[j] / col_sum[j]
             for i in range(K):
-                a = alpha[t - 1, i]
+                a = alpha[b, t - 1, i]
                 row = trans[i]
                 if a == -np.inf:
                     for j in range(K):
                         row[j] = 0.0
                 else:
                     for j in range(K):
-                        row[j] = fast_exp(a + row[j] * inv_temp - col_max[t, j]) * ratio[j]
+                        row[j] = fast_exp(a + row[j] * inv_temp - col_max[b, t, j]) * ratio[j]
             np.dot(trans, ones, mu[t - 1])  # row sums: mu_{t-1}
             if want_rows:
                 _xi_times(trans, dst_emb, grad_src[c, t - 1])

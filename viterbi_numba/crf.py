@@ -80,12 +80,8 @@ def log_partition(
     scores (B, T, K), tokens (B, T, K) token ids in [0, V), E1/E2 (V, D): as for :func:`viterbi_decode`.
     """
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
-    inv_temp = _inv_temp(temperature, scores.dtype)
-    log_z = np.empty(scores.shape[0], dtype=np.float64)
-    if log_z.size:
-        with _single_threaded_blas():
-            _cpu_crf.log_partition_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z)
-    return log_z.astype(scores.dtype)
+    state = _forward_pass(scores, tokens, E1, E2, lengths, _inv_temp(temperature, scores.dtype))
+    return state.log_z.astype(scores.dtype)
 
 
 def crf_sample(
@@ -134,23 +130,48 @@ def crf_sample(
     return CRFSample(beam_idx, path_tokens, log_prob.astype(scores.dtype))
 
 
-def _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, scale):
-    """log Z_tau (float64, (B,)), marginals (B, T, K) and, when ``scale`` (B,) is given, the table
-    gradients of sum_b scale[b] * tau * log Z_tau[b] (the kernel's row gradients are those times tau)."""
+class _ForwardState(NamedTuple):
+    """What the backward pass needs of the forward pass (inputs already validated and cast)."""
+
+    scores: np.ndarray
+    tokens: np.ndarray
+    E1: np.ndarray
+    E2: np.ndarray
+    lengths: np.ndarray
+    inv_temp: Any
+    log_z: np.ndarray  # (B,) float64
+    alpha: np.ndarray  # (B, T, K) normalised log alpha
+    col_max: np.ndarray  # (B, T, K)
+    col_sum: np.ndarray  # (B, T, K)
+
+
+def _forward_pass(scores, tokens, E1, E2, lengths, inv_temp) -> _ForwardState:
     B, T, K = scores.shape
     log_z = np.empty(B, dtype=np.float64)
-    mu = np.empty((B, T, K), dtype=scores.dtype)
+    alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=scores.dtype)
+    if B:
+        with _single_threaded_blas():
+            _cpu_crf.forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
+    return _ForwardState(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
+
+
+def _backward_pass(state: _ForwardState, scale: Optional[np.ndarray]):
+    """Marginals (B, T, K) and, when ``scale`` (B,) is given, the table gradients of
+    sum_b scale[b] * tau * log Z_tau[b] (the kernel's row gradients are those times tau)."""
+    B, T, K = state.scores.shape
+    mu = np.empty((B, T, K), dtype=state.scores.dtype)
 
     def run(first, count, src_rows, dst_rows):
-        _cpu_crf.forward_backward_kernel(scores, tokens, E1, E2, lengths, inv_temp, first, count,
-                                         scale is not None, log_z, mu, src_rows, dst_rows)
+        _cpu_crf.backward_kernel(state.tokens, state.E1, state.E2, state.lengths, state.inv_temp, state.alpha,
+                                 state.col_max, state.col_sum, first, count, scale is not None, mu,
+                                 src_rows, dst_rows)
 
     with _single_threaded_blas():
         if scale is None:
-            run(0, B, *np.zeros((2, 1, 1, 1, 1), dtype=scores.dtype))
-            return log_z, mu, None, None
-        grad_E1, grad_E2 = _table_gradients(run, tokens, lengths, scale, E1.shape)
-    return log_z, mu, grad_E1, grad_E2
+            run(0, B, *np.zeros((2, 1, 1, 1, 1), dtype=mu.dtype))
+            return mu, None, None
+        grad_E1, grad_E2 = _table_gradients(run, state.tokens, state.lengths, scale, state.E1.shape)
+    return mu, grad_E1, grad_E2
 
 
 def marginals(
@@ -158,9 +179,8 @@ def marginals(
 ) -> np.ndarray:
     """Node marginals p_tau(y_t = k) (B, T, K) by forward-backward; 0 at padded positions."""
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
-    inv_temp = _inv_temp(temperature, scores.dtype)
-    _, mu, _, _ = _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, None)
-    return mu
+    state = _forward_pass(scores, tokens, E1, E2, lengths, _inv_temp(temperature, scores.dtype))
+    return _backward_pass(state, None)[0]
 
 
 def _grad_output(grad_output: Any, batch: int, dtype: np.dtype) -> np.ndarray:
@@ -192,9 +212,10 @@ def log_partition_grad(
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     inv_temp = _inv_temp(temperature, scores.dtype)
     weights = _grad_output(grad_output, scores.shape[0], scores.dtype)
-    log_z, mu, grad_E1, grad_E2 = _forward_backward(scores, tokens, E1, E2, lengths, inv_temp, weights * inv_temp)
+    state = _forward_pass(scores, tokens, E1, E2, lengths, inv_temp)
+    mu, grad_E1, grad_E2 = _backward_pass(state, weights * inv_temp)
     grad_scores = mu * (weights * inv_temp)[:, None, None]
-    return PartitionGrad(log_z.astype(scores.dtype), mu, grad_scores, grad_E1, grad_E2)
+    return PartitionGrad(state.log_z.astype(scores.dtype), mu, grad_scores, grad_E1, grad_E2)
 
 
 def sequence_score(
@@ -223,7 +244,15 @@ def sequence_score(
     return out[:, 0] if single else out
 
 
-def _likelihood(emissions, targets, E1, E2, k, lengths, temperature, grad_output, want_grad):
+class _LikelihoodState(NamedTuple):
+    forward: _ForwardState  # of the beam with the targets forced in
+    targets: np.ndarray  # (B, T)
+    slots: np.ndarray  # (B, T) the targets' beam slots
+    log_likelihood: np.ndarray  # (B,) in the compute dtype
+
+
+def _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature) -> _LikelihoodState:
+    """Validate, build the forced beam, score the targets and run the forward pass."""
     emissions = _validate.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     if T == 0:
@@ -240,23 +269,25 @@ def _likelihood(emissions, targets, E1, E2, k, lengths, temperature, grad_output
     inv_temp = _inv_temp(temperature, scores.dtype)
     numerator = np.empty((B, 1), dtype=np.float64)
     _cpu_crf.sequence_score_kernel(scores, beam_tokens, E1, E2, lengths, slots[:, :, None], numerator)
-    if not want_grad:
-        log_z = np.empty(B, dtype=np.float64)
-        if B:
-            with _single_threaded_blas():
-                _cpu_crf.log_partition_kernel(scores, beam_tokens, E1, E2, lengths, inv_temp, log_z)
-        return (numerator[:, 0] * inv_temp - log_z).astype(scores.dtype)
-    weights = _grad_output(grad_output, B, scores.dtype)
-    scale = weights * inv_temp
-    log_z, mu, grad_E1, grad_E2 = _forward_backward(scores, beam_tokens, E1, E2, lengths, inv_temp, -scale)
-    target_tokens = np.where(np.arange(T)[None, :] < lengths[:, None], targets, 0)
-    _cpu_crf.add_path_rows(target_tokens, lengths, scale, E1, E2, grad_E1, grad_E2)
+    state = _forward_pass(scores, beam_tokens, E1, E2, lengths, inv_temp)
+    log_likelihood = (numerator[:, 0] * inv_temp - state.log_z).astype(scores.dtype)
+    return _LikelihoodState(state, targets, slots, log_likelihood)
+
+
+def _likelihood_backward(likelihood: _LikelihoodState, weights: np.ndarray):
+    """(grad_scores (B, T, K), grad_E1, grad_E2) of sum_b weights[b] * log_likelihood[b]."""
+    state = likelihood.forward
+    B, T, _ = state.scores.shape
+    scale = weights * state.inv_temp
+    mu, grad_E1, grad_E2 = _backward_pass(state, -scale)
+    inside = np.arange(T)[None, :] < state.lengths[:, None]
+    _cpu_crf.add_path_rows(np.where(inside, likelihood.targets, 0), state.lengths, scale, state.E1, state.E2,
+                           grad_E1, grad_E2)
     grad_scores = -mu
-    b_index, t_index = np.nonzero(np.arange(T)[None, :] < lengths[:, None])
-    grad_scores[b_index, t_index, slots[b_index, t_index]] += 1
+    b_index, t_index = np.nonzero(inside)
+    grad_scores[b_index, t_index, likelihood.slots[b_index, t_index]] += 1
     grad_scores *= scale[:, None, None]
-    log_likelihood = (numerator[:, 0] * inv_temp - log_z).astype(scores.dtype)
-    return LikelihoodGrad(log_likelihood, scores, beam_tokens, grad_scores, grad_E1, grad_E2)
+    return grad_scores, grad_E1, grad_E2
 
 
 def log_likelihood(
@@ -275,7 +306,7 @@ def log_likelihood(
     the result is S(targets) / tau - log Z_tau over that beam. Positions at or after ``lengths[b]`` are
     ignored (fairseq's prefix masks). This scores sequences sampled under an older policy for a PPO ratio.
     """
-    return _likelihood(emissions, targets, E1, E2, k, lengths, temperature, None, False)
+    return _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature).log_likelihood
 
 
 def log_likelihood_grad(
@@ -292,4 +323,8 @@ def log_likelihood_grad(
     weights 1) with respect to the beam scores (hence the emissions) and the tables; see
     :class:`LikelihoodGrad`.
     """
-    return _likelihood(emissions, targets, E1, E2, k, lengths, temperature, grad_output, True)
+    likelihood = _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature)
+    state = likelihood.forward
+    weights = _grad_output(grad_output, state.scores.shape[0], state.scores.dtype)
+    return LikelihoodGrad(likelihood.log_likelihood, state.scores, state.tokens,
+                          *_likelihood_backward(likelihood, weights))
