@@ -139,13 +139,14 @@ def _pick(logits, u, weights):
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_hi, uniforms, use_uniforms,
-                      out_beam_idx, out_tokens, out_log_prob):
-    """N = out_beam_idx.shape[2] exact samples per sequence from one forward pass (FFBS, DESIGN §4).
+def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_lo, seed_hi, uniforms,
+                  use_uniforms, out_beam_idx, out_tokens, out_log_prob):
+    """Backward sampling of N = out_beam_idx.shape[2] exact samples per sequence from ``forward_kernel``'s
+    log_z and alpha (FFBS, DESIGN §4).
 
     y_{L-1} ~ softmax(alpha[L-1]); y_{t-1} ~ softmax_i(alpha[t-1, i] + trans[i, y_t] / tau), each by the
-    inverse CDF with the uniform U[b, t, n] of the drawn position t. log_prob = S(y) / tau - log Z_tau,
-    with S(y) summed in float64.
+    inverse CDF with the uniform U[b, t, n] of the drawn position t; the N samples' columns trans[:, y_t]
+    come from one small gemm per step. log_prob = S(y) / tau - log Z_tau, with S(y) summed in float64.
     """
     B, T, K = scores.shape
     N = out_beam_idx.shape[2]
@@ -154,21 +155,14 @@ def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_h
     for b in prange(B):
         length = lengths[b]
         src_emb = np.empty((K, D), dtype=dtype)
-        dst_emb = np.empty((K, D), dtype=dtype)
-        trans = np.empty((K, K), dtype=dtype)
-        alpha = np.empty((T, K), dtype=dtype)
-        col_max = np.empty((T, K), dtype=dtype)
-        col_sum = np.empty((T, K), dtype=dtype)
         logits = np.empty(K, dtype=dtype)
         weights = np.empty(K, dtype=dtype)
         sampled_rows = np.empty((N, D), dtype=dtype)  # E2 rows of the N tokens drawn at position t
         columns = np.empty((K, N), dtype=dtype)  # trans[i, y_t] of every sample
         path_score = np.zeros(N, dtype=np.float64)
-        log_z = _forward(scores[b], tokens[b], E1, E2, length, inv_temp, src_emb, dst_emb, trans,
-                         alpha, col_max, col_sum)
         for n in range(N):
             u = _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, length - 1, n)
-            y = _pick(alpha[length - 1], u, weights)
+            y = _pick(alpha[b, length - 1], u, weights)
             out_beam_idx[b, length - 1, n] = y
             path_score[n] = scores[b, length - 1, y]
         for t in range(length - 1, 0, -1):
@@ -184,7 +178,7 @@ def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_h
             np.dot(src_emb, sampled_rows.T, columns)
             for n in range(N):
                 for i in range(K):
-                    logits[i] = alpha[t - 1, i] + columns[i, n] * inv_temp
+                    logits[i] = alpha[b, t - 1, i] + columns[i, n] * inv_temp
                 x = _pick(logits, _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t - 1, n), weights)
                 out_beam_idx[b, t - 1, n] = x
                 # S(y) gets the transition in float64, independent of the gemm's rounding
@@ -193,7 +187,7 @@ def crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_h
                     dot += np.float64(src_emb[x, d]) * np.float64(sampled_rows[n, d])
                 path_score[n] += dot + scores[b, t - 1, x]
         for n in range(N):
-            out_log_prob[b, n] = path_score[n] * inv_temp - log_z
+            out_log_prob[b, n] = path_score[n] * inv_temp - log_z[b]
             for t in range(T):
                 if t < length:
                     out_tokens[b, t, n] = tokens[b, t, out_beam_idx[b, t, n]]

@@ -72,6 +72,31 @@ def _inv_temp(temperature: Any, dtype: np.dtype):
     return dtype.type(1.0 / _validate.temperature(temperature))
 
 
+class _ForwardState(NamedTuple):
+    """What the backward pass needs of the forward pass (inputs already validated and cast)."""
+
+    scores: np.ndarray
+    tokens: np.ndarray
+    E1: np.ndarray
+    E2: np.ndarray
+    lengths: np.ndarray
+    inv_temp: Any
+    log_z: np.ndarray  # (B,) float64
+    alpha: np.ndarray  # (B, T, K) normalised log alpha
+    col_max: np.ndarray  # (B, T, K)
+    col_sum: np.ndarray  # (B, T, K)
+
+
+def _forward_pass(scores, tokens, E1, E2, lengths, inv_temp) -> _ForwardState:
+    B, T, K = scores.shape
+    log_z = np.empty(B, dtype=np.float64)
+    alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=scores.dtype)
+    if B:
+        with _single_threaded_blas():
+            _cpu_crf.forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
+    return _ForwardState(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
+
+
 def log_partition(
     scores: Any, tokens: Any, E1: Any, E2: Any, temperature: float = 1.0, lengths: Optional[Any] = None
 ) -> np.ndarray:
@@ -107,52 +132,34 @@ def crf_sample(
     gives the same samples for any thread count. Returns :class:`CRFSample`.
     """
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
-    B, T, _ = scores.shape
     N = _validate.positive_int(num_samples, "num_samples")
     inv_temp = _inv_temp(temperature, scores.dtype)
     seed = _validate.seed(seed)
+    B, T, _ = scores.shape
     if uniforms is not None:
         if seed is not None:
             raise ValueError("give either seed or uniforms, not both")
-        replay = _validate.uniforms(uniforms, (B, T, N), "(B, T, N)")
-    else:
+        uniforms = _validate.uniforms(uniforms, (B, T, N), "(B, T, N)")
+    return _sample_from(_forward_pass(scores, tokens, E1, E2, lengths, inv_temp), N, seed, uniforms)
+
+
+def _sample_from(state: _ForwardState, num_samples: int, seed: Optional[int], uniforms: Optional[np.ndarray]):
+    """FFBS samples from a forward pass; ``seed``/``uniforms`` already validated (None and None: fresh seed)."""
+    B, T, _ = state.scores.shape
+    if uniforms is None:
+        seed = secrets.randbits(64) if seed is None else seed
         replay = np.zeros((1, 1, 1), dtype=np.float64)
-        if seed is None:
-            seed = secrets.randbits(64)
-    seed_bits = 0 if seed is None else seed  # unused when replaying uniforms
-    beam_idx = np.empty((B, T, N), dtype=np.int64)
-    path_tokens = np.empty((B, T, N), dtype=np.int64)
-    log_prob = np.empty((B, N), dtype=np.float64)
+    else:
+        seed, replay = 0, uniforms  # the seed is unused when replaying uniforms
+    beam_idx = np.empty((B, T, num_samples), dtype=np.int64)
+    path_tokens = np.empty((B, T, num_samples), dtype=np.int64)
+    log_prob = np.empty((B, num_samples), dtype=np.float64)
     if B:
         with _single_threaded_blas():
-            _cpu_crf.crf_sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_bits & 0xFFFFFFFF,
-                                       seed_bits >> 32, replay, uniforms is not None, beam_idx, path_tokens, log_prob)
-    return CRFSample(beam_idx, path_tokens, log_prob.astype(scores.dtype))
-
-
-class _ForwardState(NamedTuple):
-    """What the backward pass needs of the forward pass (inputs already validated and cast)."""
-
-    scores: np.ndarray
-    tokens: np.ndarray
-    E1: np.ndarray
-    E2: np.ndarray
-    lengths: np.ndarray
-    inv_temp: Any
-    log_z: np.ndarray  # (B,) float64
-    alpha: np.ndarray  # (B, T, K) normalised log alpha
-    col_max: np.ndarray  # (B, T, K)
-    col_sum: np.ndarray  # (B, T, K)
-
-
-def _forward_pass(scores, tokens, E1, E2, lengths, inv_temp) -> _ForwardState:
-    B, T, K = scores.shape
-    log_z = np.empty(B, dtype=np.float64)
-    alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=scores.dtype)
-    if B:
-        with _single_threaded_blas():
-            _cpu_crf.forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
-    return _ForwardState(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, col_max, col_sum)
+            _cpu_crf.sample_kernel(state.scores, state.tokens, state.E1, state.E2, state.lengths, state.inv_temp,
+                                   state.log_z, state.alpha, seed & 0xFFFFFFFF, seed >> 32, replay,
+                                   uniforms is not None, beam_idx, path_tokens, log_prob)
+    return CRFSample(beam_idx, path_tokens, log_prob.astype(state.scores.dtype))
 
 
 def _backward_pass(state: _ForwardState, scale: Optional[np.ndarray]):
