@@ -281,20 +281,26 @@ def _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature) -> 
     return _LikelihoodState(state, targets, slots, log_likelihood)
 
 
+def _paths_backward(state: _ForwardState, beam_idx: np.ndarray, path_tokens: np.ndarray, weights: np.ndarray):
+    """(grad_scores (B, T, K), grad_E1, grad_E2) of sum_{b,n} weights[b, n] * (S(y_bn) / tau - log Z_tau[b])
+    for beam paths beam_idx (B, T, N) with token ids path_tokens (B, T, N) (anything after the length)."""
+    B, T, _ = state.scores.shape
+    scale = weights * state.inv_temp  # (B, N)
+    mu, grad_E1, grad_E2 = _backward_pass(state, -scale.sum(axis=1))
+    inside = np.arange(T)[None, :] < state.lengths[:, None]
+    grad_scores = -mu * scale.sum(axis=1)[:, None, None]
+    b_index, t_index = np.nonzero(inside)
+    for n in range(beam_idx.shape[2]):
+        np.add.at(grad_scores, (b_index, t_index, beam_idx[b_index, t_index, n]), scale[b_index, n])
+        _cpu_crf.add_path_rows(np.where(inside, path_tokens[:, :, n], 0), state.lengths,
+                               np.ascontiguousarray(scale[:, n]), state.E1, state.E2, grad_E1, grad_E2)
+    return grad_scores, grad_E1, grad_E2
+
+
 def _likelihood_backward(likelihood: _LikelihoodState, weights: np.ndarray):
     """(grad_scores (B, T, K), grad_E1, grad_E2) of sum_b weights[b] * log_likelihood[b]."""
-    state = likelihood.forward
-    B, T, _ = state.scores.shape
-    scale = weights * state.inv_temp
-    mu, grad_E1, grad_E2 = _backward_pass(state, -scale)
-    inside = np.arange(T)[None, :] < state.lengths[:, None]
-    _cpu_crf.add_path_rows(np.where(inside, likelihood.targets, 0), state.lengths, scale, state.E1, state.E2,
-                           grad_E1, grad_E2)
-    grad_scores = -mu
-    b_index, t_index = np.nonzero(inside)
-    grad_scores[b_index, t_index, likelihood.slots[b_index, t_index]] += 1
-    grad_scores *= scale[:, None, None]
-    return grad_scores, grad_E1, grad_E2
+    return _paths_backward(likelihood.forward, likelihood.slots[:, :, None], likelihood.targets[:, :, None],
+                           weights[:, None])
 
 
 def log_likelihood(

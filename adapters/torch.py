@@ -1,0 +1,326 @@
+"""PyTorch adapter: tensors in and out without copies, autograd over the kernels, and drop-in modules.
+
+* :class:`StochasticViterbiSample`, :class:`StochasticViterbiSamples` — the seed write-up's classes
+  (same constructor, parameters, methods and outputs), on the kernels; ``beam_probs`` is differentiable
+  exactly as in the seed (through the sampled predecessors), by a backward kernel.
+* :class:`DynamicCRF` — fairseq's ``DynamicCRF`` interface (``forward`` = log-likelihood,
+  ``forward_decoder`` = Viterbi) plus ``sample``: exact samples with differentiable log-probabilities.
+* :func:`as_numpy`, :func:`lengths_from_masks`, :func:`seed_from` — the conversions they use.
+
+CPU tensors cross as NumPy views of the same memory (``Tensor.numpy()`` / ``torch.from_numpy``);
+float16 and bfloat16 are computed in float32 and returned in the input's dtype. CUDA tensors will go to
+the GPU kernels once those exist; for now they raise a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+import viterbi_numba as vn
+from viterbi_numba import _validate
+from viterbi_numba import api as _api
+from viterbi_numba import crf as _crf
+
+__all__ = [
+    "DynamicCRF",
+    "StochasticViterbiSample",
+    "StochasticViterbiSamples",
+    "as_numpy",
+    "lengths_from_masks",
+    "seed_from",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# conversion
+# --------------------------------------------------------------------------------------------------
+def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy, no autograd); float16/bfloat16 become float32."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise TypeError(f"{name} is on {tensor.device}; the GPU kernels are not built yet, so only CPU tensors "
+                        "are accepted")
+    tensor = tensor.detach()
+    if tensor.dtype in _LOW_PRECISION:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _out(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A tensor over ``array``'s memory, cast to ``dtype`` where given (a copy only if it must cast)."""
+    tensor = torch.from_numpy(array)
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def lengths_from_masks(masks: Optional[torch.Tensor], batch: int, steps: int) -> Optional[np.ndarray]:
+    """Sequence lengths (B,) from (B, T) prefix masks (True on the real positions); None stays None.
+
+    A mask must be on at the first position and never switch back on after it switched off.
+    """
+    if masks is None:
+        return None
+    if not isinstance(masks, torch.Tensor):
+        masks = torch.as_tensor(np.asarray(masks))
+    if masks.dtype.is_floating_point or masks.dtype.is_complex:
+        raise TypeError(f"masks must be a bool (or 0/1 integer) tensor, got dtype {masks.dtype}")
+    if tuple(masks.shape) != (batch, steps):
+        raise ValueError(f"masks must have shape {(batch, steps)} (B, T), got {tuple(masks.shape)}")
+    masks = masks.detach().cpu()
+    if ((masks != 0) & (masks != 1)).any():
+        raise ValueError("masks must hold only 0/1 (False/True)")
+    masks = masks.bool()
+    if batch and steps and not masks[:, 0].all():
+        b = int((~masks[:, 0]).nonzero()[0, 0])
+        raise ValueError(f"masks must be on at the first position of every sequence (sequence {b} is not)")
+    if (masks[:, 1:] & ~masks[:, :-1]).any():
+        b = int((masks[:, 1:] & ~masks[:, :-1]).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"masks must be prefix masks (on, then off); sequence {b} switches back on")
+    return masks.sum(dim=1).numpy().astype(np.int64)
+
+
+def seed_from(generator: Optional[torch.Generator] = None) -> int:
+    """A 63-bit seed drawn from ``generator`` (torch's default generator when None), so that
+    ``torch.manual_seed`` and ``generator=`` control the kernels' Philox streams."""
+    return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, generator=generator).item())
+
+
+def _emissions(emissions: torch.Tensor) -> torch.Tensor:
+    if not isinstance(emissions, torch.Tensor):
+        raise TypeError(f"emissions must be a torch.Tensor, got {type(emissions).__name__}")
+    if emissions.dim() != 3 or not emissions.dtype.is_floating_point:
+        raise ValueError(f"emissions must be a (B, T, V) floating-point tensor, got {emissions.dtype} "
+                         f"of shape {tuple(emissions.shape)}")
+    return emissions
+
+
+def _uniforms(uniforms) -> Optional[np.ndarray]:
+    return as_numpy(uniforms, "uniforms") if isinstance(uniforms, torch.Tensor) else uniforms
+
+
+def _beam(emissions: torch.Tensor, k: int, force: Optional[torch.Tensor] = None):
+    """The top-k beam: token ids (as a NumPy array and a tensor) and the differentiable beam scores."""
+    forced = None if force is None else as_numpy(force, "targets")
+    beam = vn.topk_beam(as_numpy(emissions, "emissions"), k, force_tokens=forced)
+    tokens = torch.from_numpy(beam.tokens)
+    return beam.tokens, tokens, emissions.gather(2, tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# the seed's sampler, differentiable through beam_probs
+# --------------------------------------------------------------------------------------------------
+class _SeedSampler(torch.autograd.Function):
+    """beam_probs, beam_idx, tokens of ``vn.stochastic_viterbi``; backward by ``vn.stochastic_viterbi_backward``."""
+
+    @staticmethod
+    def forward(ctx, beam_scores, weight1, weight2, beam_tokens, lengths, num_samples, temperature, seed, uniforms):
+        tables = as_numpy(weight1, "E1.weight"), as_numpy(weight2, "E2.weight")
+        sample = vn.stochastic_viterbi(as_numpy(beam_scores), beam_tokens, *tables, num_samples=num_samples,
+                                       temperature=temperature, lengths=lengths, seed=seed, uniforms=uniforms)
+        ctx.saved = sample, beam_tokens, tables, lengths
+        ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
+        beam_idx, tokens = _out(sample.beam_idx), _out(sample.tokens)
+        ctx.mark_non_differentiable(beam_idx, tokens)
+        return _out(sample.beam_probs, beam_scores.dtype), beam_idx, tokens
+
+    @staticmethod
+    def backward(ctx, grad_beam_probs, _grad_idx, _grad_tokens):
+        sample, beam_tokens, tables, lengths = ctx.saved
+        grad = vn.stochastic_viterbi_backward(as_numpy(grad_beam_probs, "grad"), sample, beam_tokens, *tables,
+                                              lengths=lengths)
+        grads = [_out(g, dtype) for g, dtype in zip(grad, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None)
+
+
+class _SeedSamplerModule(nn.Module):
+    """Parameters and settings shared by the two seed classes (their constructors and state_dict keys)."""
+
+    def __init__(self, num_embedding: int, low_rank: int = 32, beam_size: int = 256, temp: float = 1.0):
+        super().__init__()
+        self.E1 = nn.Embedding(num_embedding, low_rank)
+        self.E2 = nn.Embedding(num_embedding, low_rank)
+        self.rank = low_rank
+        self.beam = beam_size
+        self.temp = temp
+
+    def _sample(self, emissions, num_samples, masks, beam, uniforms, generator):
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        lengths = lengths_from_masks(masks, B, T)
+        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        uniforms = _uniforms(uniforms)
+        seed = None if uniforms is not None else seed_from(generator)
+        return _SeedSampler.apply(beam_scores, self.E1.weight, self.E2.weight, beam_tokens, lengths, num_samples,
+                                  self.temp, seed, uniforms)
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.E1.num_embeddings}, low_rank={self.rank}, beam_size={self.beam}, temp={self.temp}"
+
+
+class StochasticViterbiSample(_SeedSamplerModule):
+    """The seed's one-sample stochastic Viterbi (``StochasticViterbiSample(num_embedding, low_rank=32,
+    beam_size=256, temp=1.0)``), on the kernels. A state_dict of the seed's class loads as is."""
+
+    def _compute_stochastic_viterbi_sample(
+        self,
+        emissions: torch.Tensor,
+        beam: Optional[int] = None,
+        masks: Optional[torch.Tensor] = None,
+        uniforms=None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emissions (B, T, V) -> beam_probs (B, T, K), sampled beam indices (B, T, 1), tokens (B, T).
+
+        ``beam_probs`` is differentiable with respect to ``emissions`` and both tables, as in the seed.
+        Extras: ``masks`` (B, T) prefix masks (padded positions: ``beam_probs`` 0, indices and tokens -1);
+        ``uniforms`` (B, T-1, K) replays given draws (DESIGN §3); ``generator`` seeds the draws (torch's
+        default generator when None).
+        """
+        return self._sample(emissions, None, masks, beam, uniforms, generator)
+
+    def forward(self, emissions, beam=None, masks=None, uniforms=None, generator=None):
+        return self._compute_stochastic_viterbi_sample(emissions, beam, masks, uniforms, generator)
+
+
+class StochasticViterbiSamples(_SeedSamplerModule):
+    """The seed's N-sample (GRPO) stochastic Viterbi (``StochasticViterbiSamples(num_embedding,
+    low_rank=32, beam_size=256, temp=1.0, num_samples=8)``), on the kernels."""
+
+    def __init__(self, num_embedding: int, low_rank: int = 32, beam_size: int = 256, temp: float = 1.0,
+                 num_samples: int = 8):
+        super().__init__(num_embedding, low_rank, beam_size, temp)
+        self.num_samples = num_samples
+
+    def _compute_grpo_samples(
+        self,
+        emissions: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        beam: Optional[int] = None,
+        uniforms=None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emissions (B, T, V) -> beam_probs (B, T, K, N), sampled beam indices (B, T, N), tokens (B, T, N).
+
+        As :meth:`StochasticViterbiSample._compute_stochastic_viterbi_sample`; ``uniforms`` (B, T-1, K, N).
+        """
+        return self._sample(emissions, self.num_samples, masks, beam, uniforms, generator)
+
+    def forward(self, emissions, masks=None, beam=None, uniforms=None, generator=None):
+        return self._compute_grpo_samples(emissions, masks, beam, uniforms, generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# fairseq's DynamicCRF
+# --------------------------------------------------------------------------------------------------
+class _LogLikelihood(torch.autograd.Function):
+    """log p(targets) with the targets forced into the beam; backward from the kept forward state."""
+
+    @staticmethod
+    def forward(ctx, beam_scores, weight1, weight2, likelihood):
+        ctx.likelihood = likelihood
+        ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
+        return _out(likelihood.log_likelihood, beam_scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        likelihood = ctx.likelihood
+        weights = as_numpy(grad_output, "grad").astype(likelihood.forward.scores.dtype)
+        grads = _crf._likelihood_backward(likelihood, weights)
+        return (*[_out(g, dtype) for g, dtype in zip(grads, ctx.dtypes)], None)
+
+
+class _SampleLogProb(torch.autograd.Function):
+    """log p(y) (B, N) of exact samples; the gradient is that of S(y)/tau - log Z_tau for each sample."""
+
+    @staticmethod
+    def forward(ctx, beam_scores, weight1, weight2, state, draws):
+        ctx.state, ctx.draws = state, draws
+        ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
+        return _out(draws.log_prob, beam_scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        state, draws = ctx.state, ctx.draws
+        weights = as_numpy(grad_output, "grad").astype(state.scores.dtype)  # (B, N)
+        grads = _crf._paths_backward(state, draws.beam_idx, draws.tokens, weights)
+        return (*[_out(g, dtype) for g, dtype in zip(grads, ctx.dtypes)], None, None)
+
+
+class DynamicCRF(nn.Module):
+    """fairseq's ``DynamicCRF(num_embedding, low_rank=32, beam_size=64)`` on the kernels, plus exact sampling.
+
+    Same parameters (``E1``, ``E2`` embeddings; a fairseq state_dict loads) and attributes (``vocb``,
+    ``rank``, ``beam``). ``masks`` are (B, T) prefix masks everywhere (optional).
+    """
+
+    def __init__(self, num_embedding: int, low_rank: int = 32, beam_size: int = 64):
+        super().__init__()
+        self.E1 = nn.Embedding(num_embedding, low_rank)
+        self.E2 = nn.Embedding(num_embedding, low_rank)
+        self.vocb = num_embedding
+        self.rank = low_rank
+        self.beam = beam_size
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocb}, low_rank={self.rank}, beam_size={self.beam}"
+
+    def forward(self, emissions: torch.Tensor, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                beam: Optional[int] = None) -> torch.Tensor:
+        """log-likelihood (B,) of ``targets`` (B, T): fairseq ``forward`` (targets forced into each
+        position's beam); differentiable with respect to ``emissions``, ``E1`` and ``E2``."""
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        lengths = lengths_from_masks(masks, B, T)
+        likelihood = _crf._likelihood_forward(as_numpy(emissions, "emissions"), as_numpy(targets, "targets"),
+                                              as_numpy(self.E1.weight, "E1.weight"),
+                                              as_numpy(self.E2.weight, "E2.weight"),
+                                              beam if beam is not None else self.beam, lengths, 1.0)
+        beam_scores = emissions.gather(2, torch.from_numpy(likelihood.forward.tokens))
+        return _LogLikelihood.apply(beam_scores, self.E1.weight, self.E2.weight, likelihood)
+
+    @torch.no_grad()
+    def forward_decoder(self, emissions: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                        beam: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Viterbi: (per-step scores (B, T), tokens (B, T)) as fairseq returns them — at padded positions
+        the score is 0 and the token is the beam token in the last real position's slot, as fairseq's
+        identity back-pointers give."""
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        lengths = lengths_from_masks(masks, B, T)
+        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        best = vn.viterbi_decode(as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight),
+                                 as_numpy(self.E2.weight), lengths=lengths)
+        tokens = best.tokens
+        if lengths is not None:
+            for b, length in enumerate(lengths):
+                tokens[b, length:] = beam_tokens[b, length:, best.beam_idx[b, length - 1]]
+        return _out(best.step_scores, emissions.dtype), _out(tokens)
+
+    def sample(self, emissions: torch.Tensor, num_samples: int, temperature: float = 1.0,
+               masks: Optional[torch.Tensor] = None, beam: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact samples of p(y) proportional to exp(S(y) / temperature) over each position's top-k beam.
+
+        Returns tokens (B, T, N) (-1 at padded positions) and their log-probabilities (B, N),
+        differentiable with respect to ``emissions``, ``E1`` and ``E2``: at temperature 1, rescoring the
+        tokens with :meth:`forward` gives the same values and gradients (a sampled token is in its
+        top-k beam already, so forcing it in changes nothing).
+        """
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        lengths = lengths_from_masks(masks, B, T)
+        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        scores, tokens, E1, E2, lengths = _api._beam_inputs(
+            as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight, "E1.weight"),
+            as_numpy(self.E2.weight, "E2.weight"), lengths)
+        num_samples = _validate.positive_int(num_samples, "num_samples")
+        state = _crf._forward_pass(scores, tokens, E1, E2, lengths, _crf._inv_temp(temperature, scores.dtype))
+        draws = _crf._sample_from(state, num_samples, seed_from(generator), None)
+        log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, state, draws)
+        return _out(draws.tokens), log_prob
