@@ -68,56 +68,102 @@ def machine():
 
 
 def seed_size_cases(repeats, progress):
-    """Each op at the seed's size: ours vs torch, from emissions (end to end) and from a given beam."""
+    """Each op at the seed's size: ours vs torch, from emissions (end to end) and from a given beam.
+
+    All of viterbi-numba's cases are timed first, then the PyTorch baselines: the biggest baselines
+    leave the machine busy for a while after they return (their multi-GB allocations being paged out
+    and reclaimed), which would otherwise slow down whatever is timed next. A baseline shared by two
+    cases (the 8-sample seed algorithm) is timed once.
+    """
     B, T, V, K, D = (SEED_SIZE[x] for x in "BTVKD")
     emissions, E1, E2 = make_inputs(B, T, V, K, D)
     em_t, E1_t, E2_t = (torch.from_numpy(a) for a in (emissions, E1, E2))
     beam = vn.topk_beam(emissions, K)
     beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
-    rows = []
-
-    def case(name, ours, theirs, baseline, target, torch_repeats=None):
-        """Time both; ``theirs`` may be a (median, min, max) already measured in this run."""
-        progress(name)
-        a = timed(ours, repeats)
-        b = theirs if isinstance(theirs, tuple) else timed(theirs, torch_repeats or repeats)
-        rows.append(dict(case=name, ours=a, baseline_name=baseline, baseline=b, speedup=b[0] / a[0], target=target))
-        return b
-
-    with torch.no_grad():
-        case("topk_beam (B,T,V)->(B,T,K)", lambda: vn.topk_beam(emissions, K),
-             lambda: torch.topk(em_t, K, 2), "torch.topk", 1 / 1.5)
-        case("Viterbi, end to end (top-K + decode)",
-             lambda: vn.viterbi_decode(*vn.topk_beam(emissions, K), E1, E2),
-             lambda: tb.viterbi(em_t, E1_t, E2_t, K), "fairseq-style torch Viterbi", 3)
-        case("Viterbi, given the beam", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
-             lambda: tb.viterbi_beam(*beam_t, E1_t, E2_t), "fairseq-style torch Viterbi", 3)
-        seed_end_to_end, seed_given_beam = {}, {}
-        for N, target in ((1, 15), (8, 40)):
-            slow = 1 if N == 8 else None
-            seed_end_to_end[N] = case(
-                f"seed sampler N={N}, end to end",
-                lambda N=N: vn.stochastic_viterbi(*vn.topk_beam(emissions, K), E1, E2,
-                                                  num_samples=None if N == 1 else N, seed=1),
-                lambda N=N: tb.seed_sampler(em_t, E1_t, E2_t, K, N), "torch seed algorithm", target, slow)
-            seed_given_beam[N] = case(
-                f"seed sampler N={N}, given the beam",
-                lambda N=N: vn.stochastic_viterbi(beam.scores, beam.tokens, E1, E2,
-                                                  num_samples=None if N == 1 else N, seed=1),
-                lambda N=N: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, N), "torch seed algorithm", target, slow)
-        # the exact sampler against the same (already timed) 8-sample seed algorithm
-        case("exact sampler (crf_sample) N=8, end to end",
-             lambda: vn.crf_sample(*vn.topk_beam(emissions, K), E1, E2, num_samples=8, seed=1),
-             seed_end_to_end[8], "torch seed algorithm, N=8", 80)
-        case("exact sampler (crf_sample) N=8, given the beam",
-             lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, num_samples=8, seed=1),
-             seed_given_beam[8], "torch seed algorithm, N=8", 80)
+    weights = torch.from_numpy(np.random.default_rng(2).standard_normal((B, T, K, 8), dtype=np.float32))
+    module = seed_module(E1, E2, K, 8)
     targets = np.random.default_rng(1).integers(0, V, (B, T))
-    case("log-likelihood + gradients (emissions, E1, E2)",
-         lambda: log_likelihood_step(emissions, targets, E1, E2, K),
-         lambda: torch_log_likelihood_step(em_t, torch.from_numpy(targets), E1_t, E2_t, K),
-         "torch autograd, fairseq-style forward", 5, 3)
-    return rows
+    no_grad = torch.no_grad
+
+    def seed_sampler(N, end_to_end):
+        def run():
+            scores, tokens = vn.topk_beam(emissions, K) if end_to_end else beam
+            return vn.stochastic_viterbi(scores, tokens, E1, E2, num_samples=None if N == 1 else N, seed=1)
+
+        return run
+
+    # baseline name -> (description, function, repeats); functions that need no autograd run under no_grad
+    baselines = {
+        "topk": ("torch.topk", lambda: torch.topk(em_t, K, 2), repeats),
+        "viterbi": ("fairseq-style torch Viterbi", lambda: tb.viterbi(em_t, E1_t, E2_t, K), repeats),
+        "viterbi-beam": ("fairseq-style torch Viterbi", lambda: tb.viterbi_beam(*beam_t, E1_t, E2_t), repeats),
+        "seed-1": ("torch seed algorithm", lambda: tb.seed_sampler(em_t, E1_t, E2_t, K, 1), repeats),
+        "seed-1-beam": ("torch seed algorithm", lambda: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, 1), repeats),
+        "seed-8": ("torch seed algorithm, N=8", lambda: tb.seed_sampler(em_t, E1_t, E2_t, K, 8), 1),
+        "seed-8-beam": ("torch seed algorithm, N=8", lambda: tb.seed_sampler_beam(*beam_t, E1_t, E2_t, 8), 1),
+        "train": ("torch autograd, seed algorithm", lambda: torch_training_step(em_t, E1_t, E2_t, K, weights), 1),
+        "likelihood": ("torch autograd, fairseq-style forward",
+                       lambda: torch_log_likelihood_step(em_t, torch.from_numpy(targets), E1_t, E2_t, K), 3),
+    }
+    with_autograd = {"train", "likelihood"}
+    cases = [
+        ("topk_beam (B,T,V)->(B,T,K)", lambda: vn.topk_beam(emissions, K), "topk", 1 / 1.5),
+        ("Viterbi, end to end (top-K + decode)", lambda: vn.viterbi_decode(*vn.topk_beam(emissions, K), E1, E2),
+         "viterbi", 3),
+        ("Viterbi, given the beam", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2), "viterbi-beam", 3),
+        ("seed sampler N=1, end to end", seed_sampler(1, True), "seed-1", 15),
+        ("seed sampler N=1, given the beam", seed_sampler(1, False), "seed-1-beam", 15),
+        ("seed sampler N=8, end to end", seed_sampler(8, True), "seed-8", 40),
+        ("seed sampler N=8, given the beam", seed_sampler(8, False), "seed-8-beam", 40),
+        ("exact sampler (crf_sample) N=8, end to end",
+         lambda: vn.crf_sample(*vn.topk_beam(emissions, K), E1, E2, num_samples=8, seed=1), "seed-8", 80),
+        ("exact sampler (crf_sample) N=8, given the beam",
+         lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, num_samples=8, seed=1), "seed-8-beam", 80),
+        ("training step: seed classes N=8 (beam_probs + backward)",
+         lambda: ours_training_step(em_t, module, weights), "train", 20),
+        ("log-likelihood + gradients (emissions, E1, E2)",
+         lambda: log_likelihood_step(emissions, targets, E1, E2, K), "likelihood", 5),
+    ]
+    ours = {}
+    for name, fn, _, _ in cases:
+        progress(name)
+        ours[name] = timed(fn, repeats)
+    measured = {}
+    for key in dict.fromkeys(key for _, _, key, _ in cases):
+        description, fn, torch_repeats = baselines[key]
+        progress(f"baseline: {description} ({key})")
+        with (torch.enable_grad() if key in with_autograd else no_grad()):
+            measured[key] = timed(fn, torch_repeats)
+    return [dict(case=name, ours=ours[name], baseline_name=baselines[key][0], baseline=measured[key],
+                 speedup=measured[key][0] / ours[name][0], target=target) for name, _, key, target in cases]
+
+
+def seed_module(E1, E2, K, N):
+    """The adapter's drop-in for the seed's StochasticViterbiSamples, holding the tables E1, E2."""
+    from viterbi_numba.adapters.torch import StochasticViterbiSamples
+
+    module = StochasticViterbiSamples(E1.shape[0], low_rank=E1.shape[1], beam_size=K, num_samples=N)
+    with torch.no_grad():
+        module.E1.weight.copy_(torch.from_numpy(E1))
+        module.E2.weight.copy_(torch.from_numpy(E2))
+    return module
+
+
+def ours_training_step(emissions, module, weights):
+    """N samples of the seed sampler with beam_probs, then the backward pass of sum(beam_probs * weights)."""
+    emissions = emissions.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    beam_probs = module._compute_grpo_samples(emissions)[0]
+    (beam_probs * weights).sum().backward()
+    return emissions.grad, module.E1.weight.grad, module.E2.weight.grad
+
+
+def torch_training_step(emissions, E1, E2, K, weights):
+    """The same with the seed algorithm in plain PyTorch and autograd."""
+    leaves = [a.detach().requires_grad_() for a in (emissions, E1, E2)]
+    beam_probs = tb.seed_sampler(leaves[0], leaves[1], leaves[2], K, weights.shape[3])[0]
+    (beam_probs * weights).sum().backward()
+    return [a.grad for a in leaves]
 
 
 def log_likelihood_step(emissions, targets, E1, E2, K):
@@ -145,6 +191,8 @@ MEMORY_CASES = {
     "gradients for the beam scores and tables: torch autograd": "torch-beam",
     "gradients for the emissions (dense) and tables: viterbi-numba": "ours-dense",
     "gradients for the emissions (dense) and tables: torch autograd": "torch-dense",
+    "training step, seed classes N=8 (beam_probs + backward): viterbi-numba": "ours-train",
+    "training step, seed classes N=8 (beam_probs + backward): torch autograd": "torch-train",
 }
 
 
@@ -157,7 +205,15 @@ def memory_probe(which):
     B, T, V, K, D = (SEED_SIZE[x] for x in "BTVKD")
     emissions, E1, E2 = make_inputs(B, T, V, K, D)
     targets = np.random.default_rng(1).integers(0, V, (B, T))
-    if which == "ours-dense":
+    if which.endswith("-train"):
+        weights = torch.from_numpy(np.random.default_rng(2).standard_normal((B, T, K, 8), dtype=np.float32))
+        if which == "ours-train":
+            module = seed_module(E1, E2, K, 8)
+            step = lambda em, tg: ours_training_step(torch.from_numpy(em), module, weights[:, :em.shape[1]])  # noqa: E731
+        else:
+            E1_t, E2_t = torch.from_numpy(E1), torch.from_numpy(E2)
+            step = lambda em, tg: torch_training_step(torch.from_numpy(em), E1_t, E2_t, K, weights[:, :em.shape[1]])  # noqa: E731
+    elif which == "ours-dense":
         step = lambda em, tg: log_likelihood_step(em, tg, E1, E2, K)  # noqa: E731
     elif which == "ours-beam":
         step = lambda em, tg: vn.log_likelihood_grad(em, tg, E1, E2, K)  # noqa: E731
@@ -280,9 +336,9 @@ def write_report(info, seed_rows, memory_rows, scaling_rows):
         lines.append(f"| {r['case']} | {fmt(r['ours'])} | {r['baseline_name']} | {fmt(r['baseline'])} | "
                      f"{r['speedup']:.1f}× | {target}: {met} |")
     if memory_rows:
-        lines += ["", "Peak memory of one log-likelihood + gradients call at the seed's size, each in a fresh process: "
-                  "resident-set high-water mark above the process with its inputs built and its code compiled. "
-                  "The dense emissions gradient (B, T, V) is itself 93 MB; the table gradients (V, D) 7.7 MB.", "",
+        lines += ["", "Peak memory of one call at the seed's size, each in a fresh process: resident-set high-water "
+                  "mark above the process with its inputs built and its code compiled. The dense emissions gradient "
+                  "(B, T, V) is itself 93 MB; the table gradients (V, D) 7.7 MB.", "",
                   "| case | peak MB | viterbi-numba / torch | target ≤ 0.1 |", "|---|---|---|---|"]
         for ours, theirs in zip(memory_rows[0::2], memory_rows[1::2]):
             ratio = ours["peak_mb"] / theirs["peak_mb"]
@@ -322,7 +378,7 @@ def main(argv=None):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=10 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
+        bar = tqdm(total=11 + 9 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
     except ImportError:
         bar = None
 
