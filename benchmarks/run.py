@@ -32,20 +32,30 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
 
 
-def timed(fn, repeats):
-    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after one warm-up.
+def run_times(fn, repeats, warmup=True):
+    """Wall times of ``repeats`` calls of ``fn()``, after a pause and (by default) one warm-up call.
 
-    Starts with a pause: torch's OpenMP workers keep spinning for a while after a call, and on a small
-    machine they would take cores from whatever is timed next.
+    The pause: torch's OpenMP workers keep spinning for a while after a call, and on a small machine
+    they would take cores from whatever is timed next.
     """
     time.sleep(0.5)
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times):
     return statistics.median(times), min(times), max(times)
+
+
+def timed(fn, repeats):
+    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    return summary(run_times(fn, repeats))
 
 
 def make_inputs(B, T, V, K, D, seed=0):
@@ -70,10 +80,7 @@ def machine():
 def seed_size_cases(repeats, progress):
     """Each op at the seed's size: ours vs torch, from emissions (end to end) and from a given beam.
 
-    All of viterbi-numba's cases are timed first, then the PyTorch baselines: the biggest baselines
-    leave the machine busy for a while after they return (their multi-GB allocations being paged out
-    and reclaimed), which would otherwise slow down whatever is timed next. A baseline shared by two
-    cases (the 8-sample seed algorithm) is timed once.
+    A baseline shared by several cases (the 8-sample seed algorithm) is timed once.
     """
     B, T, V, K, D = (SEED_SIZE[x] for x in "BTVKD")
     emissions, E1, E2 = make_inputs(B, T, V, K, D)
@@ -124,16 +131,22 @@ def seed_size_cases(repeats, progress):
         ("log-likelihood + gradients (emissions, E1, E2)",
          lambda: log_likelihood_step(emissions, targets, E1, E2, K), "likelihood", 5),
     ]
-    ours = {}
-    for name, fn, _, _ in cases:
-        progress(name)
-        ours[name] = timed(fn, repeats)
-    measured = {}
+    # Per baseline: its cases' runs are split, half before and half after it, so that a slow or fast
+    # spell of this shared machine falls on both sides; after a long baseline the machine gets a pause
+    # as long as a tenth of it, since the biggest ones leave it busy reclaiming their memory.
+    ours, measured = {}, {}
     for key in dict.fromkeys(key for _, _, key, _ in cases):
+        group = [(name, fn) for name, fn, case_key, _ in cases if case_key == key]
+        for name, fn in group:
+            progress(name)
+            ours[name] = run_times(fn, (repeats + 1) // 2)
         description, fn, torch_repeats = baselines[key]
-        progress(f"baseline: {description} ({key})")
         with (torch.enable_grad() if key in with_autograd else no_grad()):
+            start = time.perf_counter()
             measured[key] = timed(fn, torch_repeats)
+            time.sleep(0.1 * (time.perf_counter() - start))
+        for name, fn in group:
+            ours[name] = summary(ours[name] + run_times(fn, repeats // 2, warmup=False))
     return [dict(case=name, ours=ours[name], baseline_name=baselines[key][0], baseline=measured[key],
                  speedup=measured[key][0] / ours[name][0], target=target) for name, _, key, target in cases]
 
@@ -378,7 +391,7 @@ def main(argv=None):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=11 + 9 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
+        bar = tqdm(total=11 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
     except ImportError:
         bar = None
 
