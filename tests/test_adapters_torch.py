@@ -249,3 +249,14 @@ def test_cuda_and_bad_inputs_are_clear_errors():
         crf.sample(torch.randn(B, T, V, dtype=torch.float64), 0)
     with pytest.raises(ValueError, match="targets must be token ids"):
         crf(torch.randn(B, T, V, dtype=torch.float64), torch.full((B, T), V))
+
+
+def test_low_precision_inputs_come_back_in_their_dtype():
+    crf = _module(DynamicCRF, torch.float32)
+    emissions = torch.randn(B, T, V).to(torch.bfloat16).requires_grad_()
+    ll = crf(emissions, torch.randint(0, V, (B, T)))
+    assert ll.dtype == torch.bfloat16
+    ll.float().sum().backward()
+    assert emissions.grad.dtype == torch.bfloat16 and torch.isfinite(emissions.grad.float()).all()
+    tokens, log_prob = crf.sample(emissions.detach().half(), 2)
+    assert log_prob.dtype == torch.float16 and tokens.dtype == torch.int64
