@@ -104,12 +104,10 @@ def _uniforms(uniforms) -> Optional[np.ndarray]:
     return as_numpy(uniforms, "uniforms") if isinstance(uniforms, torch.Tensor) else uniforms
 
 
-def _beam(emissions: torch.Tensor, k: int, force: Optional[torch.Tensor] = None):
-    """The top-k beam: token ids (as a NumPy array and a tensor) and the differentiable beam scores."""
-    forced = None if force is None else as_numpy(force, "targets")
-    beam = vn.topk_beam(as_numpy(emissions, "emissions"), k, force_tokens=forced)
-    tokens = torch.from_numpy(beam.tokens)
-    return beam.tokens, tokens, emissions.gather(2, tokens)
+def _beam(emissions: torch.Tensor, k: int):
+    """The top-k beam: its token ids (NumPy) and its scores gathered from ``emissions`` (differentiable)."""
+    tokens = vn.topk_beam(as_numpy(emissions, "emissions"), k).tokens
+    return tokens, emissions.gather(2, torch.from_numpy(tokens))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +151,7 @@ class _SeedSamplerModule(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         uniforms = _uniforms(uniforms)
         seed = None if uniforms is not None else seed_from(generator)
         return _SeedSampler.apply(beam_scores, self.E1.weight, self.E2.weight, beam_tokens, lengths, num_samples,
@@ -293,7 +291,7 @@ class DynamicCRF(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         best = vn.viterbi_decode(as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight),
                                  as_numpy(self.E2.weight), lengths=lengths)
         tokens = best.tokens
@@ -315,7 +313,7 @@ class DynamicCRF(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        beam_tokens, _, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
+        beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         scores, tokens, E1, E2, lengths = _api._beam_inputs(
             as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight, "E1.weight"),
             as_numpy(self.E2.weight, "E2.weight"), lengths)
