@@ -1,5 +1,7 @@
 """Framework adapters for viterbi-numba, installed as ``viterbi_numba.adapters``.
 
-The core package never imports a framework; adapters live here. The PyTorch adapter (zero-copy tensors,
-autograd, drop-in modules for the seed's classes) is not written yet.
+The core package never imports a framework; adapters live here and import theirs:
+
+* ``viterbi_numba.adapters.torch`` — zero-copy tensors, autograd, the seed write-up's classes
+  (``StochasticViterbiSample``, ``StochasticViterbiSamples``) and fairseq's ``DynamicCRF``.
 """
