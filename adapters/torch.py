@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 import viterbi_numba as vn
-from viterbi_numba import _validate
-from viterbi_numba import api as _api
 from viterbi_numba import crf as _crf
 
 __all__ = [
@@ -57,6 +55,11 @@ def _out(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Tensor
     """A tensor over ``array``'s memory, cast to ``dtype`` where given (a copy only if it must cast)."""
     tensor = torch.from_numpy(array)
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _grads_out(grads, dtypes):
+    """Gradient arrays as tensors in their inputs' dtypes."""
+    return [_out(grad, dtype) for grad, dtype in zip(grads, dtypes)]
 
 
 def lengths_from_masks(masks: Optional[torch.Tensor], batch: int, steps: int) -> Optional[np.ndarray]:
@@ -132,8 +135,7 @@ class _SeedSampler(torch.autograd.Function):
         sample, beam_tokens, tables, lengths = ctx.saved
         grad = vn.stochastic_viterbi_backward(as_numpy(grad_beam_probs, "grad"), sample, beam_tokens, *tables,
                                               lengths=lengths)
-        grads = [_out(g, dtype) for g, dtype in zip(grad, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*_grads_out(grad, ctx.dtypes), None, None, None, None, None, None)
 
 
 class _SeedSamplerModule(nn.Module):
@@ -229,8 +231,7 @@ class _LogLikelihood(torch.autograd.Function):
     def backward(ctx, grad_output):
         likelihood = ctx.likelihood
         weights = as_numpy(grad_output, "grad").astype(likelihood.forward.scores.dtype)
-        grads = _crf._likelihood_backward(likelihood, weights)
-        return (*[_out(g, dtype) for g, dtype in zip(grads, ctx.dtypes)], None)
+        return (*_grads_out(_crf._likelihood_backward(likelihood, weights), ctx.dtypes), None)
 
 
 class _SampleLogProb(torch.autograd.Function):
@@ -247,7 +248,7 @@ class _SampleLogProb(torch.autograd.Function):
         state, draws = ctx.state, ctx.draws
         weights = as_numpy(grad_output, "grad").astype(state.scores.dtype)  # (B, N)
         grads = _crf._paths_backward(state, draws.beam_idx, draws.tokens, weights)
-        return (*[_out(g, dtype) for g, dtype in zip(grads, ctx.dtypes)], None, None)
+        return (*_grads_out(grads, ctx.dtypes), None, None)
 
 
 class DynamicCRF(nn.Module):
@@ -314,11 +315,8 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        scores, tokens, E1, E2, lengths = _api._beam_inputs(
+        state, draws = _crf._sample_with_state(
             as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight, "E1.weight"),
-            as_numpy(self.E2.weight, "E2.weight"), lengths)
-        num_samples = _validate.positive_int(num_samples, "num_samples")
-        state = _crf._forward_pass(scores, tokens, E1, E2, lengths, _crf._inv_temp(temperature, scores.dtype))
-        draws = _crf._sample_from(state, num_samples, seed_from(generator), None)
+            as_numpy(self.E2.weight, "E2.weight"), num_samples, temperature, lengths, seed_from(generator), None)
         log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, state, draws)
         return _out(draws.tokens), log_prob

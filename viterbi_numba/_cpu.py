@@ -377,22 +377,31 @@ def _softmax_into(values, scratch, out_probs, n):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
+def softmax_pick(logits, scale, u, prefix):
+    """Index drawn from softmax(logits * scale) with uniform u by the inverse CDF (``prefix``: scratch).
+
+    The weights are exp((logits[i] - max) * scale), each exp'd on its own; used by both samplers.
+    """
+    K = logits.shape[0]
+    m = logits[0]
+    for i in range(1, K):
+        m = max(m, logits[i])
+    running = prefix[0] * 0
+    for i in range(K):
+        running += fast_exp((logits[i] - m) * scale)
+        prefix[i] = running
+    return inverse_cdf_pick(prefix, u * running, K)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
     """The pick for state j from tempered logits prev[i] + trans[i, j], each exp'd on its own.
 
     Used where the factored weights of ``stochastic_viterbi_kernel`` would lose precision to underflow.
     """
-    K = prev.shape[0]
-    m = -np.inf
-    for i in range(K):
+    for i in range(prev.shape[0]):
         logits[i] = prev[i] + trans[i, j]
-        if logits[i] > m:
-            m = logits[i]
-    running = prefix[0] * 0
-    for i in range(K):
-        running += fast_exp((logits[i] - m) * inv_temp)
-        prefix[i] = running
-    return inverse_cdf_pick(prefix, target_u * running, K)
+    return softmax_pick(logits, inv_temp, target_u, prefix)
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)

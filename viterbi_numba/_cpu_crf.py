@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import core
-from ._cpu import _FASTMATH, PAD, _transition_block, inverse_cdf_pick
+from ._cpu import _FASTMATH, PAD, _transition_block, softmax_pick
 from ._fastexp import fast_exp
 from ._vector import fmax
 
@@ -124,20 +124,6 @@ def _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t, n):
     return u0
 
 
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _pick(logits, u, weights):
-    """Index drawn from softmax(logits) with uniform u by the inverse CDF (``weights``: scratch)."""
-    K = logits.shape[0]
-    m = logits[0]
-    for i in range(1, K):
-        m = max(m, logits[i])
-    running = weights[0] * 0
-    for i in range(K):
-        running += fast_exp(logits[i] - m)
-        weights[i] = running
-    return inverse_cdf_pick(weights, u * running, K)
-
-
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_lo, seed_hi, uniforms,
                   use_uniforms, out_beam_idx, out_tokens, out_log_prob):
@@ -152,6 +138,7 @@ def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_
     N = out_beam_idx.shape[2]
     D = E1.shape[1]
     dtype = scores.dtype
+    one = scores.dtype.type(1)  # the logits are tempered already; a typed 1 keeps float32 exps float32
     for b in prange(B):
         length = lengths[b]
         src_emb = np.empty((K, D), dtype=dtype)
@@ -162,7 +149,7 @@ def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_
         path_score = np.zeros(N, dtype=np.float64)
         for n in range(N):
             u = _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, length - 1, n)
-            y = _pick(alpha[b, length - 1], u, weights)
+            y = softmax_pick(alpha[b, length - 1], one, u, weights)
             out_beam_idx[b, length - 1, n] = y
             path_score[n] = scores[b, length - 1, y]
         for t in range(length - 1, 0, -1):
@@ -179,7 +166,7 @@ def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_
             for n in range(N):
                 for i in range(K):
                     logits[i] = alpha[b, t - 1, i] + columns[i, n] * inv_temp
-                x = _pick(logits, _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t - 1, n), weights)
+                x = softmax_pick(logits, one, _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t - 1, n), weights)
                 out_beam_idx[b, t - 1, n] = x
                 # S(y) gets the transition in float64, independent of the gemm's rounding
                 dot = np.float64(0.0)

@@ -131,16 +131,22 @@ def crf_sample(
     Philox4x32-10 keyed by ``seed`` (a fresh one when None), on a stream of their own, so the same seed
     gives the same samples for any thread count. Returns :class:`CRFSample`.
     """
+    return _sample_with_state(scores, tokens, E1, E2, num_samples, temperature, lengths, seed, uniforms)[1]
+
+
+def _sample_with_state(scores, tokens, E1, E2, num_samples, temperature, lengths, seed, uniforms):
+    """:func:`crf_sample`, also returning its forward state (the autograd of ``log_prob`` needs it)."""
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
-    N = _validate.positive_int(num_samples, "num_samples")
+    num_samples = _validate.positive_int(num_samples, "num_samples")
     inv_temp = _inv_temp(temperature, scores.dtype)
     seed = _validate.seed(seed)
     B, T, _ = scores.shape
     if uniforms is not None:
         if seed is not None:
             raise ValueError("give either seed or uniforms, not both")
-        uniforms = _validate.uniforms(uniforms, (B, T, N), "(B, T, N)")
-    return _sample_from(_forward_pass(scores, tokens, E1, E2, lengths, inv_temp), N, seed, uniforms)
+        uniforms = _validate.uniforms(uniforms, (B, T, num_samples), "(B, T, N)")
+    state = _forward_pass(scores, tokens, E1, E2, lengths, inv_temp)
+    return state, _sample_from(state, num_samples, seed, uniforms)
 
 
 def _sample_from(state: _ForwardState, num_samples: int, seed: Optional[int], uniforms: Optional[np.ndarray]):
@@ -336,8 +342,9 @@ def log_likelihood_grad(
     weights 1) with respect to the beam scores (hence the emissions) and the tables; see
     :class:`LikelihoodGrad`.
     """
+    weights = _grad_output(grad_output, np.shape(emissions)[0], np.dtype(np.float64))  # checked before any work
     likelihood = _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature)
     state = likelihood.forward
-    weights = _grad_output(grad_output, state.scores.shape[0], state.scores.dtype)
+    weights = weights.astype(state.scores.dtype)
     return LikelihoodGrad(likelihood.log_likelihood, state.scores, state.tokens,
                           *_likelihood_backward(likelihood, weights))
