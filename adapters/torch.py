@@ -8,8 +8,10 @@
 * :func:`as_numpy`, :func:`lengths_from_masks`, :func:`seed_from` — the conversions they use.
 
 CPU tensors cross as NumPy views of the same memory (``Tensor.numpy()`` / ``torch.from_numpy``);
-float16 and bfloat16 are computed in float32 and returned in the input's dtype. CUDA tensors will go to
-the GPU kernels once those exist; for now they raise a ``TypeError``.
+CUDA tensors go to the GPU kernels as they are (``__cuda_array_interface__``), which allocate their
+results with torch on the same device and run on torch's current stream. float16 and bfloat16 are
+computed in float32 and returned in the input's dtype; on the GPU, the float inputs of one call are
+cast to one dtype (float64 if any is float64), as the CPU path does.
 """
 
 from __future__ import annotations
@@ -43,18 +45,50 @@ def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
-        raise TypeError(f"{name} is on {tensor.device}; the GPU kernels are not built yet, so only CPU tensors "
-                        "are accepted")
+        raise TypeError(f"{name} is on {tensor.device}; as_numpy takes CPU tensors")
     tensor = tensor.detach()
     if tensor.dtype in _LOW_PRECISION:
         tensor = tensor.float()
     return tensor.numpy()
 
 
-def _out(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A tensor over ``array``'s memory, cast to ``dtype`` where given (a copy only if it must cast)."""
-    tensor = torch.from_numpy(array)
+def _kernel_input(tensor: torch.Tensor, name: str = "tensor", dtype: Optional[torch.dtype] = None):
+    """What the array API takes for ``tensor``: a zero-copy NumPy view of a CPU tensor, or the detached
+    CUDA tensor itself (the GPU kernels read torch CUDA tensors in place; they need one float dtype, so
+    ``dtype`` casts there, and float16/bfloat16 become float32 on both devices)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type == "cpu":
+        return as_numpy(tensor, name)
+    if tensor.device.type != "cuda":
+        raise TypeError(f"{name} is on {tensor.device}; the kernels take CPU or CUDA tensors")
+    tensor = tensor.detach()
+    if tensor.dtype in _LOW_PRECISION:
+        tensor = tensor.float()
+    if tensor.dtype.is_floating_point and dtype is not None:
+        tensor = tensor.to(dtype)
+    elif not tensor.dtype.is_floating_point:
+        tensor = tensor.long()
+    return tensor.contiguous()
+
+
+def _float_inputs(*named):
+    """``_kernel_input`` of (tensor, name) pairs in one compute dtype (float64 if any is float64)."""
+    wide = any(tensor.dtype == torch.float64 for tensor, _ in named if isinstance(tensor, torch.Tensor))
+    dtype = torch.float64 if wide else torch.float32
+    return [_kernel_input(tensor, name, dtype) for tensor, name in named]
+
+
+def _out(array, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A tensor over ``array``'s memory (NumPy, or a CUDA tensor the GPU kernels returned), cast to
+    ``dtype`` where given (a copy only if it must cast)."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _host(tensor: torch.Tensor, name: str) -> np.ndarray:
+    """A small tensor (per-sequence weights) on the host, in NumPy."""
+    return as_numpy(tensor.detach().cpu(), name)
 
 
 def _grads_out(grads, dtypes):
@@ -103,14 +137,15 @@ def _emissions(emissions: torch.Tensor) -> torch.Tensor:
     return emissions
 
 
-def _uniforms(uniforms) -> Optional[np.ndarray]:
-    return as_numpy(uniforms, "uniforms") if isinstance(uniforms, torch.Tensor) else uniforms
+def _uniforms(uniforms):
+    return _kernel_input(uniforms, "uniforms") if isinstance(uniforms, torch.Tensor) else uniforms
 
 
 def _beam(emissions: torch.Tensor, k: int):
-    """The top-k beam: its token ids (NumPy) and its scores gathered from ``emissions`` (differentiable)."""
-    tokens = vn.topk_beam(as_numpy(emissions, "emissions"), k).tokens
-    return tokens, emissions.gather(2, torch.from_numpy(tokens))
+    """The top-k beam: its token ids (NumPy, or a CUDA tensor) and its scores gathered from ``emissions``
+    (differentiable)."""
+    tokens = vn.topk_beam(_kernel_input(emissions, "emissions"), k).tokens
+    return tokens, emissions.gather(2, _out(tokens))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,8 +156,8 @@ class _SeedSampler(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, beam_scores, weight1, weight2, beam_tokens, lengths, num_samples, temperature, seed, uniforms):
-        tables = as_numpy(weight1, "E1.weight"), as_numpy(weight2, "E2.weight")
-        sample = vn.stochastic_viterbi(as_numpy(beam_scores), beam_tokens, *tables, num_samples=num_samples,
+        scores, *tables = _float_inputs((beam_scores, "emissions"), (weight1, "E1.weight"), (weight2, "E2.weight"))
+        sample = vn.stochastic_viterbi(scores, beam_tokens, *tables, num_samples=num_samples,
                                        temperature=temperature, lengths=lengths, seed=seed, uniforms=uniforms)
         ctx.saved = sample, beam_tokens, tables, lengths
         ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
@@ -133,8 +168,8 @@ class _SeedSampler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_beam_probs, _grad_idx, _grad_tokens):
         sample, beam_tokens, tables, lengths = ctx.saved
-        grad = vn.stochastic_viterbi_backward(as_numpy(grad_beam_probs, "grad"), sample, beam_tokens, *tables,
-                                              lengths=lengths)
+        grad_beam_probs = _kernel_input(grad_beam_probs, "grad", tables[0].dtype if torch.is_tensor(tables[0]) else None)
+        grad = vn.stochastic_viterbi_backward(grad_beam_probs, sample, beam_tokens, *tables, lengths=lengths)
         return (*_grads_out(grad, ctx.dtypes), None, None, None, None, None, None)
 
 
@@ -230,7 +265,7 @@ class _LogLikelihood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         likelihood = ctx.likelihood
-        weights = as_numpy(grad_output, "grad").astype(likelihood.forward.scores.dtype)
+        weights = _host(grad_output, "grad").astype(likelihood.forward.scores.dtype)
         return (*_grads_out(_crf._likelihood_backward(likelihood, weights), ctx.dtypes), None)
 
 
@@ -246,7 +281,7 @@ class _SampleLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         state, draws = ctx.state, ctx.draws
-        weights = as_numpy(grad_output, "grad").astype(state.scores.dtype)  # (B, N)
+        weights = _host(grad_output, "grad").astype(state.scores.dtype)  # (B, N)
         grads = _crf._paths_backward(state, draws.beam_idx, draws.tokens, weights)
         return (*_grads_out(grads, ctx.dtypes), None, None)
 
@@ -276,11 +311,11 @@ class DynamicCRF(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        likelihood = _crf._likelihood_forward(as_numpy(emissions, "emissions"), as_numpy(targets, "targets"),
-                                              as_numpy(self.E1.weight, "E1.weight"),
-                                              as_numpy(self.E2.weight, "E2.weight"),
+        scores, *tables = _float_inputs((emissions, "emissions"), (self.E1.weight, "E1.weight"),
+                                        (self.E2.weight, "E2.weight"))
+        likelihood = _crf._likelihood_forward(scores, _kernel_input(targets, "targets"), *tables,
                                               beam if beam is not None else self.beam, lengths, 1.0)
-        beam_scores = emissions.gather(2, torch.from_numpy(likelihood.forward.tokens))
+        beam_scores = emissions.gather(2, _out(likelihood.beam_tokens))
         return _LogLikelihood.apply(beam_scores, self.E1.weight, self.E2.weight, likelihood)
 
     @torch.no_grad()
@@ -293,8 +328,9 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        best = vn.viterbi_decode(as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight),
-                                 as_numpy(self.E2.weight), lengths=lengths)
+        scores, *tables = _float_inputs((beam_scores, "emissions"), (self.E1.weight, "E1.weight"),
+                                        (self.E2.weight, "E2.weight"))
+        best = vn.viterbi_decode(scores, beam_tokens, *tables, lengths=lengths)
         tokens = best.tokens
         if lengths is not None:
             for b, length in enumerate(lengths):
@@ -315,8 +351,9 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        state, draws = _crf._sample_with_state(
-            as_numpy(beam_scores), beam_tokens, as_numpy(self.E1.weight, "E1.weight"),
-            as_numpy(self.E2.weight, "E2.weight"), num_samples, temperature, lengths, seed_from(generator), None)
+        scores, *tables = _float_inputs((beam_scores, "emissions"), (self.E1.weight, "E1.weight"),
+                                        (self.E2.weight, "E2.weight"))
+        state, draws = _crf._sample_with_state(scores, beam_tokens, *tables, num_samples, temperature, lengths,
+                                               seed_from(generator), None)
         log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, state, draws)
         return _out(draws.tokens), log_prob

@@ -50,3 +50,7 @@ def chi_square_pvalue(counts, probs):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# The CUDA-simulator suite runs in a process of its own (tests/test_cuda_simulator.py starts it).
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cuda_sim"]

@@ -8,10 +8,16 @@ from typing import Any
 import numpy as np
 
 
+def _not_on_gpu(value: Any, name: str) -> None:
+    from ._gpu import is_gpu_array
+
+    if is_gpu_array(value):
+        raise TypeError(f"{name} is a GPU array but the main inputs are host arrays; pass all arrays on one device")
+
+
 def float_array(value: Any, name: str, ndim: int) -> np.ndarray:
     """``value`` as a NumPy floating array of rank ``ndim`` (not yet cast or made contiguous)."""
-    if hasattr(value, "__cuda_array_interface__"):
-        raise TypeError(f"{name} is a GPU array; the CPU kernels take NumPy arrays (GPU support is not built yet)")
+    _not_on_gpu(value, name)
     array = np.asarray(value)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {array.dtype}")
@@ -22,8 +28,7 @@ def float_array(value: Any, name: str, ndim: int) -> np.ndarray:
 
 def int_array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """``value`` as a contiguous int64 array of exactly ``shape``."""
-    if hasattr(value, "__cuda_array_interface__"):
-        raise TypeError(f"{name} is a GPU array; the CPU kernels take NumPy arrays (GPU support is not built yet)")
+    _not_on_gpu(value, name)
     array = np.asarray(value)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")

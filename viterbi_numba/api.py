@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 from numba import get_num_threads
 
-from . import _cpu, _validate
+from . import _cpu, _gpu, _validate
 from ._cpu import PAD
 
 __all__ = [
@@ -114,6 +114,8 @@ def topk_beam(emissions: Any, k: int, force_tokens: Optional[Any] = None) -> Bea
     have been selected, so the beam stays sorted best first.
     Raises ValueError on NaN or +inf in ``emissions``.
     """
+    if _gpu.on_gpu(emissions, force_tokens):
+        return _gpu.topk_beam(emissions, k, force_tokens)
     emissions = _validate.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     k = _validate.positive_int(k, "k")
@@ -163,6 +165,8 @@ def viterbi_decode(scores: Any, tokens: Any, E1: Any, E2: Any, lengths: Optional
     lengths: optional (B,) in [1, T]. Ties go to the lowest beam index. Results in the compute dtype
     (float64 if any float input is float64, else float32).
     """
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.viterbi_decode(scores, tokens, E1, E2, lengths)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     B, T, _ = scores.shape
     beam_idx = np.empty((B, T), dtype=np.int64)
@@ -197,6 +201,8 @@ def stochastic_viterbi(
     come from Philox4x32-10 keyed by ``seed`` (a fresh one when None), the same for any thread count.
     See :class:`StochasticViterbiResult` for the outputs.
     """
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.stochastic_viterbi(scores, tokens, E1, E2, num_samples, temperature, lengths, seed, uniforms)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     B, T, K = scores.shape
     single = num_samples is None
@@ -259,6 +265,8 @@ def stochastic_viterbi_backward(
     tables through the transitions on it. Returns dL/d scores (B, T, K) and dL/d E1, dL/d E2 (V, D) in
     the sample's dtype; O(T K N D) per sequence.
     """
+    if _gpu.on_gpu(sample.beam_probs, grad_beam_probs, tokens, E1, E2):
+        return _gpu.stochastic_viterbi_backward(grad_beam_probs, sample, tokens, E1, E2, lengths)
     beam_probs = _validate.float_array(sample.beam_probs, "sample.beam_probs", np.ndim(sample.beam_probs))
     if beam_probs.ndim not in (3, 4):
         raise ValueError(f"sample.beam_probs must have shape (B, T, K) or (B, T, K, N), got {beam_probs.shape}")

@@ -28,6 +28,8 @@ _SHIFT5 = np.uint64(5)
 _SHIFT6 = np.uint64(6)
 _TWO26 = np.float64(67108864.0)  # 2**26
 _TWO_M53 = np.float64(1.0 / 9007199254740992.0)  # 2**-53
+_SHIFT8 = np.uint64(8)
+_TWO_M24 = np.float32(1.0 / 16777216.0)  # 2**-24
 
 # Stream ids: each random operation draws from its own key, so two operations never share numbers.
 STREAM_SEED_SAMPLER = 0
@@ -70,6 +72,16 @@ def build(jit: Callable) -> SimpleNamespace:
         return u0, u1
 
     @jit
+    def uniform_pair_f32(seed_lo, seed_hi, stream, b, t, j_pair, n):
+        """``uniform_pair`` in float32 without float64 arithmetic (for float32 GPU kernels): each is the
+        top 24 bits of the float64 uniform, so the two differ by less than 2**-24."""
+        x0, x1, x2, x3 = philox4x32(
+            np.uint64(j_pair), np.uint64(t), np.uint64(b), np.uint64(n),
+            np.uint64(seed_lo), np.uint64(seed_hi) ^ np.uint64(stream),
+        )
+        return np.float32(x0 >> _SHIFT8) * _TWO_M24, np.float32(x2 >> _SHIFT8) * _TWO_M24
+
+    @jit
     def chain_uniforms(seed_lo, seed_hi, stream, b, t, n, out):
         """out[j] = the uniform of (b, t, j, n) for every state j < len(out)."""
         K = out.shape[0]
@@ -100,6 +112,7 @@ def build(jit: Callable) -> SimpleNamespace:
     return SimpleNamespace(
         philox4x32=philox4x32,
         uniform_pair=uniform_pair,
+        uniform_pair_f32=uniform_pair_f32,
         chain_uniforms=chain_uniforms,
         inverse_cdf_pick=inverse_cdf_pick,
     )

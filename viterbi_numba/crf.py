@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _cpu_crf, _validate
+from . import _cpu_crf, _gpu, _validate
 from .api import _beam_inputs, _single_threaded_blas, _table_gradients, topk_beam
 
 __all__ = [
@@ -104,6 +104,8 @@ def log_partition(
 
     scores (B, T, K), tokens (B, T, K) token ids in [0, V), E1/E2 (V, D): as for :func:`viterbi_decode`.
     """
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.log_partition(scores, tokens, E1, E2, temperature, lengths)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     state = _forward_pass(scores, tokens, E1, E2, lengths, _inv_temp(temperature, scores.dtype))
     return state.log_z.astype(scores.dtype)
@@ -136,6 +138,8 @@ def crf_sample(
 
 def _sample_with_state(scores, tokens, E1, E2, num_samples, temperature, lengths, seed, uniforms):
     """:func:`crf_sample`, also returning its forward state (the autograd of ``log_prob`` needs it)."""
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.sample_with_state(scores, tokens, E1, E2, num_samples, temperature, lengths, seed, uniforms)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     num_samples = _validate.positive_int(num_samples, "num_samples")
     inv_temp = _inv_temp(temperature, scores.dtype)
@@ -191,6 +195,8 @@ def marginals(
     scores: Any, tokens: Any, E1: Any, E2: Any, temperature: float = 1.0, lengths: Optional[Any] = None
 ) -> np.ndarray:
     """Node marginals p_tau(y_t = k) (B, T, K) by forward-backward; 0 at padded positions."""
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.marginals(scores, tokens, E1, E2, temperature, lengths)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     state = _forward_pass(scores, tokens, E1, E2, lengths, _inv_temp(temperature, scores.dtype))
     return _backward_pass(state, None)[0]
@@ -222,6 +228,8 @@ def log_partition_grad(
     gradients are those of sum_b grad_output[b] * log Z_tau[b]. The edge marginals are contracted with
     the table rows step by step; memory is O(K^2) per thread plus O(T K D) per thread for the rows.
     """
+    if _gpu.on_gpu(scores, tokens, E1, E2):
+        return _gpu.log_partition_grad(scores, tokens, E1, E2, temperature, lengths, grad_output)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     inv_temp = _inv_temp(temperature, scores.dtype)
     weights = _grad_output(grad_output, scores.shape[0], scores.dtype)
@@ -236,9 +244,11 @@ def sequence_score(
 ) -> np.ndarray:
     """S(y) of given beam paths: ``beam_idx`` (B, T) gives (B,), (B, T, N) gives (B, N).
 
-    Entries at or after a sequence's length are ignored (they may be ``PAD``). Sums in float64, returned
-    in the compute dtype.
+    Entries at or after a sequence's length are ignored (they may be ``PAD``). Sums in float64 (on the
+    GPU: compensated sums in the compute dtype), returned in the compute dtype.
     """
+    if _gpu.on_gpu(scores, tokens, E1, E2, beam_idx):
+        return _gpu.sequence_score(scores, tokens, E1, E2, beam_idx, lengths)
     scores, tokens, E1, E2, lengths = _beam_inputs(scores, tokens, E1, E2, lengths)
     B, T, K = scores.shape
     paths = np.asarray(beam_idx)
@@ -263,9 +273,15 @@ class _LikelihoodState(NamedTuple):
     slots: np.ndarray  # (B, T) the targets' beam slots
     log_likelihood: np.ndarray  # (B,) in the compute dtype
 
+    @property
+    def beam_tokens(self) -> np.ndarray:
+        return self.forward.tokens
+
 
 def _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature) -> _LikelihoodState:
     """Validate, build the forced beam, score the targets and run the forward pass."""
+    if _gpu.on_gpu(emissions, targets, E1, E2):
+        return _gpu.likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature)
     emissions = _validate.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     if T == 0:
@@ -289,7 +305,10 @@ def _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature) -> 
 
 def _paths_backward(state: _ForwardState, beam_idx: np.ndarray, path_tokens: np.ndarray, weights: np.ndarray):
     """(grad_scores (B, T, K), grad_E1, grad_E2) of sum_{b,n} weights[b, n] * (S(y_bn) / tau - log Z_tau[b])
-    for beam paths beam_idx (B, T, N) with token ids path_tokens (B, T, N) (anything after the length)."""
+    for beam paths beam_idx (B, T, N) with token ids path_tokens (B, T, N) (anything after the length).
+    Host ``weights`` (B, N) in the state's dtype; a GPU state takes device paths."""
+    if isinstance(state, _gpu.ForwardState):
+        return _gpu.paths_backward(state, beam_idx, path_tokens, weights)
     B, T, _ = state.scores.shape
     scale = weights * state.inv_temp  # (B, N)
     mu, grad_E1, grad_E2 = _backward_pass(state, -scale.sum(axis=1))
@@ -305,6 +324,8 @@ def _paths_backward(state: _ForwardState, beam_idx: np.ndarray, path_tokens: np.
 
 def _likelihood_backward(likelihood: _LikelihoodState, weights: np.ndarray):
     """(grad_scores (B, T, K), grad_E1, grad_E2) of sum_b weights[b] * log_likelihood[b]."""
+    if isinstance(likelihood, _gpu.LikelihoodState):
+        return _gpu.likelihood_backward(likelihood, weights)
     return _paths_backward(likelihood.forward, likelihood.slots[:, :, None], likelihood.targets[:, :, None],
                            weights[:, None])
 
@@ -325,6 +346,8 @@ def log_likelihood(
     the result is S(targets) / tau - log Z_tau over that beam. Positions at or after ``lengths[b]`` are
     ignored (fairseq's prefix masks). This scores sequences sampled under an older policy for a PPO ratio.
     """
+    if _gpu.on_gpu(emissions, targets, E1, E2):
+        return _gpu.log_likelihood(emissions, targets, E1, E2, k, lengths, temperature)
     return _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature).log_likelihood
 
 
@@ -342,6 +365,8 @@ def log_likelihood_grad(
     weights 1) with respect to the beam scores (hence the emissions) and the tables; see
     :class:`LikelihoodGrad`.
     """
+    if _gpu.on_gpu(emissions, targets, E1, E2):
+        return _gpu.log_likelihood_grad(emissions, targets, E1, E2, k, lengths, temperature, grad_output)
     weights = _grad_output(grad_output, np.shape(emissions)[0], np.dtype(np.float64))  # checked before any work
     likelihood = _likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature)
     state = likelihood.forward

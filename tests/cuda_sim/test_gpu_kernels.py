@@ -1,0 +1,196 @@
+"""Every GPU kernel against its CPU counterpart, in the CUDA simulator (tiny sizes).
+
+Run by ``tests/test_cuda_simulator.py`` in a process of its own with NUMBA_ENABLE_CUDASIM=1: the
+simulator changes how numba behaves, so it never shares a process with the CPU tests.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda_simulator.py runs it)", allow_module_level=True)
+
+from conftest import make_problem
+from numba import cuda
+
+import viterbi_numba as vn
+
+DTYPES = [np.float64, np.float32]
+TOL = {np.float64: 1e-9, np.float32: 2e-4}
+
+
+def dev(*arrays):
+    return [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+
+
+def host(value):
+    return value.copy_to_host()
+
+
+def problem(dtype, B=2, T=4, K=5, D=3, seed=0):
+    rng = np.random.default_rng(seed)
+    scores, tokens, E1, E2 = make_problem(rng, B, T, K, D=D, dtype=dtype)
+    return scores, tokens, E1, E2, np.array([T, 2][:B])
+
+
+def close(gpu, cpu, dtype, scale=1.0):
+    np.testing.assert_allclose(host(gpu), cpu, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_beam_matches_cpu_with_ties_and_forced_tokens(dtype):
+    rng = np.random.default_rng(1)
+    emissions = rng.integers(-4, 4, size=(2, 2, 70)).astype(dtype)  # many ties; 70 > the simulator's 8 slots
+    forced = rng.integers(0, 70, size=(2, 2))
+    for k, force in ((5, None), (7, forced), (1, forced)):
+        gpu = vn.topk_beam(*dev(emissions), k, None if force is None else dev(force)[0])
+        cpu = vn.topk_beam(emissions, k, force)
+        np.testing.assert_array_equal(host(gpu.tokens), cpu.tokens)
+        np.testing.assert_array_equal(host(gpu.scores), cpu.scores)
+    emissions[1, 1, 9] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or \+inf \(first at batch 1, position 1\)"):
+        vn.topk_beam(*dev(emissions), 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_viterbi_matches_cpu(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    gpu = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
+    cpu = vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths)
+    np.testing.assert_array_equal(host(gpu.beam_idx), cpu.beam_idx)
+    np.testing.assert_array_equal(host(gpu.tokens), cpu.tokens)
+    close(gpu.score, cpu.score, dtype, 10)
+    close(gpu.step_scores, cpu.step_scores, dtype, 10)
+
+
+def test_strided_loops_when_the_beam_exceeds_the_block():
+    # the simulator's blocks have at most 4 threads: K = 9 makes threads own two or three beam slots
+    scores, tokens, E1, E2, lengths = problem(np.float64, K=9, T=3)
+    gpu = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
+    np.testing.assert_array_equal(host(gpu.beam_idx), vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
+    close(vn.log_partition(*dev(scores, tokens, E1, E2), lengths=lengths),
+          vn.log_partition(scores, tokens, E1, E2, lengths=lengths), np.float64)
+    uniforms = np.random.default_rng(3).random((2, 3, 2))
+    gpu = vn.crf_sample(*dev(scores, tokens, E1, E2), 2, lengths=lengths, uniforms=uniforms)
+    cpu = vn.crf_sample(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
+    np.testing.assert_array_equal(host(gpu.beam_idx), cpu.beam_idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_viterbi_matches_cpu_given_uniforms(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    uniforms = np.random.default_rng(2).random((2, 3, 5, 3))
+    gpu = vn.stochastic_viterbi(*dev(scores, tokens, E1, E2), 3, 0.7, lengths=lengths, uniforms=uniforms)
+    cpu = vn.stochastic_viterbi(scores, tokens, E1, E2, 3, 0.7, lengths=lengths, uniforms=uniforms)
+    for name in ("beam_idx", "tokens", "backpointers"):
+        np.testing.assert_array_equal(host(getattr(gpu, name)), getattr(cpu, name), err_msg=name)
+    for name in ("beam_probs", "path_scores", "score"):
+        close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
+    single = vn.stochastic_viterbi(*dev(scores, tokens, E1, E2), lengths=lengths, uniforms=uniforms[..., 0])
+    assert host(single.beam_probs).shape == (2, 4, 5) and host(single.beam_idx).shape == (2, 4, 1)
+    np.testing.assert_array_equal(
+        host(single.tokens), vn.stochastic_viterbi(scores, tokens, E1, E2, lengths=lengths, uniforms=uniforms[..., 0]).tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_seed_same_samples_as_cpu(dtype):
+    """The same Philox numbers on both targets; float32 kernels use each uniform's top 24 bits, so a draw
+    may differ only where its target lies within rounding of a CDF boundary (none here)."""
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    gpu = vn.stochastic_viterbi(*dev(scores, tokens, E1, E2), 3, lengths=lengths, seed=99)
+    cpu = vn.stochastic_viterbi(scores, tokens, E1, E2, 3, lengths=lengths, seed=99)
+    np.testing.assert_array_equal(host(gpu.backpointers), cpu.backpointers)
+    gpu = vn.crf_sample(*dev(scores, tokens, E1, E2), 3, lengths=lengths, seed=99)
+    cpu = vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, seed=99)
+    np.testing.assert_array_equal(host(gpu.beam_idx), cpu.beam_idx)
+    close(gpu.log_prob, cpu.log_prob, dtype, 10)
+    again = vn.crf_sample(*dev(scores, tokens, E1, E2), 3, lengths=lengths, seed=99)
+    np.testing.assert_array_equal(host(again.beam_idx), host(gpu.beam_idx))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampler_backward_matches_cpu(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    uniforms = np.random.default_rng(2).random((2, 3, 5, 2))
+    cpu_sample = vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
+    grads = np.random.default_rng(5).standard_normal(cpu_sample.beam_probs.shape).astype(dtype)
+    cpu = vn.stochastic_viterbi_backward(grads, cpu_sample, tokens, E1, E2, lengths)
+    gpu_sample = vn.stochastic_viterbi(*dev(scores, tokens, E1, E2), 2, lengths=lengths, uniforms=uniforms)
+    gpu = vn.stochastic_viterbi_backward(*dev(grads), gpu_sample, *dev(tokens, E1, E2), lengths)
+    for name in ("grad_scores", "grad_E1", "grad_E2"):
+        close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_inference_matches_cpu(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    d = dev(scores, tokens, E1, E2)
+    close(vn.log_partition(*d, 0.8, lengths), vn.log_partition(scores, tokens, E1, E2, 0.8, lengths), dtype, 10)
+    close(vn.marginals(*d, 0.8, lengths), vn.marginals(scores, tokens, E1, E2, 0.8, lengths), dtype)
+    weights = np.array([0.5, -2.0])
+    gpu = vn.log_partition_grad(*d, 0.8, lengths, weights)
+    cpu = vn.log_partition_grad(scores, tokens, E1, E2, 0.8, lengths, weights)
+    for name in cpu._fields:
+        close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
+    paths = vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, seed=1).beam_idx
+    close(vn.sequence_score(*d, dev(paths)[0], lengths), vn.sequence_score(scores, tokens, E1, E2, paths, lengths),
+          dtype, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_likelihood_and_gradients_match_cpu(dtype):
+    rng = np.random.default_rng(4)
+    B, T, V, D, k = 2, 4, 30, 3, 5
+    emissions = rng.standard_normal((B, T, V)).astype(dtype)
+    targets = rng.integers(0, V, (B, T))
+    E1, E2 = (rng.standard_normal((V, D)).astype(dtype) * 0.5 for _ in range(2))
+    lengths = np.array([4, 3])
+    d = dev(emissions, targets, E1, E2)
+    close(vn.log_likelihood(*d, k, lengths, 1.3), vn.log_likelihood(emissions, targets, E1, E2, k, lengths, 1.3),
+          dtype, 10)
+    gpu = vn.log_likelihood_grad(*d, k, lengths, 1.3, np.array([1.0, 0.25]))
+    cpu = vn.log_likelihood_grad(emissions, targets, E1, E2, k, lengths, 1.3, np.array([1.0, 0.25]))
+    for name in cpu._fields:
+        close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
+
+
+def test_gpu_inputs_are_validated_like_cpu_inputs():
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    d = dev(scores, tokens, E1, E2)
+    with pytest.raises(TypeError, match="E1 is a host array but the other inputs are on the GPU"):
+        vn.viterbi_decode(d[0], d[1], E1, d[3])
+    with pytest.raises(TypeError, match="E2 must have the dtype of the other float inputs"):
+        vn.viterbi_decode(d[0], d[1], d[2], dev(E2.astype(np.float32))[0])
+    with pytest.raises(TypeError, match="tokens must be an int64 array on the GPU"):
+        vn.viterbi_decode(d[0], dev(tokens.astype(np.int32))[0], d[2], d[3])
+    with pytest.raises(TypeError, match="scores must be float32 or float64 on the GPU"):
+        vn.viterbi_decode(dev(scores.astype(np.float16))[0], *d[1:])
+    bad_tokens = tokens.copy()
+    bad_tokens[1, 2, 3] = 10_000
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 10\)"):
+        vn.log_partition(d[0], dev(bad_tokens)[0], d[2], d[3])
+    bad_scores = scores.copy()
+    bad_scores[1, 1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"scores contains NaN or \+inf \(first at batch 1, position 1\)"):
+        vn.stochastic_viterbi(dev(bad_scores)[0], *d[1:], seed=1)
+    dead = scores.copy()
+    dead[0, 2] = -np.inf
+    with pytest.raises(ValueError, match="the whole beam is -inf at batch 0, position 2"):
+        vn.marginals(dev(dead)[0], *d[1:])
+    nan_table = E1.copy()
+    nan_table[3, 1] = np.inf
+    with pytest.raises(ValueError, match="E1 contains NaN or inf"):
+        vn.crf_sample(d[0], d[1], dev(nan_table)[0], d[3], seed=1)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        vn.viterbi_decode(*d, lengths=np.array([0, 2]))
+    with pytest.raises(TypeError, match="lengths is a GPU array but the main inputs are host arrays"):
+        vn.viterbi_decode(scores, tokens, E1, E2, lengths=dev(lengths)[0])
+
+
+def test_results_are_device_arrays():
+    scores, tokens, E1, E2, lengths = problem(np.float32)
+    result = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
+    assert all(hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray) for x in result)
+    assert host(result.score).dtype == np.float32 and host(result.beam_idx).dtype == np.int64
