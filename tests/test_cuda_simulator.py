@@ -52,3 +52,38 @@ def test_without_a_gpu_the_cpu_path_works_and_gpu_arrays_get_a_clear_error():
     done = _run(["-c", NO_GPU_SCRIPT], NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")  # no GPU, even on a GPU machine
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ERROR: a GPU array was given but no CUDA GPU is usable here" in done.stdout, done.stdout
+
+
+def test_gpu_benchmark_says_what_is_missing():
+    done = _run([os.path.join(os.path.dirname(HERE), "benchmarks", "gpu.py")], CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no CUDA GPU" in done.stderr
+
+
+def test_gpu_arrays_are_recognised_without_importing_numba_cuda():
+    import numpy as np
+
+    from viterbi_numba._gpu import is_gpu_array
+
+    class Interface:
+        __cuda_array_interface__ = {}
+
+    class DLPack:
+        def __init__(self, device_type):
+            self.device_type = device_type
+
+        def __dlpack__(self):  # pragma: no cover - never called by the check
+            raise AssertionError
+
+        def __dlpack_device__(self):
+            return (self.device_type, 0)
+
+    class RefusesToExport:  # like a torch CUDA tensor that requires grad
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("requires grad")
+
+    assert is_gpu_array(Interface()) and is_gpu_array(DLPack(2)) and is_gpu_array(RefusesToExport())
+    assert not is_gpu_array(np.zeros(3)) and not is_gpu_array(DLPack(1)) and not is_gpu_array([1.0])
+    torch = __import__("pytest").importorskip("torch")
+    assert not is_gpu_array(torch.zeros(3)) and not is_gpu_array(torch.zeros(3, requires_grad=True))

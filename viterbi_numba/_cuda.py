@@ -13,8 +13,10 @@ registers/local memory: K^2 D multiply-adds per step, no (K, K) block kept excep
 sampler reads it three times (a (K, K) scratch per sequence in global memory). Back-pointers and
 per-step state go to global memory; scores of the current step live in shared memory.
 
-Reductions over a block (max, sum, scan, first crossing) go through shared memory and
-``syncthreads``; they need a power-of-two block size. Results equal the CPU kernels' up to float
+Reductions over a block (max, sum, first crossing) are warp shuffles, then one shared-memory step
+across the warps (in the CUDA simulator, which has no shuffles: a shared-memory tree); the running
+sums of the inverse-CDF search are a shared-memory scan. Blocks are a power of two threads, whole warps
+on a GPU. Results equal the CPU kernels' up to float
 rounding: the same Philox numbers drive the same inverse-CDF rule (float32 kernels use the uniform's
 top 24 bits), but sums are added in another order, so a draw whose target lies within rounding of a
 CDF boundary may pick the neighbouring slot.
@@ -27,7 +29,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cuda, from_dtype, int64
+from numba import config, cuda, from_dtype, int64
 
 from . import core
 
@@ -36,6 +38,7 @@ MAX_D = 128  # largest low-rank dimension (a thread's own factor row is a local 
 MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, threads) candidates in shared memory)
 SHARED_BUDGET = 40 * 1024  # dynamic shared memory per block, bytes (below the 48 KiB default limit)
 PAD = -1
+FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
 FIRST_ROW = 8  # check_beam's per-row flags start here (slots before it: the other checks)
 _FAR_ID = 1 << 62  # an id that ranks below every real token in top-K's sentinel slots
 
@@ -61,50 +64,69 @@ def kernels(dtype) -> SimpleNamespace:
     # ---------------------------------------------------------------------------------------------
     # block-wide primitives (every thread of the block must call them)
     # ---------------------------------------------------------------------------------------------
+    if config.ENABLE_CUDASIM:
+        # The simulator has no warp shuffles: tree reductions in shared memory (any power-of-two block).
+        @cuda.jit(device=True)
+        def block_reduce(value, scratch, op):
+            tid = cuda.threadIdx.x
+            scratch[tid] = value
+            cuda.syncthreads()
+            half = cuda.blockDim.x // 2
+            while half > 0:
+                if tid < half:
+                    scratch[tid] = combine(scratch[tid], scratch[tid + half], op)
+                cuda.syncthreads()
+                half //= 2
+            result = scratch[0]
+            cuda.syncthreads()
+            return result
+    else:
+        # On a GPU: a shuffle reduction within each warp, the warps' results through shared memory, a
+        # second shuffle reduction, and a broadcast from lane 0 (blocks are whole warps, at most 32).
+        @cuda.jit(device=True)
+        def block_reduce(value, scratch, op):
+            lane = cuda.threadIdx.x % 32
+            warp = cuda.threadIdx.x // 32
+            offset = 16
+            while offset > 0:
+                value = combine(value, cuda.shfl_down_sync(FULL_MASK, value, offset), op)
+                offset //= 2
+            if lane == 0:
+                scratch[warp] = value
+            cuda.syncthreads()
+            warps = cuda.blockDim.x // 32  # a power of two: lanes below it hold the warps' results
+            value = scratch[lane if lane < warps else 0]
+            offset = 16
+            while offset > 0:
+                other = cuda.shfl_down_sync(FULL_MASK, value, offset)
+                if lane + offset < warps:
+                    value = combine(value, other, op)
+                offset //= 2
+            result = cuda.shfl_sync(FULL_MASK, value, 0)
+            cuda.syncthreads()
+            return result
+
+    @cuda.jit(device=True)
+    def combine(a, b, op):
+        """op 0: max, 1: sum, 2: min."""
+        if op == 0:
+            return a if a > b else b
+        if op == 1:
+            return a + b
+        return a if a < b else b
+
     @cuda.jit(device=True)
     def block_max(value, scratch):
-        tid = cuda.threadIdx.x
-        scratch[tid] = value
-        cuda.syncthreads()
-        half = cuda.blockDim.x // 2
-        while half > 0:
-            if tid < half and scratch[tid + half] > scratch[tid]:
-                scratch[tid] = scratch[tid + half]
-            cuda.syncthreads()
-            half //= 2
-        result = scratch[0]
-        cuda.syncthreads()
-        return result
+        """max of ``value`` over the block, returned to every thread (``scratch``: shared, blockDim)."""
+        return block_reduce(value, scratch, 0)
 
     @cuda.jit(device=True)
     def block_sum(value, scratch):
-        tid = cuda.threadIdx.x
-        scratch[tid] = value
-        cuda.syncthreads()
-        half = cuda.blockDim.x // 2
-        while half > 0:
-            if tid < half:
-                scratch[tid] += scratch[tid + half]
-            cuda.syncthreads()
-            half //= 2
-        result = scratch[0]
-        cuda.syncthreads()
-        return result
+        return block_reduce(value, scratch, 1)
 
     @cuda.jit(device=True)
     def block_min_int(value, scratch):
-        tid = cuda.threadIdx.x
-        scratch[tid] = value
-        cuda.syncthreads()
-        half = cuda.blockDim.x // 2
-        while half > 0:
-            if tid < half and scratch[tid + half] < scratch[tid]:
-                scratch[tid] = scratch[tid + half]
-            cuda.syncthreads()
-            half //= 2
-        result = scratch[0]
-        cuda.syncthreads()
-        return result
+        return block_reduce(value, scratch, 2)
 
     @cuda.jit(device=True)
     def strided_max(values, count, scratch):

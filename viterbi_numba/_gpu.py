@@ -24,7 +24,10 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 def is_gpu_array(value: Any) -> bool:
     """True for an object that lives on a CUDA device (checked without importing numba-cuda)."""
-    if hasattr(value, "__cuda_array_interface__") or _is_numba_device_array(value):
+    try:
+        if hasattr(value, "__cuda_array_interface__") or _is_numba_device_array(value):
+            return True
+    except RuntimeError:  # torch: a CUDA tensor that requires grad refuses to export itself
         return True
     device = getattr(value, "__dlpack_device__", None)
     if device is None or isinstance(value, np.ndarray):
@@ -62,7 +65,7 @@ def _cuda():
 def require_gpu() -> None:
     """Raise a RuntimeError saying why, unless GPU kernels can run here."""
     _cuda()
-    from . import _cuda as _  # noqa: F401 - numba-cuda present and importable
+    _kernels(np.float32)  # the kernel module imports (numba-cuda and its compiler are present)
 
 
 def gpu_available() -> bool:
@@ -89,14 +92,23 @@ class _Library:
             import torch
 
             self.torch = torch
+            self._use_device(sample.device.index or 0)
             self.stream = self._external(torch.cuda.current_stream(sample.device).cuda_stream)
         elif self.kind == "cupy":
             import cupy
 
             self.cupy = cupy
+            self._use_device(sample.device.id)
             self.stream = self._external(cupy.cuda.get_current_stream().ptr)
         else:
             self.stream = self.cuda.default_stream()
+
+    def _use_device(self, index: int) -> None:
+        """Make numba launch on the array's GPU (one process per GPU, as under DDP, is not always GPU 0)."""
+        from numba import config
+
+        if not config.ENABLE_CUDASIM and self.cuda.get_current_device().id != index:
+            self.cuda.select_device(index)
 
     def _external(self, pointer: int):
         from numba import config
@@ -153,7 +165,7 @@ def _grid(size: int, threads: int = 256) -> int:
 
 
 def _block_limits() -> tuple[int, int]:
-    """(fewest, most) threads per block: a warp to 256 on a GPU; 1 to 8 in the CUDA simulator, which
+    """(fewest, most) threads per block: a warp to 256 on a GPU; 1 to 4 in the CUDA simulator, which
     runs each thread as a Python thread (tests there use K above 4 to exercise the strided loops)."""
     from numba import config
 
@@ -187,6 +199,8 @@ def _view(lib: _Library, value: Any, name: str):
         raise TypeError(f"{name} is a host array but the other inputs are on the GPU; pass all arrays on one device")
     if _is_numba_device_array(value):
         view = value
+    elif getattr(value, "requires_grad", False):
+        raise TypeError(f"{name} requires grad: pass {name}.detach() (or use the torch adapter's modules)")
     elif hasattr(value, "__cuda_array_interface__"):
         view = lib.cuda.as_cuda_array(value, sync=False)
     else:

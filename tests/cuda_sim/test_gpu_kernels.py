@@ -1,7 +1,8 @@
-"""Every GPU kernel against its CPU counterpart, in the CUDA simulator (tiny sizes).
+"""Every GPU kernel against its CPU counterpart (tiny sizes), in the CUDA simulator or on a GPU.
 
-Run by ``tests/test_cuda_simulator.py`` in a process of its own with NUMBA_ENABLE_CUDASIM=1: the
-simulator changes how numba behaves, so it never shares a process with the CPU tests.
+``tests/test_cuda_simulator.py`` runs this in a process of its own with NUMBA_ENABLE_CUDASIM=1 (the
+simulator changes how numba behaves, so it never shares a process with the CPU tests). On a machine with
+a GPU: ``VITERBI_NUMBA_GPU_TESTS=1 python -m pytest tests/cuda_sim``.
 """
 
 import os
@@ -9,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda_simulator.py runs it)", allow_module_level=True)
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and os.environ.get("VITERBI_NUMBA_GPU_TESTS") != "1":
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or VITERBI_NUMBA_GPU_TESTS=1", allow_module_level=True)
 
 from conftest import make_problem
 from numba import cuda
@@ -194,3 +195,14 @@ def test_results_are_device_arrays():
     result = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
     assert all(hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray) for x in result)
     assert host(result.score).dtype == np.float32 and host(result.beam_idx).dtype == np.int64
+
+
+def test_readme_gpu_block_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "cuda.to_device" in b]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert host(namespace["draws"].log_prob).shape == (2, 3)
