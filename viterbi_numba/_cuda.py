@@ -5,13 +5,13 @@ launches); importing it needs numba-cuda but no GPU. ``kernels(dtype)`` compiles
 float dtype, so every float constant in a float32 kernel is a float32 (no ``.f64`` instruction in its
 PTX; DESIGN §7).
 
-Launch shape: one block per sequence (or per (sequence, sample) chain) runs the whole time loop; the
-block's threads cover the K beam slots (``j = tid, tid + threads, ...``). The K x D factor rows of the
-step's other side are staged in shared memory in tiles of ``tile_rows`` rows, so each thread computes
-its transition column ``E1[tok[t-1, i]] . E2[tok[t, j]]`` from shared memory with its own row held in
-registers/local memory: K^2 D multiply-adds per step, no (K, K) block kept except where the seed
-sampler reads it three times (a (K, K) scratch per sequence in global memory). Back-pointers and
-per-step state go to global memory; scores of the current step live in shared memory.
+Launch shape: one block per sequence (Viterbi, forward, backward) or per (sequence, sample) chain (the
+seed sampler, FFBS, the sampler's backward) runs the whole time loop; the block's threads cover the K
+beam slots (``j = tid, tid + threads, ...``). The K x D factor rows of the step's other side are staged
+in shared memory in tiles of ``tile_rows`` rows, so each thread computes its transition column
+``E1[tok[t-1, i]] . E2[tok[t, j]]`` from shared memory with its own row held in registers/local memory:
+K^2 D multiply-adds per pass, no (K, K) block is ever stored. Back-pointers and per-step state go to
+global memory; scores of the current step live in shared memory.
 
 Reductions over a block (max, sum, first crossing) are warp shuffles, then one shared-memory step
 across the warps (in the CUDA simulator, which has no shuffles: a shared-memory tree); the running
@@ -29,7 +29,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 import numpy as np
-from numba import config, cuda, from_dtype, int64
+from numba import config, cuda, from_dtype, int32, int64
 
 from . import core
 
@@ -210,8 +210,8 @@ def kernels(dtype) -> SimpleNamespace:
 
     @cuda.jit(device=True)
     def position_shifts(scores, b, length, shift, cum_shift, scratch):
-        """shift[b, t] = max_k scores[b, t, k]; cum_shift[b, t] = their sum up to min(t, length - 1)
-        (compensated, so float32 keeps the precision the CPU's float64 sum has)."""
+        """shift[t] = max_k scores[b, t, k]; cum_shift[t] = their sum up to min(t, length - 1) (rows of T;
+        compensated, so float32 keeps the precision the CPU's float64 sum has)."""
         T = scores.shape[1]
         K = scores.shape[2]
         total = ZERO
@@ -225,8 +225,8 @@ def kernels(dtype) -> SimpleNamespace:
                 error = (s - total) - y
                 total = s
             if cuda.threadIdx.x == 0:
-                shift[b, t] = m
-                cum_shift[b, t] = total
+                shift[t] = m
+                cum_shift[t] = total
 
     # ---------------------------------------------------------------------------------------------
     # validation
@@ -417,7 +417,7 @@ def kernels(dtype) -> SimpleNamespace:
         tile = shared[K:]
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
         own = cuda.local.array(MAX_D, nbtype)
-        position_shifts(scores, b, length, shift, cum_shift, scratch)
+        position_shifts(scores, b, length, shift[b], cum_shift[b], scratch)
         cuda.syncthreads()
         for j in range(tid, K, threads):
             prev[j] = scores[b, 0, j] - shift[b, 0]
@@ -489,22 +489,24 @@ def kernels(dtype) -> SimpleNamespace:
 
     @cuda.jit
     def stochastic_viterbi_kernel(scores, tokens, E1, E2, lengths, inv_temp, seed_lo, seed_hi, uniforms,
-                                  use_uniforms, tile_rows, shift, cum_shift, trans, chains,
-                                  out_beam_probs, out_beam_idx, out_tokens, out_path_scores,
-                                  out_backpointers, out_score):
-        """One block per sequence, N = out_beam_idx.shape[2] chains in turn (DESIGN §3).
+                                  use_uniforms, tile_rows, shift, cum_shift, out_beam_probs, out_beam_idx,
+                                  out_tokens, out_path_scores, out_backpointers, out_score):
+        """One block per chain (sequence b, sample n = out_beam_idx.shape[2] of them) (DESIGN §3).
 
-        Each step computes trans[b] (K, K) once (global scratch), then for every chain and state j
-        picks the predecessor from softmax_i((prev[i] + trans[i, j]) * inv_temp) with the uniform
-        U[b, t-1, j, n]: one pass for the maximum, one for the total, one to the crossing.
-        chains (B, N, K): each chain's shifted cumulative scores.
+        The sampling step: thread j draws the predecessor of state j from
+        softmax_i((prev[i] + trans[i, j]) * inv_temp) with the uniform U[b, t-1, j, n], in two passes over
+        tiles of factor rows: an online maximum and total, then the running sum up to the crossing
+        (the block stops loading tiles once every thread has found its pick). Transitions are computed
+        on the fly, so the chains of a sequence share nothing and run side by side.
         """
-        b = cuda.blockIdx.x
+        chain = cuda.blockIdx.x
+        N = out_beam_idx.shape[2]
+        b = chain // N
+        n = chain - b * N
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
         T = scores.shape[1]
         K = scores.shape[2]
-        N = out_beam_idx.shape[2]
         D = E1.shape[1]
         length = lengths[b]
         shared = cuda.shared.array(0, nbtype)
@@ -513,87 +515,97 @@ def kernels(dtype) -> SimpleNamespace:
         tile = shared[2 * K:]
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
         own = cuda.local.array(MAX_D, nbtype)
-        position_shifts(scores, b, length, shift, cum_shift, scratch)
+        position_shifts(scores, b, length, shift[chain], cum_shift[chain], scratch)  # each chain's own copy
         cuda.syncthreads()
-        for n in range(N):
-            for j in range(tid, K, threads):
-                chains[b, n, j] = scores[b, 0, j] - shift[b, 0]
-                new[j] = chains[b, n, j]
-                out_path_scores[b, 0, j, n] = scores[b, 0, j]
-            cuda.syncthreads()
-            softmax_column(new, out_beam_probs[b, 0], n, scratch)
+        for j in range(tid, K, threads):
+            prev[j] = scores[b, 0, j] - shift[chain, 0]
+            out_path_scores[b, 0, j, n] = scores[b, 0, j]
+        cuda.syncthreads()
+        softmax_column(prev, out_beam_probs[b, 0], n, scratch)
         for t in range(1, length):
-            for base in range(0, K, threads):  # trans[b, i, j] for every (i, j)
+            emission_shift = shift[chain, t]
+            for base in range(0, K, threads):
                 j = base + tid
                 if j < K:
                     load_own(own, E2, tokens[b, t, j], D)
-                for start in range(0, K, tile_rows):
+                m = NEG_INF
+                total = ZERO
+                for start in range(0, K, tile_rows):  # pass 1: maximum and total, online
                     rows = min(tile_rows, K - start)
                     cuda.syncthreads()
                     load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                     cuda.syncthreads()
                     if j < K:
                         for r in range(rows):
-                            trans[b, start + r, j] = dot_tile(tile, r, own, D)
-            cuda.syncthreads()
-            emission_shift = shift[b, t]
-            for n in range(N):
-                for j in range(tid, K, threads):
-                    prev[j] = chains[b, n, j]
-                cuda.syncthreads()
-                for j in range(tid, K, threads):
-                    m = NEG_INF
-                    for i in range(K):
-                        m = max(m, prev[i] + trans[b, i, j])
-                    total = ZERO
-                    last = 0
-                    for i in range(K):
-                        w = math.exp((prev[i] + trans[b, i, j] - m) * inv_temp)
-                        total += w
-                        if w > ZERO:
-                            last = i
+                            x = prev[start + r] + dot_tile(tile, r, own, D)
+                            if x > m:
+                                total = total * math.exp((m - x) * inv_temp) + ONE
+                                m = x
+                            else:
+                                total += math.exp((x - m) * inv_temp)
+                u = ZERO
+                if j < K:
                     if use_uniforms:
                         u = uniforms[b, t - 1, j, n]
                     else:
                         u0, u1 = draw_pair(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, j // 2, n)
                         u = u0 if j % 2 == 0 else u1
-                    target = u * total
-                    pick = last
-                    running = ZERO
-                    for i in range(K):
-                        running += math.exp((prev[i] + trans[b, i, j] - m) * inv_temp)
-                        if target < running:
-                            pick = i
-                            break
-                    new[j] = prev[pick] + trans[b, pick, j] + (scores[b, t, j] - emission_shift)
+                target = u * total
+                running = ZERO
+                pick = -1 if j < K else 0
+                last = 0
+                picked = ZERO
+                for start in range(0, K, tile_rows):  # pass 2: running sum to the crossing
+                    rows = min(tile_rows, K - start)
+                    cuda.syncthreads()
+                    if cuda.syncthreads_and(int32(1 if pick >= 0 else 0)):
+                        break
+                    load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
+                    cuda.syncthreads()
+                    if pick < 0:
+                        for r in range(rows):
+                            x = prev[start + r] + dot_tile(tile, r, own, D)
+                            w = math.exp((x - m) * inv_temp)
+                            running += w
+                            if w > ZERO:
+                                last = start + r
+                                picked = x
+                            if target < running:
+                                pick = start + r
+                                picked = x
+                                break
+                if j < K:
+                    if pick < 0:  # rounding left no crossing: the last slot with a positive weight
+                        pick = last
+                    new[j] = picked + (scores[b, t, j] - emission_shift)
                     out_backpointers[b, t - 1, j, n] = pick
-                cuda.syncthreads()
-                for j in range(tid, K, threads):
-                    chains[b, n, j] = new[j]
-                    out_path_scores[b, t, j, n] = new[j] + cum_shift[b, t]
-                softmax_column(new, out_beam_probs[b, t], n, scratch)
-        cuda.syncthreads()
-        for n in range(N):
-            for t in range(length, T):
-                for j in range(tid, K, threads):
-                    out_beam_probs[b, t, j, n] = ZERO
-                    out_path_scores[b, t, j, n] = chains[b, n, j] + cum_shift[b, t]
-                    out_backpointers[b, t - 1, j, n] = j
             cuda.syncthreads()
-            if tid == 0:
-                for t in range(length, T):
-                    out_beam_idx[b, t, n] = PAD
-                    out_tokens[b, t, n] = PAD
-                y = 0
-                for j in range(1, K):
-                    if chains[b, n, j] > chains[b, n, y]:
-                        y = j
-                out_score[b, n] = chains[b, n, y] + cum_shift[b, length - 1]
-                for t in range(length - 1, -1, -1):
-                    out_beam_idx[b, t, n] = y
-                    out_tokens[b, t, n] = tokens[b, t, y]
-                    if t > 0:
-                        y = out_backpointers[b, t - 1, y, n]
+            for j in range(tid, K, threads):
+                prev[j] = new[j]
+                out_path_scores[b, t, j, n] = new[j] + cum_shift[chain, t]
+            cuda.syncthreads()
+            softmax_column(prev, out_beam_probs[b, t], n, scratch)
+        cuda.syncthreads()
+        for t in range(length, T):
+            for j in range(tid, K, threads):
+                out_beam_probs[b, t, j, n] = ZERO
+                out_path_scores[b, t, j, n] = prev[j] + cum_shift[chain, t]
+                out_backpointers[b, t - 1, j, n] = j
+        cuda.syncthreads()
+        if tid == 0:
+            for t in range(length, T):
+                out_beam_idx[b, t, n] = PAD
+                out_tokens[b, t, n] = PAD
+            y = 0
+            for j in range(1, K):
+                if prev[j] > prev[y]:
+                    y = j
+            out_score[b, n] = prev[y] + cum_shift[chain, length - 1]
+            for t in range(length - 1, -1, -1):
+                out_beam_idx[b, t, n] = y
+                out_tokens[b, t, n] = tokens[b, t, y]
+                if t > 0:
+                    y = out_backpointers[b, t - 1, y, n]
 
     @cuda.jit
     def stochastic_viterbi_backward_kernel(beam_probs, backpointers, tokens, E1, E2, lengths, grad_beam_probs,
@@ -950,7 +962,7 @@ def kernels(dtype) -> SimpleNamespace:
 def signatures(dtype) -> dict:
     """The argument types each kernel is launched with for float dtype ``dtype`` (C-contiguous arrays,
     Python ints as int64, Python bools as boolean): what ``compile_ptx`` compiles ahead of time."""
-    from numba import boolean, int32
+    from numba import boolean
 
     f = from_dtype(np.dtype(dtype))
     f1, f2, f3, f4 = f[::1], f[:, ::1], f[:, :, ::1], f[:, :, :, ::1]
@@ -964,8 +976,7 @@ def signatures(dtype) -> dict:
         "scale_rows": (f3, f1, f3),
         "topk_kernel": (f3, int64, int64, i2, boolean, f3, i3, i2),
         "viterbi_kernel": beam + (int64, f2, f2, f3, int32[:, :, ::1], i2, i2, f1, f2),
-        "stochastic_viterbi_kernel": beam + (f, int64, int64, f4, boolean, int64, f2, f2, f3, f3, f4, i3, i3, f4,
-                                             i4, f2),
+        "stochastic_viterbi_kernel": beam + (f, int64, int64, f4, boolean, int64, f2, f2, f4, i3, i3, f4, i4, f2),
         "stochastic_viterbi_backward_kernel": (f4, i4, i3, f2, f2, i1, f4, f3, f2, f2),
         "forward_kernel": beam + (f, int64, f1, f3, f3, f3),
         "sample_kernel": beam + (f, f1, f3, int64, int64, f3, boolean, i3, i3, f2),

@@ -450,15 +450,13 @@ def stochastic_viterbi(scores, tokens, E1, E2, num_samples=None, temperature=1.0
     path_scores = lib.empty((B, T, K, N), dtype)
     backpointers = lib.empty((B, T - 1, K, N), np.int64)
     score = lib.empty((B, N), dtype)
-    shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
-    trans = lib.empty((B, K, K), dtype)[1]
-    chains = lib.empty((B, N, K), dtype)[1]
+    shift, cum_shift = (lib.empty((B * N, T), dtype)[1] for _ in range(2))
     tile_rows = _tile_rows(K, D, dtype.itemsize, 2 * K)
     if B:
-        _kernels(dtype).stochastic_viterbi_kernel[B, _threads(K), lib.stream, (2 * K + tile_rows * D) * dtype.itemsize](
+        _kernels(dtype).stochastic_viterbi_kernel[B * N, _threads(K), lib.stream, (2 * K + tile_rows * D) * dtype.itemsize](
             scores, beam.tokens, beam.E1, beam.E2, beam.lengths, inv_temp, seed & 0xFFFFFFFF, seed >> 32, replay,
-            replaying, tile_rows, shift, cum_shift, trans, chains, beam_probs[1], beam_idx[1], path_tokens[1],
-            path_scores[1], backpointers[1], score[1])
+            replaying, tile_rows, shift, cum_shift, beam_probs[1], beam_idx[1], path_tokens[1], path_scores[1],
+            backpointers[1], score[1])
     out = [beam_probs[0], beam_idx[0], path_tokens[0], path_scores[0], backpointers[0], score[0]]
     if single:
         out = [out[0].reshape(B, T, K), out[1], out[2].reshape(B, T), out[3].reshape(B, T, K),

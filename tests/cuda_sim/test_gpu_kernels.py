@@ -206,3 +206,23 @@ def test_readme_gpu_block_runs():
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert host(namespace["draws"].log_prob).shape == (2, 3)
+
+
+def test_factor_rows_in_several_tiles(monkeypatch):
+    """With two factor rows per shared-memory tile, every kernel walks several tiles per step (and the
+    seed sampler's second pass stops early once every thread has its pick)."""
+    from viterbi_numba import _gpu
+
+    monkeypatch.setattr(_gpu, "_tile_rows", lambda K, D, itemsize, fixed_items: 2)
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    d = dev(scores, tokens, E1, E2)
+    np.testing.assert_array_equal(host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
+                                  vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
+    uniforms = np.random.default_rng(6).random((2, 3, 5, 2))
+    np.testing.assert_array_equal(
+        host(vn.stochastic_viterbi(*d, 2, lengths=lengths, uniforms=uniforms).backpointers),
+        vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms).backpointers)
+    gpu = vn.log_partition_grad(*d, 1.0, lengths)
+    cpu = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
+    for name in cpu._fields:
+        close(getattr(gpu, name), getattr(cpu, name), np.float64, 10)
