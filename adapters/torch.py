@@ -55,7 +55,8 @@ def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
 def _kernel_input(tensor: torch.Tensor, name: str = "tensor", dtype: Optional[torch.dtype] = None):
     """What the array API takes for ``tensor``: a zero-copy NumPy view of a CPU tensor, or the detached
     CUDA tensor itself (the GPU kernels read torch CUDA tensors in place; they need one float dtype, so
-    ``dtype`` casts there, and float16/bfloat16 become float32 on both devices)."""
+    a float CUDA tensor is cast to the torch ``dtype`` given; float16/bfloat16 become float32 on both
+    devices)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type == "cpu":
@@ -168,8 +169,8 @@ class _SeedSampler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_beam_probs, _grad_idx, _grad_tokens):
         sample, beam_tokens, tables, lengths = ctx.saved
-        grad_beam_probs = _kernel_input(grad_beam_probs, "grad", tables[0].dtype if torch.is_tensor(tables[0]) else None)
-        grad = vn.stochastic_viterbi_backward(grad_beam_probs, sample, beam_tokens, *tables, lengths=lengths)
+        grad = vn.stochastic_viterbi_backward(_kernel_input(grad_beam_probs, "grad", tables[0].dtype), sample,
+                                              beam_tokens, *tables, lengths=lengths)
         return (*_grads_out(grad, ctx.dtypes), None, None, None, None, None, None)
 
 

@@ -190,6 +190,13 @@ def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:
     return int(max(1, min(K, free // (D * itemsize))))
 
 
+def _tiling(K: int, D: int, dtype, fixed_items: int) -> tuple[int, int]:
+    """(rows per tile of factor rows, dynamic shared-memory bytes) for a kernel that also keeps
+    ``fixed_items`` values of ``dtype`` in shared memory."""
+    rows = _tile_rows(K, D, dtype.itemsize, fixed_items)
+    return rows, (fixed_items + rows * D) * dtype.itemsize
+
+
 # --------------------------------------------------------------------------------------------------
 # validation of GPU inputs
 # --------------------------------------------------------------------------------------------------
@@ -417,9 +424,9 @@ def viterbi_decode(scores, tokens, E1, E2, lengths=None):
     shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
     history = lib.empty((B, T, K), dtype)[1]
     back = lib.empty((B, T, K), np.int32)[1]
-    tile_rows = _tile_rows(K, D, dtype.itemsize, K)
+    tile_rows, shared = _tiling(K, D, dtype, K)
     if B:
-        _kernels(dtype).viterbi_kernel[B, _threads(K), lib.stream, (K + tile_rows * D) * dtype.itemsize](
+        _kernels(dtype).viterbi_kernel[B, _threads(K), lib.stream, shared](
             scores, beam.tokens, beam.E1, beam.E2, beam.lengths, tile_rows, shift, cum_shift, history, back,
             beam_idx[1], path_tokens[1], score[1], step_scores[1])
     return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
@@ -451,9 +458,9 @@ def stochastic_viterbi(scores, tokens, E1, E2, num_samples=None, temperature=1.0
     backpointers = lib.empty((B, T - 1, K, N), np.int64)
     score = lib.empty((B, N), dtype)
     shift, cum_shift = (lib.empty((B * N, T), dtype)[1] for _ in range(2))
-    tile_rows = _tile_rows(K, D, dtype.itemsize, 2 * K)
+    tile_rows, shared = _tiling(K, D, dtype, 2 * K)
     if B:
-        _kernels(dtype).stochastic_viterbi_kernel[B * N, _threads(K), lib.stream, (2 * K + tile_rows * D) * dtype.itemsize](
+        _kernels(dtype).stochastic_viterbi_kernel[B * N, _threads(K), lib.stream, shared](
             scores, beam.tokens, beam.E1, beam.E2, beam.lengths, inv_temp, seed & 0xFFFFFFFF, seed >> 32, replay,
             replaying, tile_rows, shift, cum_shift, beam_probs[1], beam_idx[1], path_tokens[1], path_scores[1],
             backpointers[1], score[1])
@@ -524,9 +531,9 @@ def forward_pass(beam: _Beam, temperature) -> ForwardState:
     inv_temp = dtype.type(1.0 / _validate.temperature(temperature))
     log_z = lib.empty((B,), dtype)
     alpha, col_max, col_sum = (lib.empty((B, T, K), dtype)[1] for _ in range(3))
-    tile_rows = _tile_rows(K, D, dtype.itemsize, K)
+    tile_rows, shared = _tiling(K, D, dtype, K)
     if B:
-        _kernels(dtype).forward_kernel[B, _threads(K), lib.stream, (K + tile_rows * D) * dtype.itemsize](
+        _kernels(dtype).forward_kernel[B, _threads(K), lib.stream, shared](
             scores, beam.tokens, beam.E1, beam.E2, beam.lengths, inv_temp, tile_rows, log_z[1], alpha, col_max,
             col_sum)
     return ForwardState(beam, inv_temp, log_z[1], log_z[0], alpha, col_max, col_sum)
@@ -570,9 +577,9 @@ def backward_pass(state: ForwardState, row_scale: Optional[np.ndarray]):
     grad_E1 = lib.zeros(beam.E1.shape if want_rows else (1, 1), dtype)
     grad_E2 = lib.zeros(beam.E1.shape if want_rows else (1, 1), dtype)
     scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
-    tile_rows = _tile_rows(K, D, dtype.itemsize, 3 * K)
+    tile_rows, shared = _tiling(K, D, dtype, 3 * K)
     if B:
-        _kernels(dtype).backward_kernel[B, _threads(K), lib.stream, (3 * K + tile_rows * D) * dtype.itemsize](
+        _kernels(dtype).backward_kernel[B, _threads(K), lib.stream, shared](
             beam.tokens, beam.E1, beam.E2, beam.lengths, state.inv_temp, state.alpha, state.col_max, state.col_sum,
             tile_rows, scale, want_rows, mu[1], grad_E1[1], grad_E2[1])
     if not want_rows:
