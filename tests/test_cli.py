@@ -48,3 +48,14 @@ def test_bench_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     with pytest.raises(SystemExit, match=r"bench needs torch.*\[bench\]"):
         main(["bench", "--quick"])
+
+
+def test_bench_gpu_says_when_there_is_no_gpu(capsys):
+    import pytest
+
+    pytest.importorskip("torch")
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here: bench --gpu would run")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--gpu", "--quick"])
+    assert stop.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err

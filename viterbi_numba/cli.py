@@ -2,7 +2,7 @@
 
     viterbi-numba demo                      # seed-size problem from a fixed seed
     viterbi-numba demo --emissions e.npy --tables tables.npz --samples 4
-    viterbi-numba bench [--quick]           # needs a source checkout (benchmarks/) and the [bench] extra
+    viterbi-numba bench [--quick] [--gpu]   # needs a source checkout (benchmarks/) and the [bench] extra
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    name = "gpu.py" if args.gpu else "run.py"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / name
     if not script.exists():
-        raise SystemExit("bench runs benchmarks/run.py from a source checkout of viterbi-numba; none found "
+        raise SystemExit(f"bench runs benchmarks/{name} from a source checkout of viterbi-numba; none found "
                          f"at {script.parent}")
-    missing = [name for name in ("torch", "matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+    needed = ("torch",) if args.gpu else ("torch", "matplotlib", "tqdm")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"bench needs {', '.join(missing)}: pip install -e '.[bench]' (with torch==2.13.0 "
                          "for the CPU build)")
@@ -110,6 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.set_defaults(func=demo)
     p = commands.add_parser("bench", help="run benchmarks/run.py (source checkout, [bench] extra)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="benchmarks/gpu.py: the CUDA kernels against PyTorch on a GPU")
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
