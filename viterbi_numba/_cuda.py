@@ -541,7 +541,7 @@ def kernels(dtype) -> SimpleNamespace:
                             if x > m:
                                 total = total * math.exp((m - x) * inv_temp) + ONE
                                 m = x
-                            else:
+                            elif x != NEG_INF:  # a -inf slot weighs 0 (and -inf - -inf would be NaN)
                                 total += math.exp((x - m) * inv_temp)
                 u = ZERO
                 if j < K:

@@ -226,3 +226,42 @@ def test_factor_rows_in_several_tiles(monkeypatch):
     cpu = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
     for name in cpu._fields:
         close(getattr(gpu, name), getattr(cpu, name), np.float64, 10)
+
+
+def test_one_position_and_empty_batches():
+    scores, tokens, E1, E2, _ = problem(np.float64, T=1)
+    d = dev(scores, tokens, E1, E2)
+    cpu = vn.viterbi_decode(scores, tokens, E1, E2)
+    np.testing.assert_array_equal(host(vn.viterbi_decode(*d).beam_idx), cpu.beam_idx)
+    sample = vn.stochastic_viterbi(*d, 2, seed=3)
+    assert host(sample.backpointers).shape == (2, 0, 5, 2)
+    np.testing.assert_array_equal(host(sample.beam_idx)[:, 0, 0], cpu.beam_idx[:, 0])
+    close(vn.log_partition(*d), vn.log_partition(scores, tokens, E1, E2), np.float64)
+    close(vn.marginals(*d), vn.marginals(scores, tokens, E1, E2), np.float64)
+    np.testing.assert_array_equal(host(vn.crf_sample(*d, 3, seed=2).beam_idx),
+                                  vn.crf_sample(scores, tokens, E1, E2, 3, seed=2).beam_idx)
+    empty = dev(scores[:0], tokens[:0], E1, E2)
+    assert host(vn.viterbi_decode(*empty).beam_idx).shape == (0, 1)
+    assert host(vn.crf_sample(*empty, 2, seed=1).log_prob).shape == (0, 2)
+    assert host(vn.log_partition_grad(*empty).grad_E1).shape == E1.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_minus_infinity_beam_slots(dtype):
+    """-inf scores (slots no path may use) weigh 0 everywhere and never make a NaN."""
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    scores[:, :, 0] = -np.inf  # the first slot of every position, so the first rows of each pass
+    scores[1, 1, 3] = -np.inf
+    d = dev(scores, tokens, E1, E2)
+    uniforms = np.random.default_rng(9).random((2, 3, 5, 2))
+    gpu = vn.stochastic_viterbi(*d, 2, lengths=lengths, uniforms=uniforms)
+    cpu = vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
+    np.testing.assert_array_equal(host(gpu.backpointers), cpu.backpointers)
+    close(gpu.beam_probs, cpu.beam_probs, dtype)
+    np.testing.assert_array_equal(host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
+                                  vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
+    close(vn.log_partition(*d, lengths=lengths), vn.log_partition(scores, tokens, E1, E2, lengths=lengths), dtype, 10)
+    close(vn.marginals(*d, lengths=lengths), vn.marginals(scores, tokens, E1, E2, lengths=lengths), dtype)
+    uniforms = np.random.default_rng(9).random((2, 4, 3))
+    np.testing.assert_array_equal(host(vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms).beam_idx),
+                                  vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, uniforms=uniforms).beam_idx)
