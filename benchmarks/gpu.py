@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
 FP32_LANES_PER_SM = {(7, 0): 64, (7, 5): 64, (8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128,
@@ -100,6 +98,7 @@ def inputs(torch, B, T, V, K, D, seed=0):
 
 
 def cases(torch, size, repeats, info):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_baselines, beside this script
     import torch_baselines as tb
 
     import viterbi_numba as vn

@@ -35,7 +35,7 @@ from . import core
 
 MAX_THREADS = 256  # threads per block (a power of two)
 MAX_D = 128  # largest low-rank dimension (a thread's own factor row is a local array of this size)
-MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, threads) candidates in shared memory)
+MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, 4 * threads) entries in shared memory)
 SHARED_BUDGET = 40 * 1024  # dynamic shared memory per block, bytes (below the 48 KiB default limit)
 PAD = -1
 FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
@@ -323,7 +323,7 @@ def kernels(dtype) -> SimpleNamespace:
         """One block per (b, t) row: the k best (score, id), best first, ties to the lower id.
 
         Shared memory holds the best ``region`` entries so far (sorted, ``region`` a power of two >= k
-        and >= the block size) followed by ``region`` candidate slots. A row entry becomes a candidate
+        and >= 4 block sizes) followed by ``region`` candidate slots. A row entry becomes a candidate
         only if it ranks above the current k-th best; when the candidate slots could overflow, the
         2 * region entries are sorted (bitonic) and the best half kept. A forced token enters first
         with score +inf, so it is always kept, and takes its own score at the end.

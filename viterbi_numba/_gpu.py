@@ -395,7 +395,7 @@ def topk_beam(emissions, k, force_tokens=None):
     tokens_native, tokens = lib.empty((B, T, k), np.int64)
     _, bad_rows = lib.zeros((B, T), np.int64)
     threads = _block_limits()[1]
-    region = threads
+    region = 4 * threads  # candidate slots for 4 chunks of the row: a sort only every few chunks' survivors
     while region < k:
         region *= 2
     shared = 2 * region * (emissions.dtype.itemsize + 8)

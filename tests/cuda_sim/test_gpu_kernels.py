@@ -43,7 +43,7 @@ def close(gpu, cpu, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_beam_matches_cpu_with_ties_and_forced_tokens(dtype):
     rng = np.random.default_rng(1)
-    emissions = rng.integers(-4, 4, size=(2, 2, 70)).astype(dtype)  # many ties; 70 > the simulator's 8 slots
+    emissions = rng.integers(-4, 4, size=(2, 2, 70)).astype(dtype)  # many ties; 70 > the simulator's 16 candidate slots
     forced = rng.integers(0, 70, size=(2, 2))
     for k, force in ((5, None), (7, forced), (1, forced)):
         gpu = vn.topk_beam(*dev(emissions), k, None if force is None else dev(force)[0])
