@@ -36,3 +36,15 @@ def test_fast_exp_accuracy_and_limits():
 def test_float64_exp_is_math_exp():
     x = np.linspace(-700, 0, 1001)
     np.testing.assert_array_equal(fast_exp_array(x), [math.exp(v) for v in x])
+
+
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf, 1e30])
+def test_softmax_pick_never_reads_its_scratch(garbage):
+    """``prefix`` is uninitialised scratch in the kernels (np.empty): whatever it holds must not matter.
+    (It once started its running sum from prefix[0] * 0, which is NaN for NaN or inf garbage, and made
+    crf_sample differ in about 1 process in 30.)"""
+    logits = np.array([-3.0, -1.0, 2.0, 0.5])
+    for u in (0.0, 0.3, 0.9, 0.999):
+        want = _cpu.softmax_pick(logits, 1.0, u, np.zeros(4))
+        assert _cpu.softmax_pick(logits, 1.0, u, np.full(4, garbage)) == want
+    assert _cpu.softmax_pick(logits, 1.0, 0.5, np.full(4, garbage)) == 2

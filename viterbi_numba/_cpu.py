@@ -386,8 +386,10 @@ def softmax_pick(logits, scale, u, prefix):
     m = logits[0]
     for i in range(1, K):
         m = max(m, logits[i])
-    running = prefix[0] * 0
-    for i in range(K):
+    # the running sum starts from the first weight: ``prefix`` is scratch, never read before it is written
+    running = fast_exp((logits[0] - m) * scale)
+    prefix[0] = running
+    for i in range(1, K):
         running += fast_exp((logits[i] - m) * scale)
         prefix[i] = running
     return inverse_cdf_pick(prefix, u * running, K)
