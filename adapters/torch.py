@@ -73,8 +73,10 @@ def _kernel_input(tensor: torch.Tensor, name: str = "tensor", dtype: Optional[to
     return tensor.contiguous()
 
 
-def _float_inputs(*named):
-    """``_kernel_input`` of (tensor, name) pairs in one compute dtype (float64 if any is float64)."""
+def _crf_inputs(scores: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor):
+    """``_kernel_input`` of the scores (emissions or beam scores) and both tables, in one compute dtype
+    (float64 if any is float64)."""
+    named = ((scores, "emissions"), (weight1, "E1.weight"), (weight2, "E2.weight"))
     wide = any(tensor.dtype == torch.float64 for tensor, _ in named if isinstance(tensor, torch.Tensor))
     dtype = torch.float64 if wide else torch.float32
     return [_kernel_input(tensor, name, dtype) for tensor, name in named]
@@ -157,7 +159,7 @@ class _SeedSampler(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, beam_scores, weight1, weight2, beam_tokens, lengths, num_samples, temperature, seed, uniforms):
-        scores, *tables = _float_inputs((beam_scores, "emissions"), (weight1, "E1.weight"), (weight2, "E2.weight"))
+        scores, *tables = _crf_inputs(beam_scores, weight1, weight2)
         sample = vn.stochastic_viterbi(scores, beam_tokens, *tables, num_samples=num_samples,
                                        temperature=temperature, lengths=lengths, seed=seed, uniforms=uniforms)
         ctx.saved = sample, beam_tokens, tables, lengths
@@ -312,8 +314,7 @@ class DynamicCRF(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        scores, *tables = _float_inputs((emissions, "emissions"), (self.E1.weight, "E1.weight"),
-                                        (self.E2.weight, "E2.weight"))
+        scores, *tables = _crf_inputs(emissions, self.E1.weight, self.E2.weight)
         likelihood = _crf._likelihood_forward(scores, _kernel_input(targets, "targets"), *tables,
                                               beam if beam is not None else self.beam, lengths, 1.0)
         beam_scores = emissions.gather(2, _out(likelihood.beam_tokens))
@@ -329,8 +330,7 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        scores, *tables = _float_inputs((beam_scores, "emissions"), (self.E1.weight, "E1.weight"),
-                                        (self.E2.weight, "E2.weight"))
+        scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
         best = vn.viterbi_decode(scores, beam_tokens, *tables, lengths=lengths)
         tokens = best.tokens
         if lengths is not None:
@@ -352,8 +352,7 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        scores, *tables = _float_inputs((beam_scores, "emissions"), (self.E1.weight, "E1.weight"),
-                                        (self.E2.weight, "E2.weight"))
+        scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
         state, draws = _crf._sample_with_state(scores, beam_tokens, *tables, num_samples, temperature, lengths,
                                                seed_from(generator), None)
         log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, state, draws)

@@ -189,12 +189,15 @@ def kernels(dtype) -> SimpleNamespace:
         return -last if last <= 0 else 0
 
     @cuda.jit(device=True)
-    def load_rows(tile, table, row_ids, start, rows, D):
-        """tile[r, :] = table[row_ids[start + r], :] for r < rows, by the whole block (coalesced in d)."""
+    def stage_rows(tile, table, row_ids, start, rows, D):
+        """tile[r, :] = table[row_ids[start + r], :] for r < rows, loaded by the whole block (coalesced in d)
+        between two barriers: no thread still reads the previous tile, every thread sees the new one."""
+        cuda.syncthreads()
         for e in range(cuda.threadIdx.x, rows * D, cuda.blockDim.x):
             r = e // D
             d = e - r * D
             tile[r * D + d] = table[row_ids[start + r], d]
+        cuda.syncthreads()
 
     @cuda.jit(device=True)
     def dot_tile(tile, r, own, D):
@@ -432,9 +435,7 @@ def kernels(dtype) -> SimpleNamespace:
                     load_own(own, E2, tokens[b, t, j], D)
                 for start in range(0, K, tile_rows):
                     rows = min(tile_rows, K - start)
-                    cuda.syncthreads()
-                    load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    cuda.syncthreads()
+                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                     if j < K:
                         for r in range(rows):
                             cand = prev[start + r] + dot_tile(tile, r, own, D)
@@ -532,9 +533,7 @@ def kernels(dtype) -> SimpleNamespace:
                 total = ZERO
                 for start in range(0, K, tile_rows):  # pass 1: maximum and total, online
                     rows = min(tile_rows, K - start)
-                    cuda.syncthreads()
-                    load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    cuda.syncthreads()
+                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                     if j < K:
                         for r in range(rows):
                             x = prev[start + r] + dot_tile(tile, r, own, D)
@@ -557,11 +556,9 @@ def kernels(dtype) -> SimpleNamespace:
                 picked = ZERO
                 for start in range(0, K, tile_rows):  # pass 2: running sum to the crossing
                     rows = min(tile_rows, K - start)
-                    cuda.syncthreads()
                     if cuda.syncthreads_and(int32(1 if pick >= 0 else 0)):
                         break
-                    load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    cuda.syncthreads()
+                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                     if pick < 0:
                         for r in range(rows):
                             x = prev[start + r] + dot_tile(tile, r, own, D)
@@ -691,9 +688,7 @@ def kernels(dtype) -> SimpleNamespace:
                     load_own(own, E2, tokens[b, t, j], D)
                 for start in range(0, K, tile_rows):
                     rows = min(tile_rows, K - start)
-                    cuda.syncthreads()
-                    load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    cuda.syncthreads()
+                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                     if j < K:
                         for r in range(rows):
                             a = prev[start + r]
@@ -851,12 +846,10 @@ def kernels(dtype) -> SimpleNamespace:
                             acc[d] = ZERO
                     for start in range(0, K, tile_rows):
                         rows = min(tile_rows, K - start)
-                        cuda.syncthreads()
                         if side == 0:
-                            load_rows(tile, E2, tokens[b, t], start, rows, D)
+                            stage_rows(tile, E2, tokens[b, t], start, rows, D)
                         else:
-                            load_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                        cuda.syncthreads()
+                            stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
                         if mine < K:
                             for r in range(rows):
                                 other = start + r
