@@ -1,8 +1,8 @@
 """PyTorch adapter: tensors in and out without copies, autograd over the kernels, and drop-in modules.
 
-* :class:`StochasticViterbiSample`, :class:`StochasticViterbiSamples` — the seed write-up's classes
+* :class:`StochasticViterbiSample`, :class:`StochasticViterbiSamples` — the write-up's classes
   (same constructor, parameters, methods and outputs), on the kernels; ``beam_probs`` is differentiable
-  exactly as in the seed (through the sampled predecessors), by a backward kernel.
+  exactly as in the write-up (through the sampled predecessors), by a backward kernel.
 * :class:`DynamicCRF` — fairseq's ``DynamicCRF`` interface (``forward`` = log-likelihood,
   ``forward_decoder`` = Viterbi) plus ``sample``: exact samples with differentiable log-probabilities.
 * :func:`as_numpy`, :func:`lengths_from_masks`, :func:`seed_from` — the conversions they use.
@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import viterbi_numba as vn
-from viterbi_numba import crf as _crf
 
 __all__ = [
     "DynamicCRF",
@@ -135,8 +134,10 @@ def _emissions(emissions: torch.Tensor) -> torch.Tensor:
     if not isinstance(emissions, torch.Tensor):
         raise TypeError(f"emissions must be a torch.Tensor, got {type(emissions).__name__}")
     if emissions.dim() != 3 or not emissions.dtype.is_floating_point:
-        raise ValueError(f"emissions must be a (B, T, V) floating-point tensor, got {emissions.dtype} "
-                         f"of shape {tuple(emissions.shape)}")
+        raise ValueError(
+            f"emissions must be a (B, T, V) floating-point tensor, got {emissions.dtype} "
+            f"of shape {tuple(emissions.shape)}"
+        )
     return emissions
 
 
@@ -152,16 +153,24 @@ def _beam(emissions: torch.Tensor, k: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# the seed's sampler, differentiable through beam_probs
+# the write-up's stochastic Viterbi, differentiable through beam_probs
 # --------------------------------------------------------------------------------------------------
-class _SeedSampler(torch.autograd.Function):
+class _StochasticViterbi(torch.autograd.Function):
     """beam_probs, beam_idx, tokens of ``vn.stochastic_viterbi``; backward by ``vn.stochastic_viterbi_backward``."""
 
     @staticmethod
     def forward(ctx, beam_scores, weight1, weight2, beam_tokens, lengths, num_samples, temperature, seed, uniforms):
         scores, *tables = _crf_inputs(beam_scores, weight1, weight2)
-        sample = vn.stochastic_viterbi(scores, beam_tokens, *tables, num_samples=num_samples,
-                                       temperature=temperature, lengths=lengths, seed=seed, uniforms=uniforms)
+        sample = vn.stochastic_viterbi(
+            scores,
+            beam_tokens,
+            *tables,
+            num_samples=num_samples,
+            temperature=temperature,
+            lengths=lengths,
+            seed=seed,
+            uniforms=uniforms,
+        )
         ctx.saved = sample, beam_tokens, tables, lengths
         ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
         beam_idx, tokens = _out(sample.beam_idx), _out(sample.tokens)
@@ -171,13 +180,14 @@ class _SeedSampler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_beam_probs, _grad_idx, _grad_tokens):
         sample, beam_tokens, tables, lengths = ctx.saved
-        grad = vn.stochastic_viterbi_backward(_kernel_input(grad_beam_probs, "grad", tables[0].dtype), sample,
-                                              beam_tokens, *tables, lengths=lengths)
+        grad = vn.stochastic_viterbi_backward(
+            _kernel_input(grad_beam_probs, "grad", tables[0].dtype), sample, beam_tokens, *tables, lengths=lengths
+        )
         return (*_grads_out(grad, ctx.dtypes), None, None, None, None, None, None)
 
 
-class _SeedSamplerModule(nn.Module):
-    """Parameters and settings shared by the two seed classes (their constructors and state_dict keys)."""
+class _StochasticViterbiModule(nn.Module):
+    """Parameters and settings shared by the write-up's two classes (their constructors and state_dict keys)."""
 
     def __init__(self, num_embedding: int, low_rank: int = 32, beam_size: int = 256, temp: float = 1.0):
         super().__init__()
@@ -194,16 +204,17 @@ class _SeedSamplerModule(nn.Module):
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         uniforms = _uniforms(uniforms)
         seed = None if uniforms is not None else seed_from(generator)
-        return _SeedSampler.apply(beam_scores, self.E1.weight, self.E2.weight, beam_tokens, lengths, num_samples,
-                                  self.temp, seed, uniforms)
+        return _StochasticViterbi.apply(
+            beam_scores, self.E1.weight, self.E2.weight, beam_tokens, lengths, num_samples, self.temp, seed, uniforms
+        )
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.E1.num_embeddings}, low_rank={self.rank}, beam_size={self.beam}, temp={self.temp}"
 
 
-class StochasticViterbiSample(_SeedSamplerModule):
-    """The seed's one-sample stochastic Viterbi (``StochasticViterbiSample(num_embedding, low_rank=32,
-    beam_size=256, temp=1.0)``), on the kernels. A state_dict of the seed's class loads as is."""
+class StochasticViterbiSample(_StochasticViterbiModule):
+    """The write-up's one-sample stochastic Viterbi (``StochasticViterbiSample(num_embedding, low_rank=32,
+    beam_size=256, temp=1.0)``), on the kernels. A state_dict of the write-up's class loads as is."""
 
     def _compute_stochastic_viterbi_sample(
         self,
@@ -215,9 +226,9 @@ class StochasticViterbiSample(_SeedSamplerModule):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """emissions (B, T, V) -> beam_probs (B, T, K), sampled beam indices (B, T, 1), tokens (B, T).
 
-        ``beam_probs`` is differentiable with respect to ``emissions`` and both tables, as in the seed.
+        ``beam_probs`` is differentiable with respect to ``emissions`` and both tables, as in the write-up.
         Extras: ``masks`` (B, T) prefix masks (padded positions: ``beam_probs`` 0, indices and tokens -1);
-        ``uniforms`` (B, T-1, K) replays given draws (DESIGN §3); ``generator`` seeds the draws (torch's
+        ``uniforms`` (B, T-1, K) replays given draws (docs/design.md §3); ``generator`` seeds the draws (torch's
         default generator when None).
         """
         return self._sample(emissions, None, masks, beam, uniforms, generator)
@@ -226,12 +237,13 @@ class StochasticViterbiSample(_SeedSamplerModule):
         return self._compute_stochastic_viterbi_sample(emissions, beam, masks, uniforms, generator)
 
 
-class StochasticViterbiSamples(_SeedSamplerModule):
-    """The seed's N-sample (GRPO) stochastic Viterbi (``StochasticViterbiSamples(num_embedding,
+class StochasticViterbiSamples(_StochasticViterbiModule):
+    """The write-up's N-sample (GRPO) stochastic Viterbi (``StochasticViterbiSamples(num_embedding,
     low_rank=32, beam_size=256, temp=1.0, num_samples=8)``), on the kernels."""
 
-    def __init__(self, num_embedding: int, low_rank: int = 32, beam_size: int = 256, temp: float = 1.0,
-                 num_samples: int = 8):
+    def __init__(
+        self, num_embedding: int, low_rank: int = 32, beam_size: int = 256, temp: float = 1.0, num_samples: int = 8
+    ):
         super().__init__(num_embedding, low_rank, beam_size, temp)
         self.num_samples = num_samples
 
@@ -268,24 +280,22 @@ class _LogLikelihood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         likelihood = ctx.likelihood
-        weights = _host(grad_output, "grad").astype(likelihood.forward.scores.dtype)
-        return (*_grads_out(_crf._likelihood_backward(likelihood, weights), ctx.dtypes), None)
+        grads = likelihood.grad(grad_output=_host(grad_output, "grad"))
+        return (*_grads_out(grads, ctx.dtypes), None)
 
 
 class _SampleLogProb(torch.autograd.Function):
     """log p(y) (B, N) of exact samples; the gradient is that of S(y)/tau - log Z_tau for each sample."""
 
     @staticmethod
-    def forward(ctx, beam_scores, weight1, weight2, state, draws):
-        ctx.state, ctx.draws = state, draws
+    def forward(ctx, beam_scores, weight1, weight2, forward, draws):
+        ctx.forward, ctx.draws = forward, draws
         ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
         return _out(draws.log_prob, beam_scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        state, draws = ctx.state, ctx.draws
-        weights = _host(grad_output, "grad").astype(state.scores.dtype)  # (B, N)
-        grads = _crf._paths_backward(state, draws.beam_idx, draws.tokens, weights)
+        grads = ctx.forward.paths_grad(ctx.draws.beam_idx, weights=_host(grad_output, "grad"))  # (B, N) weights
         return (*_grads_out(grads, ctx.dtypes), None, None)
 
 
@@ -307,22 +317,33 @@ class DynamicCRF(nn.Module):
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocb}, low_rank={self.rank}, beam_size={self.beam}"
 
-    def forward(self, emissions: torch.Tensor, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                beam: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self,
+        emissions: torch.Tensor,
+        targets: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        beam: Optional[int] = None,
+    ) -> torch.Tensor:
         """log-likelihood (B,) of ``targets`` (B, T): fairseq ``forward`` (targets forced into each
         position's beam); differentiable with respect to ``emissions``, ``E1`` and ``E2``."""
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         scores, *tables = _crf_inputs(emissions, self.E1.weight, self.E2.weight)
-        likelihood = _crf._likelihood_forward(scores, _kernel_input(targets, "targets"), *tables,
-                                              beam if beam is not None else self.beam, lengths, 1.0)
+        likelihood = vn.log_likelihood_forward(
+            scores,
+            _kernel_input(targets, "targets"),
+            *tables,
+            k=beam if beam is not None else self.beam,
+            lengths=lengths,
+        )
         beam_scores = emissions.gather(2, _out(likelihood.beam_tokens))
         return _LogLikelihood.apply(beam_scores, self.E1.weight, self.E2.weight, likelihood)
 
     @torch.no_grad()
-    def forward_decoder(self, emissions: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                        beam: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_decoder(
+        self, emissions: torch.Tensor, masks: Optional[torch.Tensor] = None, beam: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Viterbi: (per-step scores (B, T), tokens (B, T)) as fairseq returns them — at padded positions
         the score is 0 and the token is the beam token in the last real position's slot, as fairseq's
         identity back-pointers give."""
@@ -331,16 +352,22 @@ class DynamicCRF(nn.Module):
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
-        best = vn.viterbi_decode(scores, beam_tokens, *tables, lengths=lengths)
+        best = vn.viterbi_decode(scores, beam_tokens, *tables, lengths=lengths, step_scores="fairseq")
         tokens = best.tokens
         if lengths is not None:
             for b, length in enumerate(lengths):
                 tokens[b, length:] = beam_tokens[b, length:, best.beam_idx[b, length - 1]]
         return _out(best.step_scores, emissions.dtype), _out(tokens)
 
-    def sample(self, emissions: torch.Tensor, num_samples: int, temperature: float = 1.0,
-               masks: Optional[torch.Tensor] = None, beam: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self,
+        emissions: torch.Tensor,
+        num_samples: int,
+        temperature: float = 1.0,
+        masks: Optional[torch.Tensor] = None,
+        beam: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact samples of p(y) proportional to exp(S(y) / temperature) over each position's top-k beam.
 
         Returns tokens (B, T, N) (-1 at padded positions) and their log-probabilities (B, N),
@@ -353,7 +380,7 @@ class DynamicCRF(nn.Module):
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
         scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
-        state, draws = _crf._sample_with_state(scores, beam_tokens, *tables, num_samples, temperature, lengths,
-                                               seed_from(generator), None)
-        log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, state, draws)
+        forward = vn.crf_forward(scores, beam_tokens, *tables, temperature=temperature, lengths=lengths)
+        draws = forward.sample(num_samples, seed=seed_from(generator))
+        log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, forward, draws)
         return _out(draws.tokens), log_prob

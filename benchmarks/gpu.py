@@ -1,4 +1,4 @@
-"""GPU benchmark: viterbi-numba's CUDA kernels against the pure-PyTorch seed algorithm on the same GPU.
+"""GPU benchmark: viterbi-numba's CUDA kernels against the pure-PyTorch stochastic Viterbi on the same GPU.
 
     python benchmarks/gpu.py            # seed's size + a scaling sweep; writes results/gpu_<card>_<date>.md/.json
     python benchmarks/gpu.py --quick    # fewer repeats, smaller sweep
@@ -26,10 +26,19 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SEED_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
-FP32_LANES_PER_SM = {(7, 0): 64, (7, 5): 64, (8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128,
-                     (10, 0): 128, (12, 0): 128}
-TARGETS = {"seed sampler N=8": 30, "seed sampler N=1": 20, "Viterbi": 5, "exact sampler N=8": 100}
+WRITEUP_SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
+FP32_LANES_PER_SM = {
+    (7, 0): 64,
+    (7, 5): 64,
+    (8, 0): 64,
+    (8, 6): 128,
+    (8, 7): 128,
+    (8, 9): 128,
+    (9, 0): 128,
+    (10, 0): 128,
+    (12, 0): 128,
+}
+TARGETS = {"stochastic Viterbi N=8": 30, "stochastic Viterbi N=1": 20, "Viterbi": 5, "exact sampler N=8": 100}
 
 
 def _requirements():
@@ -39,13 +48,16 @@ def _requirements():
     except ImportError:
         sys.exit("benchmarks/gpu.py needs torch with CUDA")
     if not torch.cuda.is_available():
-        print("benchmarks/gpu.py: torch sees no CUDA GPU (a CPU build of torch, or no GPU here); "
-              "the CPU benchmark is benchmarks/run.py", file=sys.stderr)
+        print(
+            "benchmarks/gpu.py: torch sees no CUDA GPU (a CPU build of torch, or no GPU here); "
+            "the CPU benchmark is benchmarks/run.py",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    from viterbi_numba import _gpu
+    from viterbi_numba.gpu.arrays import require_gpu
 
     try:
-        _gpu.require_gpu()
+        require_gpu()
     except RuntimeError as error:
         print(f"benchmarks/gpu.py: {error}", file=sys.stderr)
         sys.exit(2)
@@ -62,8 +74,7 @@ def card(cuda) -> dict:
     lanes = FP32_LANES_PER_SM.get(tuple(cc), 128)
     peak = device.MULTIPROCESSOR_COUNT * lanes * 2 * device.CLOCK_RATE * 1e3  # an FMA is 2 flops
     name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
-    return dict(name=name, cc=f"{cc[0]}.{cc[1]}", sms=device.MULTIPROCESSOR_COUNT, bandwidth=bandwidth,
-                fp32_peak=peak)
+    return dict(name=name, cc=f"{cc[0]}.{cc[1]}", sms=device.MULTIPROCESSOR_COUNT, bandwidth=bandwidth, fp32_peak=peak)
 
 
 def floor_seconds(info, B, T, V, K, D, N, with_topk):
@@ -113,35 +124,68 @@ def cases(torch, size, repeats, info):
         theirs_t = cuda_times(torch, theirs, max(1, repeats // 2 if N > 1 else repeats))
         ours_m, theirs_m = statistics.median(ours_t), statistics.median(theirs_t)
         floor = floor_seconds(info, B, T, V, K, D, N, with_topk)
-        rows.append(dict(case=name, **size, N=N, ours=[ours_m, min(ours_t), max(ours_t)],
-                         torch=[theirs_m, min(theirs_t), max(theirs_t)], speedup=theirs_m / ours_m,
-                         floor=floor, efficiency=floor / ours_m, target=TARGETS.get(name.split(" (")[0])))
-        print(f"{name:40s} ours {ours_m * 1e3:9.3f} ms  torch {theirs_m * 1e3:10.3f} ms  "
-              f"x{theirs_m / ours_m:7.1f}  floor {floor * 1e3:7.3f} ms ({floor / ours_m:.1%})", flush=True)
+        rows.append(
+            dict(
+                case=name,
+                **size,
+                N=N,
+                ours=[ours_m, min(ours_t), max(ours_t)],
+                torch=[theirs_m, min(theirs_t), max(theirs_t)],
+                speedup=theirs_m / ours_m,
+                floor=floor,
+                efficiency=floor / ours_m,
+                target=TARGETS.get(name.split(" (")[0]),
+            )
+        )
+        print(
+            f"{name:40s} ours {ours_m * 1e3:9.3f} ms  torch {theirs_m * 1e3:10.3f} ms  "
+            f"x{theirs_m / ours_m:7.1f}  floor {floor * 1e3:7.3f} ms ({floor / ours_m:.1%})",
+            flush=True,
+        )
 
     def ours_topk(fn):
         return lambda: fn(vn.topk_beam(emissions, K))
 
-    row("Viterbi", ours_topk(lambda b: vn.viterbi_decode(b.scores, b.tokens, E1, E2)),
-        lambda: tb.viterbi(emissions, E1, E2, K), 1)
-    row("Viterbi (given the beam)", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
-        lambda: tb.viterbi_beam(beam.scores, beam.tokens, E1, E2), 1, with_topk=False)
+    row(
+        "Viterbi",
+        ours_topk(lambda b: vn.viterbi_decode(b.scores, b.tokens, E1, E2)),
+        lambda: tb.viterbi(emissions, E1, E2, K),
+        1,
+    )
+    row(
+        "Viterbi (given the beam)",
+        lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
+        lambda: tb.viterbi_beam(beam.scores, beam.tokens, E1, E2),
+        1,
+        with_topk=False,
+    )
     for N in (1, 8):
-        label = "seed sampler N=1" if N == 1 else "seed sampler N=8"
-        row(label, ours_topk(lambda b, N=N: vn.stochastic_viterbi(b.scores, b.tokens, E1, E2,
-                                                                  None if N == 1 else N, seed=1)),
-            lambda N=N: tb.seed_sampler(emissions, E1, E2, K, N), N)
-    row("exact sampler N=8", ours_topk(lambda b: vn.crf_sample(b.scores, b.tokens, E1, E2, 8, seed=1)),
-        lambda: tb.seed_sampler(emissions, E1, E2, K, 8), 8)
+        label = "stochastic Viterbi N=1" if N == 1 else "stochastic Viterbi N=8"
+        row(
+            label,
+            ours_topk(lambda b, N=N: vn.stochastic_viterbi(b.scores, b.tokens, E1, E2, None if N == 1 else N, seed=1)),
+            lambda N=N: tb.stochastic_viterbi(emissions, E1, E2, K, N),
+            N,
+        )
+    row(
+        "exact sampler N=8",
+        ours_topk(lambda b: vn.crf_sample(b.scores, b.tokens, E1, E2, 8, seed=1)),
+        lambda: tb.stochastic_viterbi(emissions, E1, E2, K, 8),
+        8,
+    )
     # precomputing the transition blocks: torch.bmm of all of them alone, against our whole forward pass
-    row("forward pass vs bmm of the blocks alone",
+    row(
+        "forward pass vs bmm of the blocks alone",
         lambda: vn.log_partition(beam.scores, beam.tokens, E1, E2),
-        lambda: tb.transition_blocks(beam.tokens, E1, E2), 1, with_topk=False)
+        lambda: tb.transition_blocks(beam.tokens, E1, E2),
+        1,
+        with_topk=False,
+    )
     return rows
 
 
 def mismatch_rate(torch, size):
-    """Fraction of the seed sampler's draws (float32, same seed) where the GPU and the CPU pick differently."""
+    """Fraction of stochastic Viterbi's draws (float32, same seed) where the GPU and the CPU pick differently."""
     import viterbi_numba as vn
 
     B, T, V, K, D = (size[x] for x in "BTVKD")
@@ -159,31 +203,48 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch, cuda = _requirements()
     info = card(cuda)
-    print(f"{info['name']} (cc {info['cc']}, {info['sms']} SMs): {info['bandwidth'] / 1e9:.0f} GB/s, "
-          f"FP32 {info['fp32_peak'] / 1e12:.1f} TFLOP/s (from the device attributes)", flush=True)
+    print(
+        f"{info['name']} (cc {info['cc']}, {info['sms']} SMs): {info['bandwidth'] / 1e9:.0f} GB/s, "
+        f"FP32 {info['fp32_peak'] / 1e12:.1f} TFLOP/s (from the device attributes)",
+        flush=True,
+    )
     repeats = 3 if args.quick else args.repeats
-    seed_rows = cases(torch, SEED_SIZE, repeats, info)
-    rate, draws = mismatch_rate(torch, dict(SEED_SIZE, B=2))
-    print(f"seed sampler, float32, same seed: GPU and CPU picks differ in {rate:.2e} of {draws} draws", flush=True)
+    writeup_rows = cases(torch, WRITEUP_SIZE, repeats, info)
+    rate, draws = mismatch_rate(torch, dict(WRITEUP_SIZE, B=2))
+    print(
+        f"stochastic Viterbi, float32, same seed: GPU and CPU picks differ in {rate:.2e} of {draws} draws", flush=True
+    )
     scaling = []
-    for K in ((64, 256) if args.quick else (64, 128, 256, 512, 1024)):
-        scaling += cases(torch, dict(SEED_SIZE, K=K), max(2, repeats // 2), info)
+    for K in (64, 256) if args.quick else (64, 128, 256, 512, 1024):
+        scaling += cases(torch, dict(WRITEUP_SIZE, K=K), max(2, repeats // 2), info)
     today = datetime.date.today().isoformat()
     slug = "".join(c if c.isalnum() else "_" for c in info["name"]).strip("_")
     RESULTS.mkdir(exist_ok=True)
-    report = dict(date=today, card=info, torch=torch.__version__, seed_size=seed_rows, scaling=scaling,
-                  mismatch=dict(rate=rate, draws=draws))
+    report = dict(
+        date=today,
+        card=info,
+        torch=torch.__version__,
+        writeup_size=writeup_rows,
+        scaling=scaling,
+        mismatch=dict(rate=rate, draws=draws),
+    )
     (RESULTS / f"gpu_{slug}_{today}.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# GPU benchmark: {info['name']}, {today}", "",
-             f"cc {info['cc']}, {info['sms']} SMs, {info['bandwidth'] / 1e9:.0f} GB/s, FP32 "
-             f"{info['fp32_peak'] / 1e12:.1f} TFLOP/s; torch {torch.__version__}. `python benchmarks/gpu.py`.", "",
-             "| case | K | N | ours ms (median / min / max) | torch ms (median) | speedup | target | floor ms | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in seed_rows + scaling:
+    lines = [
+        f"# GPU benchmark: {info['name']}, {today}",
+        "",
+        f"cc {info['cc']}, {info['sms']} SMs, {info['bandwidth'] / 1e9:.0f} GB/s, FP32 "
+        f"{info['fp32_peak'] / 1e12:.1f} TFLOP/s; torch {torch.__version__}. `python benchmarks/gpu.py`.",
+        "",
+        "| case | K | N | ours ms (median / min / max) | torch ms (median) | speedup | target | floor ms | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in writeup_rows + scaling:
         ours = " / ".join(f"{x * 1e3:.3f}" for x in r["ours"])
-        lines.append(f"| {r['case']} | {r['K']} | {r['N']} | {ours} | {r['torch'][0] * 1e3:.3f} | "
-                     f"{r['speedup']:.1f}x | {r['target'] or '-'} | {r['floor'] * 1e3:.3f} | {r['efficiency']:.1%} |")
-    lines += ["", f"Seed sampler, float32, same seed: GPU and CPU picks differ in {rate:.2e} of {draws} draws."]
+        lines.append(
+            f"| {r['case']} | {r['K']} | {r['N']} | {ours} | {r['torch'][0] * 1e3:.3f} | "
+            f"{r['speedup']:.1f}x | {r['target'] or '-'} | {r['floor'] * 1e3:.3f} | {r['efficiency']:.1%} |"
+        )
+    lines += ["", f"Stochastic Viterbi, float32, same seed: GPU and CPU picks differ in {rate:.2e} of {draws} draws."]
     (RESULTS / f"gpu_{slug}_{today}.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -2,7 +2,7 @@
 
     python benchmarks/ptxas_report.py            # writes benchmarks/results/ptxas.md
 
-For compute capabilities 8.0 and 9.0, float32 and float64, each kernel of ``viterbi_numba._cuda`` is
+For compute capabilities 8.0 and 9.0, float32 and float64, each kernel of ``viterbi_numba.gpu.kernels`` is
 compiled to PTX with ``numba.cuda.compile_ptx`` at its launch signature; float32 PTX is checked for
 ``.f64`` instructions; ``ptxas -v`` assembles it and reports registers, stack and spills per thread.
 The installed ptxas may accept an older PTX ISA than NVVM writes (``.version``); the header is then
@@ -27,7 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def f64_instructions(ptx: str) -> list[str]:
     """The instructions of a PTX text that operate on float64 (``add.f64``, ``cvt.f64.f32``, ...)."""
-    return [line.strip() for line in ptx.splitlines() if re.search(r"\.f64\b", line) and not line.strip().startswith("//")]
+    return [
+        line.strip() for line in ptx.splitlines() if re.search(r"\.f64\b", line) and not line.strip().startswith("//")
+    ]
 
 
 def _ptxas_version():
@@ -46,8 +48,9 @@ def ptxas_usage(ptx: str, cc: tuple) -> dict:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as handle:
             handle.write(ptx)
-        done = subprocess.run(["ptxas", "-v", f"-arch=sm_{cc[0]}{cc[1]}", path, "-o", os.devnull],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["ptxas", "-v", f"-arch=sm_{cc[0]}{cc[1]}", path, "-o", os.devnull], capture_output=True, text=True
+        )
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed: {done.stderr.strip()}")
     info = done.stderr
@@ -62,12 +65,12 @@ def ptxas_usage(ptx: str, cc: tuple) -> dict:
 
 def compile_all(with_ptxas: bool):
     """Yield (cc, dtype name, kernel name, ptx, usage or None) for every kernel."""
-    from viterbi_numba import _cuda
+    from viterbi_numba.gpu import kernels as gpu_kernels
 
     for cc in CAPABILITIES:
         for dtype in DTYPES:
-            for name in _cuda.signatures(dtype):
-                ptx = _cuda.compile_ptx(name, dtype, cc)
+            for name in gpu_kernels.kernels(dtype).signatures:
+                ptx = gpu_kernels.compile_ptx(name, dtype, cc)
                 yield cc, np.dtype(dtype).name, name, ptx, ptxas_usage(ptx, cc) if with_ptxas else None
 
 
@@ -86,8 +89,10 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     for cc, dtype, name, ptx, usage in compile_all(with_ptxas=True):
-        row = (f"| {cc[0]}.{cc[1]} | {dtype} | {name} | {usage['registers']} | {usage['stack']} | "
-               f"{usage['spill_stores']} | {usage['spill_loads']} | {len(f64_instructions(ptx)) if dtype == 'float32' else '-'} |")
+        row = (
+            f"| {cc[0]}.{cc[1]} | {dtype} | {name} | {usage['registers']} | {usage['stack']} | "
+            f"{usage['spill_stores']} | {usage['spill_loads']} | {len(f64_instructions(ptx)) if dtype == 'float32' else '-'} |"
+        )
         print(row, flush=True)
         lines.append(row)
     with open(os.path.join(HERE, "results", "ptxas.md"), "w") as handle:

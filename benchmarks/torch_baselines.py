@@ -1,6 +1,6 @@
-"""Pure-PyTorch baselines, written from DESIGN §3: what a user of the seed would run.
+"""Pure-PyTorch baselines, written from DESIGN §3: what a user of the write-up would run.
 
-* :func:`seed_sampler` — the seed's stochastic Viterbi: ``torch.topk`` beam, one ``bmm`` for every
+* :func:`seed_sampler` — the write-up's stochastic Viterbi: ``torch.topk`` beam, one ``bmm`` for every
   transition block, then a Python loop over positions with ``softmax`` + ``multinomial`` per state.
 * :func:`viterbi` — fairseq-style beam Viterbi (``DynamicCRF.forward_decoder``): the same transition
   blocks, ``max`` over predecessors per step.
@@ -19,14 +19,14 @@ def transition_blocks(beam_tokens: torch.Tensor, E1: torch.Tensor, E2: torch.Ten
     return torch.bmm(left, right.transpose(1, 2)).view(B, T - 1, K, K)
 
 
-def seed_sampler(emissions, E1, E2, k, num_samples=1, temperature=1.0, generator=None):
-    """The seed's sampler from emissions (B, T, V): ``torch.topk`` beam, then :func:`seed_sampler_beam`."""
+def stochastic_viterbi(emissions, E1, E2, k, num_samples=1, temperature=1.0, generator=None):
+    """The write-up's sampler from emissions (B, T, V): ``torch.topk`` beam, then :func:`stochastic_viterbi_beam`."""
     beam_scores, beam_tokens = torch.topk(emissions, k, 2)
-    return seed_sampler_beam(beam_scores, beam_tokens, E1, E2, num_samples, temperature, generator)
+    return stochastic_viterbi_beam(beam_scores, beam_tokens, E1, E2, num_samples, temperature, generator)
 
 
-def seed_sampler_beam(beam_scores, beam_tokens, E1, E2, num_samples=1, temperature=1.0, generator=None):
-    """The seed's sampler on a given beam, N chains in the last dimension.
+def stochastic_viterbi_beam(beam_scores, beam_tokens, E1, E2, num_samples=1, temperature=1.0, generator=None):
+    """The write-up's sampler on a given beam, N chains in the last dimension.
 
     Returns (beam_probs (B, T, K, N), beam_idx (B, T, N), tokens (B, T, N)).
     """

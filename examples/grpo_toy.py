@@ -7,7 +7,7 @@ each with token-F1 against the reference, takes the group mean as baseline (GRPO
 PPO update whose ratio re-scores the sampled tokens with ``DynamicCRF.forward``.
 
     python examples/grpo_toy.py                    # exact samples (crf.sample)
-    python examples/grpo_toy.py --sampler seed     # the seed's stochastic Viterbi (StochasticViterbiSamples)
+    python examples/grpo_toy.py --sampler stochastic-viterbi  # the write-up's sampler (StochasticViterbiSamples)
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def train(sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_
     torch.manual_seed(seed)
     task = Task(seed=seed)
     model = Captioner(task)
-    seed_sampler = StochasticViterbiSamples(task.vocab, low_rank=8, beam_size=model.crf.beam, num_samples=group)
-    seed_sampler.E1, seed_sampler.E2 = model.crf.E1, model.crf.E2  # the same tables
+    writeup_sampler = StochasticViterbiSamples(task.vocab, low_rank=8, beam_size=model.crf.beam, num_samples=group)
+    writeup_sampler.E1, writeup_sampler.E2 = model.crf.E1, model.crf.E2  # the same tables
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rewards_per_step = []
     for step in range(steps):
@@ -72,7 +72,7 @@ def train(sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_
             if sampler == "exact":
                 tokens, _ = model.crf.sample(emissions, group)
             else:
-                tokens = seed_sampler._compute_grpo_samples(emissions)[2]
+                tokens = writeup_sampler._compute_grpo_samples(emissions)[2]
             flat = tokens.permute(0, 2, 1).reshape(batch * group, task.steps)  # (B*G, T), group-major per input
             old_log_prob = model.crf(emissions.repeat_interleave(group, 0), flat)
         rewards = torch.tensor([token_f1(s.tolist(), reference[i // group].tolist()) for i, s in enumerate(flat)])
@@ -94,15 +94,17 @@ def train(sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sampler", choices=["exact", "seed"], default="exact")
+    parser.add_argument("--sampler", choices=["exact", "stochastic-viterbi"], default="exact")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rewards = train(args.sampler, steps=args.steps, seed=args.seed, log=print)
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
-    print(f"{args.sampler} sampler: mean reward {first:.3f} (first 20 steps) -> {last:.3f} (last 20 steps) "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(
+        f"{args.sampler} sampler: mean reward {first:.3f} (first 20 steps) -> {last:.3f} (last 20 steps) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def rng():
     return np.random.default_rng(12345)
 
 
-# The GPU suite runs in a process of its own: tests/test_cuda_simulator.py starts it in the CUDA
+# The GPU suite runs in a process of its own: tests/test_gpu_simulator.py starts it in the CUDA
 # simulator; VITERBI_NUMBA_GPU_TESTS=1 runs it on a GPU.
 _GPU_SUITE = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("VITERBI_NUMBA_GPU_TESTS") == "1"
-collect_ignore = [] if _GPU_SUITE else ["cuda_sim"]
+collect_ignore = [] if _GPU_SUITE else ["gpu"]

@@ -57,8 +57,9 @@ def main():
     groups = slice(rows.start * GROUP, rows.stop * GROUP)
     model = policy
     if args.world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-                                world_size=args.world)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
+        )
         model = DistributedDataParallel(policy)
     loss = model(x[rows], tokens[groups], old_log_prob[groups] - 0.05, advantages[groups])
     loss.backward()

@@ -36,7 +36,7 @@ def uniform(seed, stream, b, t, j, n):
 
 
 def uniforms_for_seed(seed, shape, stream=0):
-    """(B, T-1, K, N) uniforms that ``seed`` gives the seed sampler."""
+    """(B, T-1, K, N) uniforms that ``seed`` gives stochastic Viterbi."""
     B, S, K, N = shape
     out = np.empty(shape)
     for b, t, j, n in itertools.product(range(B), range(S), range(K), range(N)):
@@ -80,8 +80,22 @@ def path_score(scores, trans, b, path):
     return total + sum(float(trans[b, t - 1, path[t - 1], path[t]]) for t in range(1, len(path)))
 
 
+def step_increments(scores, tokens, E1, E2, beam_idx, lengths=None):
+    """(B, T) increments of S(y) along beam paths (B, T): s[0, y_0], then s[t, y_t] + trans[t-1, y_{t-1}, y_t];
+    0 at and after each length."""
+    B, T, _ = scores.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    trans = transitions(tokens, E1, E2)
+    out = np.zeros((B, T))
+    for b in range(B):
+        for t in range(int(lengths[b])):
+            y = beam_idx[b, t]
+            out[b, t] = float(scores[b, t, y]) + (float(trans[b, t - 1, beam_idx[b, t - 1], y]) if t else 0.0)
+    return out
+
+
 def viterbi(scores, tokens, E1, E2, lengths=None):
-    """fairseq forward_decoder, with prefix masks; returns (beam_idx, tokens, score, step_scores)."""
+    """fairseq forward_decoder, with prefix masks; returns (beam_idx, tokens, score, fairseq's step_scores)."""
     scores = scores.astype(np.float64)
     B, T, K = scores.shape
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
@@ -131,9 +145,10 @@ def _softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def stochastic_viterbi(scores, tokens, E1, E2, uniforms=None, temperature=1.0, lengths=None,
-                       num_samples=1, rng=None, margin=0.0):
-    """The seed's sampler (DESIGN §3), N chains in the last axis, in float64.
+def stochastic_viterbi(
+    scores, tokens, E1, E2, uniforms=None, temperature=1.0, lengths=None, num_samples=1, rng=None, margin=0.0
+):
+    """The write-up's sampler (DESIGN §3), N chains in the last axis, in float64.
 
     The predecessor of state j is the smallest i with u * total < cdf[i] (clamped to the last i with
     positive probability). ``uniforms`` (B, T-1, K, N) drives it; when None they are drawn from ``rng``
@@ -192,8 +207,8 @@ def stochastic_viterbi(scores, tokens, E1, E2, uniforms=None, temperature=1.0, l
     return beam_probs, beam_idx, out_tokens, path_scores, backpointers, final, used
 
 
-def seed_sampler_path_distribution(scores, tokens, E1, E2, temperature=1.0):
-    """Exact distribution of the seed sampler's path (B = 1) by enumerating every predecessor draw.
+def stochastic_viterbi_path_distribution(scores, tokens, E1, E2, temperature=1.0):
+    """Exact distribution of stochastic Viterbi's path (B = 1) by enumerating every predecessor draw.
 
     Returns {path tuple: probability}. Feasible only for tiny K and T.
     """
@@ -292,8 +307,9 @@ def log_partition(scores, tokens, E1, E2, temperature=1.0, lengths=None):
     return out
 
 
-def crf_sample(scores, tokens, E1, E2, uniforms=None, temperature=1.0, lengths=None, num_samples=1, rng=None,
-               margin=0.0):
+def crf_sample(
+    scores, tokens, E1, E2, uniforms=None, temperature=1.0, lengths=None, num_samples=1, rng=None, margin=0.0
+):
     """Forward filtering, backward sampling in float64; returns (beam_idx (B,T,N), log_prob (B,N), uniforms).
 
     ``uniforms[b, t, n]`` draws position t of sample n (the last position first) by the inverse CDF.

@@ -1,4 +1,4 @@
-"""The PyTorch adapter: zero-copy conversion, the seed's classes (outputs and autograd), fairseq's
+"""The PyTorch adapter: zero-copy conversion, the write-up's classes (outputs and autograd), fairseq's
 DynamicCRF (log-likelihood, Viterbi, exact samples), masks, generators and gradcheck."""
 
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import reference as ref  # noqa: E402
-from seed_torch import seed_sampler  # noqa: E402
+from stochastic_viterbi_torch import stochastic_viterbi_torch  # noqa: E402
+
 from viterbi_numba import PAD  # noqa: E402
 from viterbi_numba.adapters.torch import (  # noqa: E402
     DynamicCRF,
@@ -21,8 +22,8 @@ from viterbi_numba.adapters.torch import (  # noqa: E402
 B, T, V, K, D = 3, 6, 40, 5, 4
 
 
-def _seed_like_state_dict(V, D, dtype=torch.float32):
-    """The state_dict of the seed's classes: two embeddings E1, E2 of (V, D) and nothing else."""
+def _writeup_state_dict(V, D, dtype=torch.float32):
+    """The state_dict of the write-up's classes: two embeddings E1, E2 of (V, D) and nothing else."""
     tables = torch.nn.Module()
     tables.E1 = torch.nn.Embedding(V, D)
     tables.E2 = torch.nn.Embedding(V, D)
@@ -32,7 +33,7 @@ def _seed_like_state_dict(V, D, dtype=torch.float32):
 def _module(cls, dtype=torch.float64, **kwargs):
     torch.manual_seed(0)
     module = cls(V, low_rank=D, beam_size=K, **kwargs).to(dtype)
-    module.load_state_dict(_seed_like_state_dict(V, D, dtype))
+    module.load_state_dict(_writeup_state_dict(V, D, dtype))
     return module
 
 
@@ -71,10 +72,10 @@ def test_masks_become_lengths_and_bad_masks_are_errors():
         lengths_from_masks(_masks([6, 2, 3]).double(), B, T)
 
 
-def test_seed_classes_have_the_seeds_interface():
+def test_writeup_classes_have_the_writeups_interface():
     emissions = torch.randn(B, T, V)
     one = StochasticViterbiSample(V, low_rank=D, beam_size=K)
-    one.load_state_dict(_seed_like_state_dict(V, D))
+    one.load_state_dict(_writeup_state_dict(V, D))
     beam_probs, beam_idx, tokens = one._compute_stochastic_viterbi_sample(emissions)
     assert beam_probs.shape == (B, T, K) and beam_idx.shape == (B, T, 1) and tokens.shape == (B, T)
     assert beam_probs.dtype == torch.float32 and beam_idx.dtype == torch.int64 and tokens.dtype == torch.int64
@@ -105,7 +106,7 @@ def test_generator_and_manual_seed_reproduce_the_draws():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("cls", [StochasticViterbiSample, StochasticViterbiSamples])
-def test_seed_class_gradients_match_autograd_of_the_seed_algorithm(dtype, tol, cls):
+def test_writeup_class_gradients_match_autograd_of_the_writeups_algorithm(dtype, tol, cls):
     rng = np.random.default_rng(3)
     module = _module(cls, dtype, temp=0.7, **({"num_samples": 3} if cls is StochasticViterbiSamples else {}))
     N = getattr(module, "num_samples", 1)
@@ -114,19 +115,36 @@ def test_seed_class_gradients_match_autograd_of_the_seed_algorithm(dtype, tol, c
     # safe uniforms (far from every CDF step) for this beam, from the NumPy reference
     top = emissions.detach().topk(K, 2)
     tables = [w.detach().numpy() for w in (module.E1.weight, module.E2.weight)]
-    uniforms = ref.stochastic_viterbi(top.values.numpy(), top.indices.numpy(), *tables, temperature=0.7,
-                                      lengths=lengths, num_samples=N, rng=rng,
-                                      margin=1e-9 if dtype == torch.float64 else 1e-4)[-1]
-    call = (module._compute_stochastic_viterbi_sample if N == 1 and cls is StochasticViterbiSample
-            else module._compute_grpo_samples)
+    uniforms = ref.stochastic_viterbi(
+        top.values.numpy(),
+        top.indices.numpy(),
+        *tables,
+        temperature=0.7,
+        lengths=lengths,
+        num_samples=N,
+        rng=rng,
+        margin=1e-9 if dtype == torch.float64 else 1e-4,
+    )[-1]
+    call = (
+        module._compute_stochastic_viterbi_sample
+        if N == 1 and cls is StochasticViterbiSample
+        else module._compute_grpo_samples
+    )
     given = torch.tensor(uniforms[..., 0] if cls is StochasticViterbiSample else uniforms)
     beam_probs, beam_idx, tokens = call(emissions, masks=_masks(lengths), uniforms=given)
     weights = torch.tensor(rng.standard_normal(beam_probs.shape), dtype=dtype)
     (beam_probs * weights).sum().backward()
     # the same computation in plain PyTorch, differentiated by autograd
     leaves = [t.detach().clone().requires_grad_() for t in (emissions, module.E1.weight, module.E2.weight)]
-    want_probs, want_idx = seed_sampler(leaves[0].gather(2, top.indices), top.indices, leaves[1], leaves[2],
-                                        torch.tensor(uniforms), temperature=0.7, lengths=lengths)
+    want_probs, want_idx = stochastic_viterbi_torch(
+        leaves[0].gather(2, top.indices),
+        top.indices,
+        leaves[1],
+        leaves[2],
+        torch.tensor(uniforms),
+        temperature=0.7,
+        lengths=lengths,
+    )
     (want_probs.reshape(beam_probs.shape) * weights).sum().backward()
     torch.testing.assert_close(beam_probs, want_probs.reshape(beam_probs.shape), rtol=tol, atol=tol)
     inside = _masks(lengths)[:, :, None]
@@ -146,7 +164,7 @@ def _fairseq_log_likelihood(emissions, targets, E1, E2, k, masks):
     alpha = beam_scores[:, 0]
     for t in range(1, emissions.shape[1]):
         step = torch.logsumexp(alpha[:, :, None] + trans[:, t - 1], dim=1) + beam_scores[:, t]
-        alpha = torch.where(masks[:, t:t + 1], step, alpha)
+        alpha = torch.where(masks[:, t : t + 1], step, alpha)
     return numerator - torch.logsumexp(alpha, dim=1)
 
 
@@ -226,17 +244,25 @@ def test_gradcheck_every_differentiable_output():
     crf = DynamicCRF(v, low_rank=d, beam_size=k).double()
     tables = (crf.E1.weight, crf.E2.weight)
     assert torch.autograd.gradcheck(
-        lambda em, e1, e2: _with_tables(crf, e1, e2, lambda: crf(em, targets, masks)), (emissions, *tables))
+        lambda em, e1, e2: _with_tables(crf, e1, e2, lambda: crf(em, targets, masks)), (emissions, *tables)
+    )
     assert torch.autograd.gradcheck(
-        lambda em, e1, e2: _with_tables(crf, e1, e2, lambda: crf.sample(
-            em, 3, temperature=0.7, masks=masks, generator=torch.Generator().manual_seed(3))[1]),
-        (emissions, *tables))
-    seed = StochasticViterbiSamples(v, low_rank=d, beam_size=k, num_samples=2).double()
+        lambda em, e1, e2: _with_tables(
+            crf,
+            e1,
+            e2,
+            lambda: crf.sample(em, 3, temperature=0.7, masks=masks, generator=torch.Generator().manual_seed(3))[1],
+        ),
+        (emissions, *tables),
+    )
+    writeup = StochasticViterbiSamples(v, low_rank=d, beam_size=k, num_samples=2).double()
     uniforms = torch.rand(b, t - 1, k, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.autograd.gradcheck(
-        lambda em, e1, e2: _with_tables(seed, e1, e2, lambda: seed._compute_grpo_samples(
-            em, masks=masks, uniforms=uniforms)[0]),
-        (emissions, seed.E1.weight, seed.E2.weight))
+        lambda em, e1, e2: _with_tables(
+            writeup, e1, e2, lambda: writeup._compute_grpo_samples(em, masks=masks, uniforms=uniforms)[0]
+        ),
+        (emissions, writeup.E1.weight, writeup.E2.weight),
+    )
 
 
 def test_cuda_and_bad_inputs_are_clear_errors():

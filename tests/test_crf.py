@@ -3,11 +3,12 @@ chi-square tests; gradients also against PyTorch autograd of a plain forward alg
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from scipy import stats
-
 import reference as ref
 from conftest import chi_square_pvalue, make_problem, path_counts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
 from viterbi_numba import (
     PAD,
     crf_sample,
@@ -23,12 +24,17 @@ from viterbi_numba import (
 )
 
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
-MARGIN = {np.float32: 1e-4, np.float64: 1e-9}  # as in test_stochastic: picks safe from rounding
+MARGIN = {np.float32: 1e-4, np.float64: 1e-9}  # as in test_stochastic_viterbi: picks safe from rounding
 
 tiny_problems = dict(
-    B=st.integers(1, 3), T=st.integers(1, 4), K=st.integers(1, 4), D=st.integers(1, 4),
-    seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
-    temperature=st.sampled_from([1.0, 0.5, 2.0, 0.1]), padded=st.booleans(),
+    B=st.integers(1, 3),
+    T=st.integers(1, 4),
+    K=st.integers(1, 4),
+    D=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    temperature=st.sampled_from([1.0, 0.5, 2.0, 0.1]),
+    padded=st.booleans(),
 )
 
 
@@ -58,8 +64,9 @@ def test_log_partition_marginals_and_gradients_match_enumeration(B, T, K, D, see
     gE1 = gE2 = 0
     for b in range(B):
         one = slice(b, b + 1)
-        _, _, g1, g2 = ref.crf_exact(*[a[one] for a in problem[:2]], *problem[2:], temperature,
-                                     None if lengths is None else lengths[one])
+        _, _, g1, g2 = ref.crf_exact(
+            *[a[one] for a in problem[:2]], *problem[2:], temperature, None if lengths is None else lengths[one]
+        )
         gE1 = gE1 + weights[b] * g1
         gE2 = gE2 + weights[b] * g2
     np.testing.assert_allclose(grad.grad_E1, gE1, rtol=tol * 10, atol=tol * 10)
@@ -86,15 +93,23 @@ def test_viterbi_and_sample_log_probs_match_enumeration(B, T, K, D, seed, dtype,
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 7), K=st.integers(1, 9), N=st.integers(1, 4),
-       seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
-       temperature=st.sampled_from([1.0, 0.5, 2.0]), padded=st.booleans())
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 7),
+    K=st.integers(1, 9),
+    N=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    temperature=st.sampled_from([1.0, 0.5, 2.0]),
+    padded=st.booleans(),
+)
 def test_samples_match_reference_given_uniforms(B, T, K, N, seed, dtype, temperature, padded):
     rng = np.random.default_rng(seed)
     problem = make_problem(rng, B, T, K, dtype=dtype)
     lengths = rng.integers(1, T + 1, B) if padded else None
-    beam_idx, log_prob, uniforms = ref.crf_sample(*problem, temperature=temperature, lengths=lengths,
-                                                  num_samples=N, rng=rng, margin=MARGIN[dtype])
+    beam_idx, log_prob, uniforms = ref.crf_sample(
+        *problem, temperature=temperature, lengths=lengths, num_samples=N, rng=rng, margin=MARGIN[dtype]
+    )
     got = crf_sample(*problem, num_samples=N, temperature=temperature, lengths=lengths, uniforms=uniforms)
     np.testing.assert_array_equal(got.beam_idx, beam_idx)
     np.testing.assert_allclose(got.log_prob, log_prob, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
@@ -109,12 +124,12 @@ def test_chi_square_against_enumerated_crf(temperature):
     draws = crf_sample(*problem, num_samples=60_000, temperature=temperature, seed=5)
     counts = path_counts(draws.beam_idx[0])
     p_crf = chi_square_pvalue(counts, crf)
-    # power: the same test tells the CRF from the seed's sampler and from the CRF at another temperature
-    seed_sampler = ref.seed_sampler_path_distribution(*problem, temperature)
-    p_seed = chi_square_pvalue({key: c for key, c in counts.items() if key in seed_sampler}, seed_sampler)
+    # power: the same test tells the CRF from the write-up's sampler and from the CRF at another temperature
+    writeup_sampler = ref.stochastic_viterbi_path_distribution(*problem, temperature)
+    p_writeup = chi_square_pvalue({key: c for key, c in counts.items() if key in writeup_sampler}, writeup_sampler)
     p_other = chi_square_pvalue(counts, ref.crf_path_distribution(*problem, temperature * 1.25))
-    message = f"p(CRF) = {p_crf:.3g}, p(seed sampler) = {p_seed:.3g}, p(CRF at 1.25 tau) = {p_other:.3g}"
-    assert p_crf > 1e-3 and p_seed < 1e-6 and p_other < 1e-6, message
+    message = f"p(CRF) = {p_crf:.3g}, p(stochastic Viterbi) = {p_writeup:.3g}, p(CRF at 1.25 tau) = {p_other:.3g}"
+    assert p_crf > 1e-3 and p_writeup < 1e-6 and p_other < 1e-6, message
 
 
 def test_samples_of_one_call_are_independent():
@@ -130,7 +145,7 @@ def test_samples_of_one_call_are_independent():
         keep_rows, keep_cols = table.sum(1) >= 20, table.sum(0) >= 20
         return stats.chi2_contingency(table[keep_rows][:, keep_cols]).pvalue
 
-    p_next, p_half = pvalue(codes[0::2], codes[1::2]), pvalue(codes[: N // 2], codes[N // 2:])
+    p_next, p_half = pvalue(codes[0::2], codes[1::2]), pvalue(codes[: N // 2], codes[N // 2 :])
     # power: a sequence whose every second sample repeats the one before is caught
     dependent = codes.copy()
     dependent[1::2] = np.where(rng.random(N // 2) < 0.1, codes[0::2], codes[1::2])
@@ -163,8 +178,8 @@ def test_padded_batch_equals_each_sequence_alone(rng):
     mu = marginals(*problem, lengths=lengths)
     scores, tokens, E1, E2 = problem
     for b, L in enumerate(lengths):
-        alone = (scores[b:b + 1, :L], tokens[b:b + 1, :L], E1, E2)
-        one = crf_sample(*alone, num_samples=3, uniforms=uniforms[b:b + 1, :L])
+        alone = (scores[b : b + 1, :L], tokens[b : b + 1, :L], E1, E2)
+        one = crf_sample(*alone, num_samples=3, uniforms=uniforms[b : b + 1, :L])
         np.testing.assert_array_equal(batch.beam_idx[b, :L], one.beam_idx[0])
         np.testing.assert_array_equal(batch.log_prob[b], one.log_prob[0])
         np.testing.assert_array_equal(log_z[b], log_partition(*alone)[0])
@@ -183,7 +198,7 @@ def test_sequence_score_matches_path_scores(rng):
         for n in range(4):
             assert got[b, n] == pytest.approx(ref.path_score(problem[0], trans, b, paths[b, :L, n]), rel=1e-12)
     np.testing.assert_array_equal(sequence_score(*problem, paths[:, :, 0], lengths=lengths), got[:, 0])
-    # the seed sampler's own score of its path agrees
+    # stochastic Viterbi's own score of its path agrees
     seeded = stochastic_viterbi(*problem, num_samples=2, lengths=lengths, seed=4)
     np.testing.assert_allclose(sequence_score(*problem, seeded.beam_idx, lengths=lengths), seeded.score, rtol=1e-12)
 
@@ -206,8 +221,7 @@ def test_log_likelihood_is_fairseq_forward(rng, dtype):
     # with k = V the beam is everything: the likelihood is exact and sums to 1 over all sequences
     small = emissions[:1, :3, :4]
     table = E1[:4], E2[:4]
-    total = sum(np.exp(float(log_likelihood(small, np.array([y]), *table, 4)[0]))
-                for y in np.ndindex(4, 4, 4))
+    total = sum(np.exp(float(log_likelihood(small, np.array([y]), *table, 4)[0])) for y in np.ndindex(4, 4, 4))
     assert total == pytest.approx(1.0, rel=1e-4 if dtype == np.float32 else 1e-10)
 
 
@@ -234,8 +248,10 @@ def test_log_likelihood_grad_matches_finite_differences(rng):
             minus[index] -= h
             args = [emissions, E1, E2]
             slot = [a is array for a in args].index(True)
-            numeric = (objective(*[plus if i == slot else a for i, a in enumerate(args)])
-                       - objective(*[minus if i == slot else a for i, a in enumerate(args)])) / (2 * h)
+            numeric = (
+                objective(*[plus if i == slot else a for i, a in enumerate(args)])
+                - objective(*[minus if i == slot else a for i, a in enumerate(args)])
+            ) / (2 * h)
             assert analytic[index] == pytest.approx(numeric, rel=1e-5, abs=1e-7), index
 
 
@@ -299,7 +315,7 @@ def test_extreme_scores_and_temperatures_stay_finite(rng, dtype, temperature):
 
 
 def test_float32_log_partition_at_the_seeds_size():
-    """B=8, T=97, K=256, V=30000, D=32: float32 log Z within 1e-4 relative of float64 (DESIGN's seed size)."""
+    """B=8, T=97, K=256, V=30000, D=32: float32 log Z within 1e-4 relative of float64 (the write-up's size)."""
     rng = np.random.default_rng(3)
     B, T, V, K, D = 8, 97, 30000, 256, 32
     beam = topk_beam(rng.standard_normal((B, T, 4 * K), dtype=np.float32) * 3, K)

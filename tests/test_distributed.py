@@ -21,14 +21,31 @@ def _free_port():
 
 def test_ddp_gradients_match_single_process(tmp_path):
     port = str(_free_port())
-    ranks = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world", "2", "--port", port,
-                               "--out", str(tmp_path / f"rank{r}.pt")], stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--rank",
+                str(r),
+                "--world",
+                "2",
+                "--port",
+                port,
+                "--out",
+                str(tmp_path / f"rank{r}.pt"),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for proc in ranks:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    alone = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path / "alone.pt")],
-                           capture_output=True, text=True, timeout=300)
+    alone = subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(tmp_path / "alone.pt")], capture_output=True, text=True, timeout=300
+    )
     assert alone.returncode == 0, alone.stderr
     grads = [torch.load(tmp_path / name) for name in ("rank0.pt", "rank1.pt", "alone.pt")]
     assert set(grads[0]) == {"encoder.weight", "encoder.bias", "crf.E1.weight", "crf.E2.weight"}

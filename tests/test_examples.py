@@ -13,7 +13,7 @@ grpo_toy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(grpo_toy)
 
 
-@pytest.mark.parametrize("sampler", ["exact", "seed"])
+@pytest.mark.parametrize("sampler", ["exact", "stochastic-viterbi"])
 def test_short_grpo_run_improves_the_reward(sampler):
     rewards = grpo_toy.train(sampler, steps=80)
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20

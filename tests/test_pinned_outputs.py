@@ -45,7 +45,7 @@ def _problem(size: str, dtype):
 
 def digests(size: str, dtype) -> dict:
     emissions, E1, E2, targets, lengths, grad_output, rng = _problem(size, dtype)
-    B, T, K = emissions.shape[0], emissions.shape[1], SIZES[size]["K"]
+    K = SIZES[size]["K"]
     beam = vn.topk_beam(emissions, K)
     forced = vn.topk_beam(emissions, K, force_tokens=targets)
     scores, tokens = beam
@@ -57,25 +57,76 @@ def digests(size: str, dtype) -> dict:
     out["stochastic_viterbi"] = _digest(*one, *many)
     grads = rng.standard_normal(many.beam_probs.shape).astype(dtype)
     out["stochastic_viterbi_backward"] = _digest(
-        *vn.stochastic_viterbi_backward(grads, many, tokens, E1, E2, lengths=lengths))
+        *vn.stochastic_viterbi_backward(grads, many, tokens, E1, E2, lengths=lengths)
+    )
     draws = vn.crf_sample(scores, tokens, E1, E2, num_samples=4, temperature=0.8, lengths=lengths, seed=7)
     out["crf_sample"] = _digest(*draws)
     out["log_partition"] = _digest(vn.log_partition(scores, tokens, E1, E2, lengths=lengths))
     out["marginals"] = _digest(vn.marginals(scores, tokens, E1, E2, temperature=1.3, lengths=lengths))
     out["log_partition_grad"] = _digest(
-        *vn.log_partition_grad(scores, tokens, E1, E2, lengths=lengths, grad_output=grad_output))
+        *vn.log_partition_grad(scores, tokens, E1, E2, lengths=lengths, grad_output=grad_output)
+    )
     out["sequence_score"] = _digest(vn.sequence_score(scores, tokens, E1, E2, draws.beam_idx, lengths=lengths))
     out["log_likelihood"] = _digest(vn.log_likelihood(emissions, targets, E1, E2, K, lengths=lengths))
     out["log_likelihood_grad"] = _digest(
-        *vn.log_likelihood_grad(emissions, targets, E1, E2, K, lengths=lengths, grad_output=grad_output))
+        *vn.log_likelihood_grad(emissions, targets, E1, E2, K, lengths=lengths, grad_output=grad_output)
+    )
     return out
 
 
 PINNED = {
-    ('blocked', 'float32'): {'topk_beam': '23d77d5bc2e2b942', 'viterbi_decode': '8e7d775e96f775c5', 'stochastic_viterbi': 'f362fbda24707f75', 'stochastic_viterbi_backward': 'f3b45e2fe1be73d1', 'crf_sample': '20f809556f66c256', 'log_partition': '1abbb1e6bc06cb8e', 'marginals': '79c66ec8431e8a6a', 'log_partition_grad': '5e48ff53aa8bbf8d', 'sequence_score': '75bcda8e9e5e5c4b', 'log_likelihood': '0b81a0b8d0dcf6ab', 'log_likelihood_grad': '4294a29b2417a609'},
-    ('blocked', 'float64'): {'topk_beam': '42f91bcdab579393', 'viterbi_decode': 'c92c70b62e0932c3', 'stochastic_viterbi': 'a94141100e6f1598', 'stochastic_viterbi_backward': '92f22709d2b6e4e6', 'crf_sample': 'c2e27d371bf9f6f2', 'log_partition': '99800a7ed65dfc2b', 'marginals': '38f0a8153d8b0ad7', 'log_partition_grad': 'c88275c21d393b0b', 'sequence_score': 'd94954930e68338b', 'log_likelihood': '4b6ced956ae44641', 'log_likelihood_grad': '2d1c6f5b3e860b63'},
-    ('small', 'float32'): {'topk_beam': 'b885b622df33ca33', 'viterbi_decode': '1e364f5a4bfb264a', 'stochastic_viterbi': '1cd40ce27c66f4a6', 'stochastic_viterbi_backward': '24686cd4dac7b063', 'crf_sample': '32593488b0736c0d', 'log_partition': '839c99f1d9cf369f', 'marginals': 'f11c9f7fea35fd41', 'log_partition_grad': '2ddbcb92f4e0a308', 'sequence_score': '6277fcda6f27dc50', 'log_likelihood': '4c9f0485fd49a58c', 'log_likelihood_grad': '45311de2cbba5667'},
-    ('small', 'float64'): {'topk_beam': '8acfa36e8b1a95b1', 'viterbi_decode': 'bf9c4627fd2faa99', 'stochastic_viterbi': '9331d883f1631ad6', 'stochastic_viterbi_backward': '5f9bbece64660555', 'crf_sample': '45fa4687f6289ed7', 'log_partition': '6d2f4ae0c06af141', 'marginals': 'ec5d5fede8820630', 'log_partition_grad': '757fb91812132513', 'sequence_score': '6537970c6ff6e672', 'log_likelihood': '3003a7d94d0ad392', 'log_likelihood_grad': '3fa927b9e52f2c60'},
+    ("blocked", "float32"): {
+        "topk_beam": "23d77d5bc2e2b942",
+        "viterbi_decode": "8e7d775e96f775c5",
+        "stochastic_viterbi": "f362fbda24707f75",
+        "stochastic_viterbi_backward": "f3b45e2fe1be73d1",
+        "crf_sample": "20f809556f66c256",
+        "log_partition": "1abbb1e6bc06cb8e",
+        "marginals": "79c66ec8431e8a6a",
+        "log_partition_grad": "5e48ff53aa8bbf8d",
+        "sequence_score": "75bcda8e9e5e5c4b",
+        "log_likelihood": "0b81a0b8d0dcf6ab",
+        "log_likelihood_grad": "4294a29b2417a609",
+    },
+    ("blocked", "float64"): {
+        "topk_beam": "42f91bcdab579393",
+        "viterbi_decode": "c92c70b62e0932c3",
+        "stochastic_viterbi": "a94141100e6f1598",
+        "stochastic_viterbi_backward": "92f22709d2b6e4e6",
+        "crf_sample": "c2e27d371bf9f6f2",
+        "log_partition": "99800a7ed65dfc2b",
+        "marginals": "38f0a8153d8b0ad7",
+        "log_partition_grad": "c88275c21d393b0b",
+        "sequence_score": "d94954930e68338b",
+        "log_likelihood": "4b6ced956ae44641",
+        "log_likelihood_grad": "2d1c6f5b3e860b63",
+    },
+    ("small", "float32"): {
+        "topk_beam": "b885b622df33ca33",
+        "viterbi_decode": "1e364f5a4bfb264a",
+        "stochastic_viterbi": "1cd40ce27c66f4a6",
+        "stochastic_viterbi_backward": "24686cd4dac7b063",
+        "crf_sample": "32593488b0736c0d",
+        "log_partition": "839c99f1d9cf369f",
+        "marginals": "f11c9f7fea35fd41",
+        "log_partition_grad": "2ddbcb92f4e0a308",
+        "sequence_score": "6277fcda6f27dc50",
+        "log_likelihood": "4c9f0485fd49a58c",
+        "log_likelihood_grad": "45311de2cbba5667",
+    },
+    ("small", "float64"): {
+        "topk_beam": "8acfa36e8b1a95b1",
+        "viterbi_decode": "bf9c4627fd2faa99",
+        "stochastic_viterbi": "9331d883f1631ad6",
+        "stochastic_viterbi_backward": "5f9bbece64660555",
+        "crf_sample": "45fa4687f6289ed7",
+        "log_partition": "6d2f4ae0c06af141",
+        "marginals": "ec5d5fede8820630",
+        "log_partition_grad": "757fb91812132513",
+        "sequence_score": "6537970c6ff6e672",
+        "log_likelihood": "3003a7d94d0ad392",
+        "log_likelihood_grad": "3fa927b9e52f2c60",
+    },
 }
 
 

@@ -6,24 +6,29 @@ import sys
 
 import numpy as np
 import pytest
-
 import reference as ref
-from viterbi_numba import _cpu, core, stochastic_viterbi
 from conftest import make_problem
+from cpu_helpers import fill_uniforms
+
+from viterbi_numba import _portable, stochastic_viterbi
+from viterbi_numba.cpu.decode import portable
 
 # Known-answer vectors of Philox4x32-10 from Random123 (kat_vectors): counter, key -> output.
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
 @pytest.mark.parametrize("counter, key, expected", KAT)
 def test_philox_known_answers(counter, key, expected):
     assert ref.philox4x32(counter, key) == expected
-    got = _cpu._device.philox4x32(*[np.uint64(c) for c in counter], *[np.uint64(k) for k in key])
+    got = portable.philox4x32(*[np.uint64(c) for c in counter], *[np.uint64(k) for k in key])
     assert tuple(int(x) for x in got) == expected
 
 
@@ -31,7 +36,7 @@ def test_philox_known_answers(counter, key, expected):
 def test_kernel_uniforms_match_reference(seed):
     shape = (2, 3, 5, 2)
     out = np.empty(shape)
-    _cpu.fill_uniforms(seed & 0xFFFFFFFF, seed >> 32, core.STREAM_SEED_SAMPLER, out)
+    fill_uniforms(seed & 0xFFFFFFFF, seed >> 32, _portable.STREAM_STOCHASTIC_VITERBI, out)
     np.testing.assert_array_equal(out, ref.uniforms_for_seed(seed, shape))
     assert ((out >= 0) & (out < 1)).all()
 
@@ -40,7 +45,7 @@ def test_uniforms_look_uniform():
     from scipy import stats
 
     out = np.empty((4, 50, 64, 8))
-    _cpu.fill_uniforms(7, 0, 0, out)
+    fill_uniforms(7, 0, 0, out)
     assert stats.kstest(out.ravel(), "uniform").pvalue > 1e-3
     # neighbouring states and chains are not correlated
     assert abs(np.corrcoef(out[..., :-1, :].ravel(), out[..., 1:, :].ravel())[0, 1]) < 0.01
@@ -54,8 +59,9 @@ def test_seed_equals_replay_of_its_uniforms(rng, dtype, num_samples):
     seeded = stochastic_viterbi(scores, tokens, E1, E2, num_samples=num_samples, seed=99)
     N = num_samples or 1
     uniforms = ref.uniforms_for_seed(99, (3, 5, 7, N))
-    replay = stochastic_viterbi(scores, tokens, E1, E2, num_samples=num_samples,
-                                uniforms=uniforms[..., 0] if num_samples is None else uniforms)
+    replay = stochastic_viterbi(
+        scores, tokens, E1, E2, num_samples=num_samples, uniforms=uniforms[..., 0] if num_samples is None else uniforms
+    )
     for a, b in zip(seeded, replay):
         np.testing.assert_array_equal(a, b)
 
@@ -92,7 +98,7 @@ print(h.hexdigest())
 
 
 def test_bit_identical_across_processes_and_thread_counts():
-    """The seed sampler, the exact sampler and the gradients give the same bits with 1 or 2 threads."""
+    """Stochastic Viterbi, the exact sampler and the gradients give the same bits with 1 or 2 threads."""
     digests = set()
     for threads in ("1", "2"):
         env = dict(os.environ, NUMBA_NUM_THREADS=threads)
@@ -102,12 +108,12 @@ def test_bit_identical_across_processes_and_thread_counts():
 
 
 def test_float32_gpu_uniforms_are_the_top_24_bits():
-    """The float32 GPU kernels draw core.uniform_pair_f32: each uniform is the float64 one cut to 24 bits."""
+    """The float32 GPU kernels draw _portable's uniform_pair_f32: each uniform is the float64 one cut to 24 bits."""
     for seed in (0, 2**64 - 1, 123456789):
         for counter in ((0, 0, 0, 0), (5, 3, 1, 7), (2**31, 9, 4, 0)):
-            args = (seed & 0xFFFFFFFF, seed >> 32, core.STREAM_SEED_SAMPLER, *counter)
-            wide = _cpu._device.uniform_pair(*args)
-            narrow = _cpu._device.uniform_pair_f32(*args)
+            args = (seed & 0xFFFFFFFF, seed >> 32, _portable.STREAM_STOCHASTIC_VITERBI, *counter)
+            wide = portable.uniform_pair(*args)
+            narrow = portable.uniform_pair_f32(*args)
             for u, v in zip(wide, narrow):
                 assert v == np.float32(v) == np.floor(u * 2**24) / 2**24 and 0 <= v <= u < 1
 

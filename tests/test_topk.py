@@ -1,15 +1,23 @@
 """topk_beam against the NumPy reference and torch.topk's contract."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
-
+import pytest
 import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from viterbi_numba import topk_beam
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(1, 40), data=st.data(),
-       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans())
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 4),
+    V=st.integers(1, 40),
+    data=st.data(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    ties=st.booleans(),
+)
 def test_matches_reference(B, T, V, data, dtype, ties):
     k = data.draw(st.integers(1, V))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
@@ -38,7 +46,7 @@ def test_force_tokens_match_reference(B, T, V, data):
     assert (got.tokens == forced[:, :, None]).any(axis=2).all()
 
 
-def test_seed_size_against_numpy_sort(rng):
+def test_writeup_size_against_numpy_sort(rng):
     emissions = rng.standard_normal((2, 3, 30000)).astype(np.float32)
     got = topk_beam(emissions, 256)
     order = np.argsort(-emissions, axis=2, kind="stable")[:, :, :256]
@@ -86,3 +94,27 @@ def test_long_rows_with_prefilter_fallback_and_forcing(rng):
         want_scores, want_tokens = ref.topk(emissions, k, force)
         np.testing.assert_array_equal(got.tokens, want_tokens)
         np.testing.assert_array_equal(got.scores, want_scores)
+
+
+def test_a_tie_across_the_kth_place_changes_the_token_set():
+    """The README's example: torch.topk and topk_beam keep different tokens when a tie falls across the
+    K-th place, so the beam CRF over the two beams differs (its log Z here); without such a tie the
+    token sets agree."""
+    torch = pytest.importorskip("torch")
+    from viterbi_numba import log_partition
+
+    emissions = np.array([[[2.0, 5.0, 2.0, 2.0, 1.0], [0.0, 3.0, 1.0, 0.5, 0.0]]])
+    ours = topk_beam(emissions, 2)
+    theirs = torch.topk(torch.from_numpy(emissions), 2, 2)
+    assert list(ours.tokens[0, 0]) == [1, 0]
+    assert sorted(theirs.indices.numpy()[0, 0]) == [1, 2]  # torch 2.13, CPU: another of the tied tokens
+    E1 = np.arange(10.0).reshape(5, 2) / 10
+    E2 = E1[::-1].copy()
+    z_ours = log_partition(ours.scores, ours.tokens, E1, E2)
+    z_theirs = log_partition(theirs.values.numpy(), theirs.indices.numpy(), E1, E2)
+    assert abs(z_ours[0] - z_theirs[0]) > 1e-3
+    no_tie = emissions.copy()
+    no_tie[0, 0, 2] = 3.0
+    assert set(topk_beam(no_tie, 2).tokens[0, 0]) == set(
+        torch.topk(torch.from_numpy(no_tie), 2, 2).indices.numpy()[0, 0]
+    )

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import make_problem
+
 from viterbi_numba import (
     crf_sample,
     log_likelihood,
@@ -60,13 +60,16 @@ TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg]
 
 
 # --- topk_beam -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("k, error, match", [
-    (0, ValueError, "k must be at least 1"),
-    (-3, ValueError, "k must be at least 1"),
-    (11, ValueError, "k must be at most V = 10"),
-    (2.5, TypeError, "k must be an integer"),
-    (True, TypeError, "k must be an integer"),
-])
+@pytest.mark.parametrize(
+    "k, error, match",
+    [
+        (0, ValueError, "k must be at least 1"),
+        (-3, ValueError, "k must be at least 1"),
+        (11, ValueError, "k must be at most V = 10"),
+        (2.5, TypeError, "k must be an integer"),
+        (True, TypeError, "k must be an integer"),
+    ],
+)
 def test_topk_bad_k(rng, k, error, match):
     with pytest.raises(error, match=match):
         topk_beam(rng.standard_normal((1, 2, 10)), k)
@@ -157,21 +160,31 @@ def test_bad_scores_arrays(problem, call):
 
 
 @pytest.mark.parametrize("call", BEAM_CALLS)
-@pytest.mark.parametrize("lengths, error, match", [
-    ([0, 5], ValueError, r"lengths must lie in \[1, 5\]"),
-    ([1, 6], ValueError, r"lengths must lie in \[1, 5\]"),
-    ([5], ValueError, r"lengths must have shape \(2,\)"),
-    ([[5, 5]], ValueError, r"lengths must have shape \(2,\)"),
-    ([2.0, 3.0], TypeError, "lengths must be an integer array"),
-])
+@pytest.mark.parametrize(
+    "lengths, error, match",
+    [
+        ([0, 5], ValueError, r"lengths must lie in \[1, 5\]"),
+        ([1, 6], ValueError, r"lengths must lie in \[1, 5\]"),
+        ([5], ValueError, r"lengths must have shape \(2,\)"),
+        ([[5, 5]], ValueError, r"lengths must have shape \(2,\)"),
+        ([2.0, 3.0], TypeError, "lengths must be an integer array"),
+    ],
+)
 def test_bad_lengths(problem, call, lengths, error, match):
     with pytest.raises(error, match=match):
         call(problem, lengths=np.array(lengths))
 
 
-@pytest.mark.parametrize("temperature, error", [
-    (0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError), ("hot", TypeError),
-])
+@pytest.mark.parametrize(
+    "temperature, error",
+    [
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (np.nan, ValueError),
+        (np.inf, ValueError),
+        ("hot", TypeError),
+    ],
+)
 @pytest.mark.parametrize("call", TEMPERATURE_CALLS)
 def test_bad_temperature(problem, temperature, error, call):
     with pytest.raises(error, match="temperature must be"):

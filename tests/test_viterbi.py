@@ -2,30 +2,61 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import reference as ref
 from conftest import make_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from viterbi_numba import PAD, viterbi_decode
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 4), T=st.integers(1, 8), K=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
-       dtype=st.sampled_from([np.float32, np.float64]), padded=st.booleans())
+@given(
+    B=st.integers(1, 4),
+    T=st.integers(1, 8),
+    K=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    padded=st.booleans(),
+)
 def test_matches_reference(B, T, K, seed, dtype, padded):
     rng = np.random.default_rng(seed)
     scores, tokens, E1, E2 = make_problem(rng, B, T, K, dtype=dtype)
     lengths = rng.integers(1, T + 1, B) if padded else None
     got = viterbi_decode(scores, tokens, E1, E2, lengths=lengths)
-    beam_idx, path_tokens, best, step_scores = ref.viterbi(scores, tokens, E1, E2, lengths)
+    beam_idx, path_tokens, best, fairseq_steps = ref.viterbi(scores, tokens, E1, E2, lengths)
     np.testing.assert_array_equal(got.beam_idx, beam_idx)
     np.testing.assert_array_equal(got.tokens, path_tokens)
     np.testing.assert_allclose(got.score, best, rtol=TOL[dtype], atol=TOL[dtype])
-    np.testing.assert_allclose(got.step_scores, step_scores, rtol=TOL[dtype], atol=10 * TOL[dtype])
+    increments = ref.step_increments(scores, tokens, E1, E2, beam_idx, lengths)
+    np.testing.assert_allclose(got.step_scores, increments, rtol=TOL[dtype], atol=10 * TOL[dtype])
     assert got.score.dtype == dtype and got.step_scores.dtype == dtype
-    np.testing.assert_allclose(got.step_scores.sum(axis=1), got.score, rtol=TOL[dtype] * 10)
+    np.testing.assert_allclose(got.step_scores.sum(axis=1), got.score, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    fairseq = viterbi_decode(scores, tokens, E1, E2, lengths=lengths, step_scores="fairseq")
+    np.testing.assert_array_equal(fairseq.beam_idx, got.beam_idx)
+    np.testing.assert_allclose(fairseq.step_scores, fairseq_steps, rtol=TOL[dtype], atol=10 * TOL[dtype])
+
+
+def test_step_scores_are_the_increments_not_fairseqs_reading(rng):
+    """fairseq reads step t's cumulative score at step t+1's beam index; where the best path into that
+    slot at step t is not the Viterbi path's prefix the two differ, and only the increments are S(y)'s."""
+    scores, tokens, E1, E2 = make_problem(rng, 16, 6, 4)
+    got = viterbi_decode(scores, tokens, E1, E2)
+    fairseq = viterbi_decode(scores, tokens, E1, E2, step_scores="fairseq")
+    trans = ref.transitions(tokens, E1, E2)
+    for b in range(16):
+        path = got.beam_idx[b]
+        assert got.step_scores[b, 0] == scores[b, 0, path[0]]
+        np.testing.assert_allclose(
+            got.step_scores[b, 1:],
+            [scores[b, t, path[t]] + trans[b, t - 1, path[t - 1], path[t]] for t in range(1, 6)],
+            rtol=1e-12,
+        )
+    assert np.abs(got.step_scores - fairseq.step_scores).max() > 1e-3  # the two readings differ somewhere
+    with pytest.raises(ValueError, match="step_scores must be 'increments' or 'fairseq'"):
+        viterbi_decode(scores, tokens, E1, E2, step_scores="cumulative")
 
 
 @pytest.mark.parametrize("T, K", [(1, 5), (3, 4), (4, 3), (5, 3)])
@@ -42,7 +73,7 @@ def test_padded_batch_equals_each_sequence_alone(rng):
     lengths = np.array([9, 1, 5, 3])
     batch = viterbi_decode(scores, tokens, E1, E2, lengths=lengths)
     for b, L in enumerate(lengths):
-        alone = viterbi_decode(scores[b:b + 1, :L], tokens[b:b + 1, :L], E1, E2)
+        alone = viterbi_decode(scores[b : b + 1, :L], tokens[b : b + 1, :L], E1, E2)
         np.testing.assert_array_equal(batch.beam_idx[b, :L], alone.beam_idx[0])
         np.testing.assert_array_equal(batch.tokens[b, :L], alone.tokens[0])
         assert batch.score[b] == alone.score[0]
@@ -61,8 +92,9 @@ def test_constant_shift_keeps_the_path(rng, constant):
     # float32: scores on a 1/8 grid stay exact at 1e6, so only the kernel's own arithmetic is tested
     grid = np.round(scores * 8) / 8
     base32 = viterbi_decode(grid.astype(np.float32), tokens, E1.astype(np.float32), E2.astype(np.float32))
-    shifted32 = viterbi_decode((grid + constant).astype(np.float32), tokens, E1.astype(np.float32),
-                               E2.astype(np.float32))
+    shifted32 = viterbi_decode(
+        (grid + constant).astype(np.float32), tokens, E1.astype(np.float32), E2.astype(np.float32)
+    )
     np.testing.assert_array_equal(base32.beam_idx, shifted32.beam_idx)
 
 

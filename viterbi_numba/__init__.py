@@ -1,38 +1,41 @@
 """viterbi-numba: Numba kernels to decode and sample the low-rank beam CRF of non-autoregressive generators.
 
-Array API (NumPy in, NumPy out):
+Array API (NumPy or GPU arrays in, the same kind out; docs/design.md is the specification):
 
 * :func:`topk_beam` — per-position top-K beam, optionally forcing given tokens into it.
 * :func:`viterbi_decode` — the best beam path (max-product).
-* :func:`stochastic_viterbi` — the seed's stochastic Viterbi sampler, one or N chains, and
-  :func:`stochastic_viterbi_backward`, the gradient the seed's autograd gives through ``beam_probs``.
+* :func:`stochastic_viterbi` — the write-up's stochastic Viterbi sampler, one or N chains, and
+  :func:`stochastic_viterbi_backward`, the gradient the write-up's autograd gives through ``beam_probs``.
 * :func:`crf_sample` — exact samples of the CRF with their log-probabilities (FFBS).
 * :func:`log_partition`, :func:`marginals`, :func:`log_likelihood` (fairseq ``DynamicCRF.forward``),
   :func:`sequence_score`, and the gradients :func:`log_partition_grad`, :func:`log_likelihood_grad`.
+* :func:`crf_forward`, :func:`log_likelihood_forward` — a forward pass kept for sampling and the
+  backward pass (what autograd wrappers use).
 """
 
-from .api import (
-    PAD,
-    Beam,
-    SamplerGrad,
-    StochasticViterbiResult,
-    ViterbiResult,
-    stochastic_viterbi,
-    stochastic_viterbi_backward,
-    topk_beam,
-    viterbi_decode,
-)
 from .crf import (
-    CRFSample,
-    LikelihoodGrad,
-    PartitionGrad,
+    CRFForward,
+    LikelihoodForward,
+    crf_forward,
     crf_sample,
     log_likelihood,
+    log_likelihood_forward,
     log_likelihood_grad,
     log_partition,
     log_partition_grad,
     marginals,
     sequence_score,
+)
+from .decode import stochastic_viterbi, stochastic_viterbi_backward, topk_beam, viterbi_decode
+from .results import (
+    PAD,
+    Beam,
+    CRFSample,
+    LikelihoodGrad,
+    PartitionGrad,
+    SamplerGrad,
+    StochasticViterbiResult,
+    ViterbiResult,
 )
 
 __version__ = "0.1.0"
@@ -40,21 +43,25 @@ __version__ = "0.1.0"
 __all__ = [
     "PAD",
     "Beam",
-    "StochasticViterbiResult",
-    "ViterbiResult",
-    "stochastic_viterbi",
-    "topk_beam",
-    "viterbi_decode",
-    "SamplerGrad",
-    "stochastic_viterbi_backward",
+    "CRFForward",
     "CRFSample",
+    "LikelihoodForward",
     "LikelihoodGrad",
     "PartitionGrad",
+    "SamplerGrad",
+    "StochasticViterbiResult",
+    "ViterbiResult",
+    "crf_forward",
     "crf_sample",
     "log_likelihood",
+    "log_likelihood_forward",
     "log_likelihood_grad",
     "log_partition",
     "log_partition_grad",
     "marginals",
     "sequence_score",
+    "stochastic_viterbi",
+    "stochastic_viterbi_backward",
+    "topk_beam",
+    "viterbi_decode",
 ]

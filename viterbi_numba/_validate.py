@@ -1,47 +1,82 @@
-"""Argument checks shared by the public functions. Every failure names the argument it is about."""
+"""Every argument check and option normalisation, once, above the device split (docs/design.md §8).
+
+Each public function calls one of the validators at the bottom with the backend that
+:func:`viterbi_numba._devices.backend_of` picked; they return the inputs normalised (cast to the compute
+dtype, contiguous, int64 ids, lengths on the device) in the NamedTuples below. Every failure is a
+``TypeError`` or ``ValueError`` that names the argument.
+
+The value rules (``*_values`` functions) are written once, for NumPy arrays. The CPU backend applies
+them directly; the GPU backend screens device arrays with small kernels and, only when one flags a
+failure, applies the same rule to a host copy, so the message is word for word the CPU's.
+"""
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+import secrets
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-
-def _not_on_gpu(value: Any, name: str) -> None:
-    from ._gpu import is_gpu_array
-
-    if is_gpu_array(value):
-        raise TypeError(f"{name} is a GPU array but the main inputs are host arrays; pass all arrays on one device")
+__all__ = ["BeamCRF", "Draws"]
 
 
-def float_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    """``value`` as a NumPy floating array of rank ``ndim`` (not yet cast or made contiguous)."""
-    _not_on_gpu(value, name)
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {array.dtype}")
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
-    return array
+class Checks(Protocol):
+    """A backend's value checks: each takes the rule that words the error (see the module docstring)."""
+
+    def finite(self, values: Any, rule: Any) -> None: ...
+
+    def in_range(self, values: Any, low: int, high: int, rule: Any) -> None: ...
+
+    def beam(self, scores: Any, lengths: np.ndarray, rule: Any) -> None: ...
+
+    def run(self) -> None: ...
 
 
-def int_array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """``value`` as a contiguous int64 array of exactly ``shape``."""
-    _not_on_gpu(value, name)
-    array = np.asarray(value)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
-    return np.ascontiguousarray(array, dtype=np.int64)
+class Arrays(Protocol):
+    """How a backend reads its arrays (``cpu.ops.HostArrays``, ``gpu.arrays.DeviceArrays``)."""
+
+    max_beam: Optional[int]
+    max_rank: Optional[int]
+
+    def float_array(self, value: Any, name: str, ndim: int) -> Any: ...
+
+    def int_array(self, value: Any, name: str, shape: tuple[int, ...]) -> Any: ...
+
+    def cast(self, array: Any, dtype: np.dtype, name: str) -> Any: ...
+
+    def to_host(self, value: Any, name: str) -> np.ndarray: ...
+
+    def from_host(self, array: np.ndarray) -> Any: ...
+
+    def checks(self) -> Checks: ...
 
 
-def compute_dtype(*arrays: np.ndarray) -> np.dtype:
-    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
-    return np.dtype(np.float64) if any(a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
+class BeamCRF(NamedTuple):
+    """Validated inputs of a beam CRF: scores, E1, E2 in one compute dtype, int64 tokens and lengths."""
+
+    scores: Any  # (B, T, K)
+    tokens: Any  # (B, T, K)
+    E1: Any  # (V, D)
+    E2: Any  # (V, D)
+    lengths: Any  # (B,) on the backend's device
+    lengths_host: np.ndarray  # (B,)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.scores.dtype)
 
 
+class Draws(NamedTuple):
+    """Where a sampler's uniforms come from: ``uniforms`` (host float64) when replayed, else ``seed``."""
+
+    seed: int  # 64 bits; 0 (unused) when replaying
+    uniforms: Optional[np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# scalars and options
+# --------------------------------------------------------------------------------------------------
 def positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
@@ -60,7 +95,12 @@ def temperature(value: Any) -> float:
     return value
 
 
-def seed(value: Any) -> int | None:
+def inv_temperature(value: Any, dtype: np.dtype) -> Any:
+    """1 / temperature as a scalar of the compute dtype (what every kernel multiplies by)."""
+    return np.dtype(dtype).type(1.0 / temperature(value))
+
+
+def seed(value: Any) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -71,17 +111,28 @@ def seed(value: Any) -> int | None:
     return value
 
 
-def uniforms(value: Any, shape: tuple[int, ...], layout: str) -> np.ndarray:
-    """Replayed uniforms: exactly ``shape`` (named ``layout`` in errors), values in [0, 1); as float64."""
-    array = float_array(value, "uniforms", len(shape))
-    if array.shape != tuple(shape):
-        raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {array.shape}")
-    if array.size and not ((array >= 0) & (array < 1)).all():
-        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
-    return np.ascontiguousarray(array, dtype=np.float64)
+def compute_dtype(*dtypes: Any) -> np.dtype:
+    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
+    return np.dtype(np.float64) if any(np.dtype(d) == np.float64 for d in dtypes) else np.dtype(np.float32)
 
 
-def beam_scores(scores: np.ndarray, lengths: np.ndarray, name: str = "scores") -> None:
+# --------------------------------------------------------------------------------------------------
+# value rules on NumPy arrays (the GPU re-runs them on a host copy when its screen flags a failure)
+# --------------------------------------------------------------------------------------------------
+def finite_values(values: np.ndarray, name: str) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens") -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(
+            f"{name} must be token ids in [0, {vocab}) (rows of E1/E2), "
+            f"got values from {tokens.min()} to {tokens.max()}"
+        )
+
+
+def beam_score_values(scores: np.ndarray, lengths: np.ndarray, name: str = "scores") -> None:
     """No NaN or +inf anywhere; no position before a sequence's length whose whole beam is -inf."""
     if np.isnan(scores).any() or np.isposinf(scores).any():
         b, t = np.argwhere(~(np.isfinite(scores) | np.isneginf(scores)))[0][:2]
@@ -93,31 +144,228 @@ def beam_scores(scores: np.ndarray, lengths: np.ndarray, name: str = "scores") -
         raise ValueError(f"{name}: the whole beam is -inf at batch {b}, position {t}; no path can pass there")
 
 
-def lengths(value: Any, batch: int, steps: int) -> np.ndarray:
-    """``lengths`` (B,) with values in [1, T]; None means every sequence is T long."""
+def slot_values(slots: np.ndarray, beam: int, name: str) -> None:
+    if slots.size and (slots.min() < 0 or slots.max() >= beam):
+        raise ValueError(f"{name} must be beam slots in [0, {beam})")
+
+
+def length_values(lengths: np.ndarray, steps: int) -> None:
+    if lengths.size and (lengths.min() < 1 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [1, {steps}] (T), got values from {lengths.min()} to {lengths.max()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the validators the public functions call
+# --------------------------------------------------------------------------------------------------
+def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> np.ndarray:
+    """``lengths`` (B,) as host int64 in [1, T]; None means every sequence is T long."""
     if value is None:
         return np.full(batch, steps, dtype=np.int64)
-    array = int_array(value, "lengths", (batch,))
-    if array.size and (array.min() < 1 or array.max() > steps):
-        raise ValueError(f"lengths must lie in [1, {steps}] (T), got values from {array.min()} to {array.max()}")
-    return array
+    host = np.asarray(arrays.to_host(value, "lengths"))
+    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"lengths must be an integer array, got dtype {host.dtype}")
+    if host.shape != (batch,):
+        raise ValueError(f"lengths must have shape {(batch,)}, got {host.shape}")
+    host = np.ascontiguousarray(host, dtype=np.int64)
+    length_values(host, steps)
+    return host
 
 
-def token_ids(tokens: np.ndarray, vocab: int, name: str = "tokens") -> None:
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise ValueError(
-            f"{name} must be token ids in [0, {vocab}) (rows of E1/E2), got values from {tokens.min()} to {tokens.max()}"
-        )
-
-
-def embedding_tables(E1: Any, E2: Any) -> tuple[np.ndarray, np.ndarray]:
-    E1 = float_array(E1, "E1", 2)
-    E2 = float_array(E2, "E2", 2)
+def tables(arrays: Arrays, E1: Any, E2: Any, checks: Checks) -> tuple[Any, Any]:
+    """E1, E2 (V, D) of one shape, non-empty, finite (the finiteness is checked by ``checks``)."""
+    E1 = arrays.float_array(E1, "E1", 2)
+    E2 = arrays.float_array(E2, "E2", 2)
     if E1.shape != E2.shape:
         raise ValueError(f"E1 and E2 must have the same shape (V, D), got {E1.shape} and {E2.shape}")
     if E1.shape[0] == 0 or E1.shape[1] == 0:
         raise ValueError(f"E1 and E2 must be non-empty (V, D), got {E1.shape}")
+    if arrays.max_rank is not None and E1.shape[1] > arrays.max_rank:
+        raise ValueError(f"E1, E2: the GPU kernels take D <= {arrays.max_rank}, got D = {E1.shape[1]}")
     for name, table in (("E1", E1), ("E2", E2)):
-        if not np.isfinite(table).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        checks.finite(table, lambda host, name=name: finite_values(host, name))
     return E1, E2
+
+
+def beam_crf(arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any) -> BeamCRF:
+    """The inputs of every operation on a given beam (docs/design.md §1)."""
+    scores = arrays.float_array(scores, "scores", 3)
+    B, T, K = scores.shape
+    if T == 0:
+        raise ValueError(f"scores must have at least one position (T >= 1), got shape {scores.shape}")
+    if K == 0:
+        raise ValueError(f"scores must have a beam of at least one slot (K >= 1), got shape {scores.shape}")
+    if arrays.max_beam is not None and K > arrays.max_beam:
+        raise ValueError(f"scores: the GPU kernels take a beam of at most {arrays.max_beam} slots, got K = {K}")
+    tokens = arrays.int_array(tokens, "tokens", (B, T, K))
+    checks = arrays.checks()
+    E1, E2 = tables(arrays, E1, E2, checks)
+    vocab = E1.shape[0]
+    checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+    lengths_host = lengths(arrays, lengths_value, B, T)
+    checks.beam(scores, lengths_host, lambda host: beam_score_values(host, lengths_host))
+    checks.run()
+    dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
+    return BeamCRF(
+        arrays.cast(scores, dtype, "scores"),
+        tokens,
+        arrays.cast(E1, dtype, "E1"),
+        arrays.cast(E2, dtype, "E2"),
+        arrays.from_host(lengths_host),
+        lengths_host,
+    )
+
+
+def topk_inputs(
+    arrays: Arrays, emissions: Any, k: Any, force_tokens: Any, force_name: str = "force_tokens"
+) -> tuple[Any, int, Any]:
+    """(emissions in the compute dtype, k, force_tokens as int64 or None); ``force_name`` names them."""
+    emissions = arrays.float_array(emissions, "emissions", 3)
+    B, T, V = emissions.shape
+    k = positive_int(k, "k")
+    if k > V:
+        raise ValueError(f"k must be at most V = {V} (emissions.shape[2]), got {k}")
+    if arrays.max_beam is not None and k > arrays.max_beam:
+        raise ValueError(f"k: the GPU kernels take a beam of at most {arrays.max_beam} slots, got {k}")
+    forced = None
+    if force_tokens is not None:
+        forced = arrays.int_array(force_tokens, force_name, (B, T))
+        checks = arrays.checks()
+        checks.in_range(forced, 0, V, lambda host: token_id_values(host, V, force_name))
+        checks.run()
+    return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), k, forced
+
+
+def draws(arrays: Arrays, seed_value: Any, uniforms: Any, shape: tuple[int, ...], layout: str) -> Draws:
+    """A sampler's randomness: replayed ``uniforms`` of exactly ``shape`` (named ``layout`` in errors),
+    values in [0, 1), or a seed (a fresh 64-bit one when both are None)."""
+    seed_value = seed(seed_value)
+    if uniforms is None:
+        return Draws(secrets.randbits(64) if seed_value is None else seed_value, None)
+    if seed_value is not None:
+        raise ValueError("give either seed or uniforms, not both")
+    host = np.asarray(arrays.to_host(uniforms, "uniforms"))
+    if not np.issubdtype(host.dtype, np.floating):
+        raise TypeError(
+            f"uniforms must be a floating-point array (float16, float32 or float64), got dtype {host.dtype}"
+        )
+    if host.ndim != len(shape):
+        raise ValueError(f"uniforms must have {len(shape)} dimensions, got shape {host.shape}")
+    if host.shape != tuple(shape):
+        raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {host.shape}")
+    if host.size and not ((host >= 0) & (host < 1)).all():
+        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
+    return Draws(0, np.ascontiguousarray(host, dtype=np.float64))
+
+
+def batch_size(value: Any) -> int:
+    """The leading dimension of an array of any kind (read before the array is validated)."""
+    shape = getattr(value, "shape", None)
+    return int(shape[0] if shape is not None else np.shape(value)[0])
+
+
+def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name: str = "grad_output") -> np.ndarray:
+    """Per-sequence (B,) or per-path (B, N) weights as finite host values of ``dtype`` (all 1 when None)."""
+    if value is None:
+        return np.ones(shape, dtype=dtype)
+    host = np.asarray(arrays.to_host(value, name))
+    if not np.issubdtype(host.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {host.dtype}")
+    if host.ndim != len(shape):
+        raise ValueError(f"{name} must have {len(shape)} dimensions, got shape {host.shape}")
+    if host.shape != tuple(shape):
+        layout = "(B,)" if len(shape) == 1 else "(B, N)"
+        raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {host.shape}")
+    finite_values(host, name)
+    return np.ascontiguousarray(host, dtype=dtype)
+
+
+def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
+    """Beam paths (B, T) or (B, T, N) as (B, T, N) int64 with 0 at and after each length; single?"""
+    B, T, K = crf.scores.shape
+    host = np.asarray(arrays.to_host(beam_idx, "beam_idx"))
+    if host.ndim not in (2, 3):
+        raise ValueError(f"beam_idx must have shape (B, T) or (B, T, N), got {host.shape}")
+    single = host.ndim == 2
+    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"beam_idx must be an integer array, got dtype {host.dtype}")
+    if host.shape[:2] != (B, T):
+        raise ValueError(f"beam_idx must have shape {(B, T) if single else (B, T, host.shape[2])}, got {host.shape}")
+    host = host.astype(np.int64).reshape(B, T, -1)
+    inside = np.arange(T)[None, :, None] < crf.lengths_host[:, None, None]
+    if (inside & ((host < 0) | (host >= K))).any():
+        raise ValueError(f"beam_idx must be beam slots in [0, {K}) before each sequence's length")
+    return arrays.from_host(np.ascontiguousarray(np.where(inside, host, 0))), single
+
+
+class SamplerGradInputs(NamedTuple):
+    crf: BeamCRF  # the sample's beam_probs stand in for the scores (no scores are needed)
+    beam_probs: Any  # (B, T, K, N)
+    backpointers: Any  # (B, T-1, K, N)
+    grad_beam_probs: Any  # (B, T, K, N)
+    single: bool
+
+
+def sampler_grad(
+    arrays: Arrays, grad_beam_probs: Any, sample: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any
+) -> SamplerGradInputs:
+    """Inputs of :func:`~viterbi_numba.stochastic_viterbi_backward`."""
+    ndim = len(getattr(sample.beam_probs, "shape", np.shape(sample.beam_probs)))
+    if ndim not in (3, 4):
+        raise ValueError(
+            f"sample.beam_probs must have shape (B, T, K) or (B, T, K, N), got {np.shape(sample.beam_probs)}"
+        )
+    beam_probs = arrays.float_array(sample.beam_probs, "sample.beam_probs", ndim)
+    B, T, K = beam_probs.shape[:3]
+    N = 1 if ndim == 3 else beam_probs.shape[3]
+    dtype = compute_dtype(beam_probs.dtype)
+    beam_probs = arrays.cast(beam_probs, dtype, "sample.beam_probs")
+    grads = arrays.float_array(grad_beam_probs, "grad_beam_probs", ndim)
+    if grads.shape != beam_probs.shape:
+        raise ValueError(
+            f"grad_beam_probs must have the shape of sample.beam_probs {beam_probs.shape}, got {grads.shape}"
+        )
+    backpointers = arrays.int_array(
+        sample.backpointers, "sample.backpointers", (B, T - 1, K) + ((N,) if ndim == 4 else ())
+    )
+    tokens = arrays.int_array(tokens, "tokens", (B, T, K))
+    checks = arrays.checks()
+    checks.finite(grads, lambda host: finite_values(host, "grad_beam_probs"))
+    checks.in_range(backpointers, 0, K, lambda host: slot_values(host, K, "sample.backpointers"))
+    E1, E2 = tables(arrays, E1, E2, checks)
+    vocab = E1.shape[0]
+    checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+    lengths_host = lengths(arrays, lengths_value, B, T)
+    checks.run()
+    shape = (B, T, K, N)
+    crf = BeamCRF(
+        beam_probs,
+        tokens,
+        arrays.cast(E1, dtype, "E1"),
+        arrays.cast(E2, dtype, "E2"),
+        arrays.from_host(lengths_host),
+        lengths_host,
+    )
+    return SamplerGradInputs(
+        crf,
+        beam_probs.reshape(shape),
+        backpointers.reshape((B, T - 1, K, N)),
+        arrays.cast(grads, dtype, "grad_beam_probs").reshape(shape),
+        ndim == 3,
+    )
+
+
+def likelihood(arrays: Arrays, emissions: Any, targets: Any, E1: Any, E2: Any) -> tuple[Any, Any]:
+    """Checks of :func:`~viterbi_numba.log_likelihood`'s inputs before the beam is built: (emissions,
+    targets as int64). The targets' values are checked with the beam (:func:`topk_inputs`), the tables
+    again with the beam's CRF (:func:`beam_crf`)."""
+    emissions = arrays.float_array(emissions, "emissions", 3)
+    B, T, V = emissions.shape
+    if T == 0:
+        raise ValueError(f"emissions must have at least one position (T >= 1), got shape {emissions.shape}")
+    targets = arrays.int_array(targets, "targets", (B, T))
+    checks = arrays.checks()
+    E1, _ = tables(arrays, E1, E2, checks)
+    if E1.shape[0] != V:
+        raise ValueError(f"E1 and E2 must have V = {V} rows (emissions.shape[2]), got {E1.shape[0]}")
+    checks.run()
+    return emissions, targets

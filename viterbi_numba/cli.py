@@ -1,8 +1,8 @@
 """``viterbi-numba`` command line: ``demo`` runs the main job, ``bench`` the benchmarks.
 
-    viterbi-numba demo                      # seed-size problem from a fixed seed
-    viterbi-numba demo --emissions e.npy --tables tables.npz --samples 4
-    viterbi-numba bench [--quick] [--gpu]   # needs a source checkout (benchmarks/) and the [bench] extra
+viterbi-numba demo                      # write-up-size problem from a fixed seed
+viterbi-numba demo --emissions e.npy --tables tables.npz --samples 4
+viterbi-numba bench [--quick] [--gpu]   # needs a source checkout (benchmarks/) and the [bench] extra
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import runpy
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from . import crf_sample, stochastic_viterbi, topk_beam, viterbi_decode
 
 
-def _load_problem(args: argparse.Namespace):
+def _load_problem(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Emissions (B, T, V) and tables E1, E2 (V, D): from files where given, else from ``args.seed``."""
     rng = np.random.default_rng(args.seed)
     if args.emissions:
@@ -44,11 +44,13 @@ def _load_problem(args: argparse.Namespace):
 def demo(args: argparse.Namespace) -> None:
     emissions, E1, E2 = _load_problem(args)
     B, T, V = emissions.shape
-    print(f"emissions (B, T, V) = {emissions.shape} {emissions.dtype}; E1, E2 (V, D) = {E1.shape}; "
-          f"beam K = {args.beam}; samples N = {args.samples}; temperature {args.temperature}")
+    print(
+        f"emissions (B, T, V) = {emissions.shape} {emissions.dtype}; E1, E2 (V, D) = {E1.shape}; "
+        f"beam K = {args.beam}; samples N = {args.samples}; temperature {args.temperature}"
+    )
     timings = {}
 
-    def run(name, fn):
+    def run(name: str, fn: Callable[[], Any]) -> Any:
         """fn() twice: the first call includes compiling (or loading the kernel cache), the second not."""
         seconds = []
         for _ in range(2):
@@ -60,18 +62,28 @@ def demo(args: argparse.Namespace) -> None:
 
     beam = run("topk_beam", lambda: topk_beam(emissions, args.beam))
     best = run("viterbi_decode", lambda: viterbi_decode(beam.scores, beam.tokens, E1, E2))
-    samples = run("stochastic_viterbi", lambda: stochastic_viterbi(
-        beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed))
-    exact = run("crf_sample", lambda: crf_sample(
-        beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed))
+    samples = run(
+        "stochastic_viterbi",
+        lambda: stochastic_viterbi(
+            beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed
+        ),
+    )
+    exact = run(
+        "crf_sample",
+        lambda: crf_sample(
+            beam.scores, beam.tokens, E1, E2, num_samples=args.samples, temperature=args.temperature, seed=args.seed
+        ),
+    )
     shown = min(T, args.show)
     print(f"\nbeam: scores {beam.scores.shape}, tokens {beam.tokens.shape}")
-    print(f"samples: beam_probs {samples.beam_probs.shape}, beam_idx {samples.beam_idx.shape}, "
-          f"tokens {samples.tokens.shape}")
+    print(
+        f"samples: beam_probs {samples.beam_probs.shape}, beam_idx {samples.beam_idx.shape}, "
+        f"tokens {samples.tokens.shape}"
+    )
     print(f"\nsequence 0, first {shown} tokens")
     print(f"  Viterbi         (score {best.score[0]:9.3f}): {best.tokens[0, :shown].tolist()}")
     for n in range(min(args.samples, 3)):
-        print(f"  seed sampler {n}  (score {samples.score[0, n]:9.3f}): {samples.tokens[0, :shown, n].tolist()}")
+        print(f"  stochastic Viterbi {n}  (score {samples.score[0, n]:9.3f}): {samples.tokens[0, :shown, n].tolist()}")
     for n in range(min(args.samples, 3)):
         print(f"  exact sample {n}  (log p {exact.log_prob[0, n]:9.3f}): {exact.tokens[0, :shown, n].tolist()}")
     print("\nwall time          first call (compile or cache load)   second call")
@@ -83,13 +95,15 @@ def bench(args: argparse.Namespace) -> None:
     name = "gpu.py" if args.gpu else "run.py"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / name
     if not script.exists():
-        raise SystemExit(f"bench runs benchmarks/{name} from a source checkout of viterbi-numba; none found "
-                         f"at {script.parent}")
+        raise SystemExit(
+            f"bench runs benchmarks/{name} from a source checkout of viterbi-numba; none found at {script.parent}"
+        )
     needed = ("torch",) if args.gpu else ("torch", "matplotlib", "tqdm")
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"bench needs {', '.join(missing)}: pip install -e '.[bench]' (with torch==2.13.0 "
-                         "for the CPU build)")
+        raise SystemExit(
+            f"bench needs {', '.join(missing)}: pip install -e '.[bench]' (with torch==2.13.0 for the CPU build)"
+        )
     sys.argv = [str(script)] + (["--quick"] if args.quick else []) + ["--repeats", str(args.repeats)]
     runpy.run_path(str(script), run_name="__main__")
 
@@ -97,7 +111,7 @@ def bench(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="viterbi-numba", description="Decode and sample the low-rank beam CRF.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="decode and sample a seed-size problem and print a summary")
+    p = commands.add_parser("demo", help="decode and sample a write-up-size problem and print a summary")
     p.add_argument("--emissions", help=".npy file with (B, T, V) emissions (default: random, from --seed)")
     p.add_argument("--tables", help=".npz file with E1 and E2 (V, D) (default: random, from --seed)")
     p.add_argument("--batch", type=int, default=8, help="B for random emissions (default 8)")
@@ -119,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         args.func(args)
     except (ValueError, TypeError) as error:
-        raise SystemExit(f"viterbi-numba {args.command}: {error}")
+        raise SystemExit(f"viterbi-numba {args.command}: {error}") from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Every GPU kernel against its CPU counterpart (tiny sizes), in the CUDA simulator or on a GPU.
 
-``tests/test_cuda_simulator.py`` runs this in a process of its own with NUMBA_ENABLE_CUDASIM=1 (the
+``tests/test_gpu_simulator.py`` runs this in a process of its own with NUMBA_ENABLE_CUDASIM=1 (the
 simulator changes how numba behaves, so it never shares a process with the CPU tests). On a machine with
-a GPU: ``VITERBI_NUMBA_GPU_TESTS=1 python -m pytest tests/cuda_sim``.
+a GPU: ``VITERBI_NUMBA_GPU_TESTS=1 python -m pytest tests/gpu``.
 """
 
 import os
@@ -70,9 +70,14 @@ def test_strided_loops_when_the_beam_exceeds_the_block():
     # the simulator's blocks have at most 4 threads: K = 9 makes threads own two or three beam slots
     scores, tokens, E1, E2, lengths = problem(np.float64, K=9, T=3)
     gpu = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
-    np.testing.assert_array_equal(host(gpu.beam_idx), vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
-    close(vn.log_partition(*dev(scores, tokens, E1, E2), lengths=lengths),
-          vn.log_partition(scores, tokens, E1, E2, lengths=lengths), np.float64)
+    np.testing.assert_array_equal(
+        host(gpu.beam_idx), vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx
+    )
+    close(
+        vn.log_partition(*dev(scores, tokens, E1, E2), lengths=lengths),
+        vn.log_partition(scores, tokens, E1, E2, lengths=lengths),
+        np.float64,
+    )
     uniforms = np.random.default_rng(3).random((2, 3, 2))
     gpu = vn.crf_sample(*dev(scores, tokens, E1, E2), 2, lengths=lengths, uniforms=uniforms)
     cpu = vn.crf_sample(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
@@ -92,7 +97,9 @@ def test_stochastic_viterbi_matches_cpu_given_uniforms(dtype):
     single = vn.stochastic_viterbi(*dev(scores, tokens, E1, E2), lengths=lengths, uniforms=uniforms[..., 0])
     assert host(single.beam_probs).shape == (2, 4, 5) and host(single.beam_idx).shape == (2, 4, 1)
     np.testing.assert_array_equal(
-        host(single.tokens), vn.stochastic_viterbi(scores, tokens, E1, E2, lengths=lengths, uniforms=uniforms[..., 0]).tokens)
+        host(single.tokens),
+        vn.stochastic_viterbi(scores, tokens, E1, E2, lengths=lengths, uniforms=uniforms[..., 0]).tokens,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,8 +143,12 @@ def test_exact_inference_matches_cpu(dtype):
     for name in cpu._fields:
         close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
     paths = vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, seed=1).beam_idx
-    close(vn.sequence_score(*d, dev(paths)[0], lengths), vn.sequence_score(scores, tokens, E1, E2, paths, lengths),
-          dtype, 10)
+    close(
+        vn.sequence_score(*d, dev(paths)[0], lengths),
+        vn.sequence_score(scores, tokens, E1, E2, paths, lengths),
+        dtype,
+        10,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -149,8 +160,12 @@ def test_log_likelihood_and_gradients_match_cpu(dtype):
     E1, E2 = (rng.standard_normal((V, D)).astype(dtype) * 0.5 for _ in range(2))
     lengths = np.array([4, 3])
     d = dev(emissions, targets, E1, E2)
-    close(vn.log_likelihood(*d, k, lengths, 1.3), vn.log_likelihood(emissions, targets, E1, E2, k, lengths, 1.3),
-          dtype, 10)
+    close(
+        vn.log_likelihood(*d, k, lengths, 1.3),
+        vn.log_likelihood(emissions, targets, E1, E2, k, lengths, 1.3),
+        dtype,
+        10,
+    )
     gpu = vn.log_likelihood_grad(*d, k, lengths, 1.3, np.array([1.0, 0.25]))
     cpu = vn.log_likelihood_grad(emissions, targets, E1, E2, k, lengths, 1.3, np.array([1.0, 0.25]))
     for name in cpu._fields:
@@ -210,18 +225,21 @@ def test_readme_gpu_block_runs():
 
 def test_factor_rows_in_several_tiles(monkeypatch):
     """With two factor rows per shared-memory tile, every kernel walks several tiles per step (and the
-    seed sampler's second pass stops early once every thread has its pick)."""
-    from viterbi_numba import _gpu
+    stochastic Viterbi's second pass stops early once every thread has its pick)."""
+    from viterbi_numba.gpu import ops as gpu_ops
 
-    monkeypatch.setattr(_gpu, "_tile_rows", lambda K, D, itemsize, fixed_items: 2)
+    monkeypatch.setattr(gpu_ops, "_tile_rows", lambda K, D, itemsize, fixed_items: 2)
     scores, tokens, E1, E2, lengths = problem(np.float64)
     d = dev(scores, tokens, E1, E2)
-    np.testing.assert_array_equal(host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
-                                  vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
+    np.testing.assert_array_equal(
+        host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
+        vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx,
+    )
     uniforms = np.random.default_rng(6).random((2, 3, 5, 2))
     np.testing.assert_array_equal(
         host(vn.stochastic_viterbi(*d, 2, lengths=lengths, uniforms=uniforms).backpointers),
-        vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms).backpointers)
+        vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms).backpointers,
+    )
     gpu = vn.log_partition_grad(*d, 1.0, lengths)
     cpu = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
     for name in cpu._fields:
@@ -238,8 +256,9 @@ def test_one_position_and_empty_batches():
     np.testing.assert_array_equal(host(sample.beam_idx)[:, 0, 0], cpu.beam_idx[:, 0])
     close(vn.log_partition(*d), vn.log_partition(scores, tokens, E1, E2), np.float64)
     close(vn.marginals(*d), vn.marginals(scores, tokens, E1, E2), np.float64)
-    np.testing.assert_array_equal(host(vn.crf_sample(*d, 3, seed=2).beam_idx),
-                                  vn.crf_sample(scores, tokens, E1, E2, 3, seed=2).beam_idx)
+    np.testing.assert_array_equal(
+        host(vn.crf_sample(*d, 3, seed=2).beam_idx), vn.crf_sample(scores, tokens, E1, E2, 3, seed=2).beam_idx
+    )
     empty = dev(scores[:0], tokens[:0], E1, E2)
     assert host(vn.viterbi_decode(*empty).beam_idx).shape == (0, 1)
     assert host(vn.crf_sample(*empty, 2, seed=1).log_prob).shape == (0, 2)
@@ -258,10 +277,14 @@ def test_minus_infinity_beam_slots(dtype):
     cpu = vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
     np.testing.assert_array_equal(host(gpu.backpointers), cpu.backpointers)
     close(gpu.beam_probs, cpu.beam_probs, dtype)
-    np.testing.assert_array_equal(host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
-                                  vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx)
+    np.testing.assert_array_equal(
+        host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
+        vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx,
+    )
     close(vn.log_partition(*d, lengths=lengths), vn.log_partition(scores, tokens, E1, E2, lengths=lengths), dtype, 10)
     close(vn.marginals(*d, lengths=lengths), vn.marginals(scores, tokens, E1, E2, lengths=lengths), dtype)
     uniforms = np.random.default_rng(9).random((2, 4, 3))
-    np.testing.assert_array_equal(host(vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms).beam_idx),
-                                  vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, uniforms=uniforms).beam_idx)
+    np.testing.assert_array_equal(
+        host(vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms).beam_idx),
+        vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, uniforms=uniforms).beam_idx,
+    )

@@ -8,14 +8,16 @@ import shutil
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "ptxas_report", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "ptxas_report.py"))
+    "ptxas_report", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "ptxas_report.py")
+)
 ptxas_report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ptxas_report)
 
 
 def test_f64_instructions_are_found():
     assert ptxas_report.f64_instructions("\tadd.f64 \t%fd1, %fd2, %fd3;\n\tadd.f32 \t%f1, %f2, %f3;") == [
-        "add.f64 \t%fd1, %fd2, %fd3;"]
+        "add.f64 \t%fd1, %fd2, %fd3;"
+    ]
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
@@ -30,8 +32,15 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
             print(cc, dtype, name, usage)
             assert usage["registers"] <= 255, (name, usage)
     kernels = {name for _, _, name in seen}
-    assert {"topk_kernel", "viterbi_kernel", "stochastic_viterbi_kernel", "stochastic_viterbi_backward_kernel",
-            "forward_kernel", "sample_kernel", "backward_kernel"} <= kernels
+    assert {
+        "topk_kernel",
+        "viterbi_kernel",
+        "stochastic_viterbi_kernel",
+        "stochastic_viterbi_backward_kernel",
+        "forward_kernel",
+        "sample_kernel",
+        "backward_kernel",
+    } <= kernels
     assert len(seen) == 4 * len(kernels)
     if not with_ptxas:
         pytest.skip("compile_ptx checked; ptxas not installed, so no register figures")

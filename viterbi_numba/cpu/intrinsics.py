@@ -1,4 +1,6 @@
-"""``fast_exp``: a branch-free float32 exp that LLVM vectorises (CPU only; float64 keeps ``math.exp``).
+"""LLVM-level helpers of the CPU kernels: a vectorisable float32 exp and a maxnum without masked stores.
+
+``fast_exp``: a branch-free float32 exp that LLVM vectorises (CPU only; float64 keeps ``math.exp``).
 
 Without SVML, ``math.exp`` is a scalar libm call and exp is the floor of every sampling step (K^2 of
 them per position): on the development machine (AMD EPYC) this version runs at 0.67 G/s per core,
@@ -7,6 +9,12 @@ and r = x - n ln 2 (|r| <= ln(2)/2, ln 2 split in two parts so that r is exact: 
 e^r by its degree-7 Taylor polynomial (truncation error < 1e-8, so float32 rounding dominates) and builds
 2^n from the exponent bits. Max relative error 1e-7 on [-87, 0]. Inputs at or below -87
 (exp = 1.6e-38) give exactly 0, so -inf maps to 0; the kernels only pass x <= 0.
+
+``fmax``: LLVM turns ``a[j] = x if cond else a[j]`` — and even ``a[j] = maxnum(x, a[j])``, which leaves
+``a[j]`` alone when x is NaN — into masked stores (``vmaskmovps``), which are microcoded and several times
+slower than a plain store on AMD Zen. The kernels therefore (1) take running maxima with ``fmax``, a
+``maxnum`` marked ``nnan`` (their operands are never NaN), which stores unconditionally, and (2) keep
+running arg-maxima and picks in two buffers, reading one and writing the other.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
 
 
@@ -70,10 +78,15 @@ def _fast_exp_overload(x):
     return lambda x: math.exp(x)
 
 
-@njit(cache=True)
-def fast_exp_array(values):
-    """fast_exp element-wise over a 1-D array (for tests and benchmarks)."""
-    out = np.empty_like(values)
-    for i in range(values.shape[0]):
-        out[i] = fast_exp(values[i])
-    return out
+@intrinsic
+def fmax(typingctx, a, b):
+    """max(a, b) for floats of one type that are never NaN: a plain ``vmaxps``, and no masked store."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty]))
+        return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+    return a(a, b), codegen

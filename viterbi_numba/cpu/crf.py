@@ -1,7 +1,7 @@
 """CPU kernels of exact CRF inference: forward algorithm, forward-filtering backward-sampling (FFBS),
-marginals and gradients by forward-backward (DESIGN §2, §4).
+marginals and gradients by forward-backward (docs/design.md §4).
 
-Like ``_cpu``, these trust their inputs (``viterbi_numba.crf`` validates them) and work per sequence on
+Like ``cpu/decode.py``, these trust their inputs (``viterbi_numba._validate`` checks them) and work per sequence on
 thread-local scratch. With temperature tau the model is p(y) = exp(S(y) / tau) / Z_tau.
 
 Forward, kept normalised in log space: ``alpha[t]`` (K) is log alpha_t minus its maximum, so every
@@ -26,13 +26,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import core
-from ._cpu import _FASTMATH, PAD, _transition_block, softmax_pick
-from ._fastexp import fast_exp
-from ._vector import fmax
+from .. import _portable
+from .._portable import PAD
+from .decode import _FASTMATH, _transition_block, portable, softmax_pick
+from .intrinsics import fast_exp, fmax
 
-_device = core.build(njit(cache=True, inline="always"))
-uniform_pair = _device.uniform_pair
+uniform_pair = portable.uniform_pair
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,8 +106,20 @@ def forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z, alpha, 
         src_emb = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
-        out_log_z[b] = _forward(scores[b], tokens[b], E1, E2, lengths[b], inv_temp, src_emb, dst_emb, trans,
-                                alpha[b], col_max[b], col_sum[b])
+        out_log_z[b] = _forward(
+            scores[b],
+            tokens[b],
+            E1,
+            E2,
+            lengths[b],
+            inv_temp,
+            src_emb,
+            dst_emb,
+            trans,
+            alpha[b],
+            col_max[b],
+            col_sum[b],
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,15 +131,30 @@ def _uniform(uniforms, use_uniforms, seed_lo, seed_hi, b, t, n):
     state 0 on the exact sampler's stream."""
     if use_uniforms:
         return uniforms[b, t, n]
-    u0, _ = uniform_pair(seed_lo, seed_hi, core.STREAM_EXACT_SAMPLER, b, t, 0, n)
+    u0, _ = uniform_pair(seed_lo, seed_hi, _portable.STREAM_EXACT_SAMPLER, b, t, 0, n)
     return u0
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def sample_kernel(scores, tokens, E1, E2, lengths, inv_temp, log_z, alpha, seed_lo, seed_hi, uniforms,
-                  use_uniforms, out_beam_idx, out_tokens, out_log_prob):
+def sample_kernel(
+    scores,
+    tokens,
+    E1,
+    E2,
+    lengths,
+    inv_temp,
+    log_z,
+    alpha,
+    seed_lo,
+    seed_hi,
+    uniforms,
+    use_uniforms,
+    out_beam_idx,
+    out_tokens,
+    out_log_prob,
+):
     """Backward sampling of N = out_beam_idx.shape[2] exact samples per sequence from ``forward_kernel``'s
-    log_z and alpha (FFBS, DESIGN §4).
+    log_z and alpha (FFBS, docs/design.md §4).
 
     y_{L-1} ~ softmax(alpha[L-1]); y_{t-1} ~ softmax_i(alpha[t-1, i] + trans[i, y_t] / tau), each by the
     inverse CDF with the uniform U[b, t, n] of the drawn position t; the N samples' columns trans[:, y_t]
@@ -209,7 +235,8 @@ def _xi_times(xi, rows, out):
             for d in range(D):
                 o[d] += (a0 * b0[d] + a1 * b1[d]) + (a2 * b2[d] + a3 * b3[d])
         j += 4
-    for j in range(j, K):
+    done = j
+    for j in range(done, K):
         b = rows[j]
         for i in range(K):
             a = xi[i, j]
@@ -239,7 +266,8 @@ def _xi_t_times(xi, rows, out):
             for d in range(D):
                 o[d] += (a0 * b0[d] + a1 * b1[d]) + (a2 * b2[d] + a3 * b3[d])
         i += 4
-    for i in range(i, K):
+    done = i
+    for i in range(done, K):
         b = rows[i]
         x = xi[i]
         for j in range(K):
@@ -250,8 +278,22 @@ def _xi_t_times(xi, rows, out):
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def backward_kernel(tokens, E1, E2, lengths, inv_temp, alpha, col_max, col_sum, first, count, want_rows,
-                    out_marginals, grad_src, grad_dst):
+def backward_kernel(
+    tokens,
+    E1,
+    E2,
+    lengths,
+    inv_temp,
+    alpha,
+    col_max,
+    col_sum,
+    first,
+    count,
+    want_rows,
+    out_marginals,
+    grad_src,
+    grad_dst,
+):
     """Backward pass of sequences b = first .. first+count-1 from ``forward_kernel``'s state: node
     marginals and, with ``want_rows``, the gradient of log Z_tau with respect to the gathered table
     rows, times tau:

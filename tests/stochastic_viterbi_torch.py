@@ -1,13 +1,13 @@
-"""The seed's stochastic Viterbi in plain PyTorch with autograd, driven by given uniforms: the oracle for
-the gradient of ``beam_probs`` (the draws are the inverse-CDF picks of DESIGN §3 instead of
-``torch.multinomial``; everything else is the seed's computation, with DESIGN's padding rule)."""
+"""The write-up's stochastic Viterbi in plain PyTorch with autograd, driven by given uniforms: the oracle
+for the gradient of ``beam_probs`` (the draws are the inverse-CDF picks of docs/design.md §3 instead of
+``torch.multinomial``; everything else is the write-up's computation, with the design's padding rule)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def seed_sampler(beam_scores, beam_tokens, E1, E2, uniforms, temperature=1.0, lengths=None):
+def stochastic_viterbi_torch(beam_scores, beam_tokens, E1, E2, uniforms, temperature=1.0, lengths=None):
     """beam_scores (B, T, K), beam_tokens (B, T, K), E1/E2 (V, D) tensors (any may require grad);
     uniforms (B, T-1, K, N). Returns (beam_probs (B, T, K, N), beam_idx (B, T, N))."""
     B, T, K = beam_scores.shape

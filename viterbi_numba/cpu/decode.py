@@ -1,8 +1,8 @@
-"""CPU kernels (``@njit``, ``prange`` over sequences).
+"""CPU decoding kernels (``@njit``, ``prange`` over sequences): top-K, Viterbi, stochastic Viterbi.
 
-These functions trust their inputs: ``viterbi_numba.api`` validates shapes, dtypes, value ranges and
-allocates the outputs before it calls them. Every kernel works per sequence on thread-local scratch, so
-the results do not depend on how many threads run them.
+These functions trust their inputs: ``viterbi_numba._validate`` checks shapes, dtypes and value ranges
+and ``cpu/ops.py`` allocates the outputs before it calls them. Every kernel works per sequence on
+thread-local scratch, so the results do not depend on how many threads run them.
 
 Conventions shared by the kernels
 * Beam scores are shifted per position by their maximum before use (``shift[t]``), so a large constant
@@ -19,19 +19,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import core
-from ._fastexp import fast_exp
-from ._vector import fmax
+from .. import _portable
+from .intrinsics import fast_exp, fmax
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
 # and "contract" are left out so that sums are done in the documented sequential order.
 _FASTMATH = {"nsz", "arcp", "afn"}
 
-_device = core.build(njit(cache=True, inline="always"))
-chain_uniforms = _device.chain_uniforms
-inverse_cdf_pick = _device.inverse_cdf_pick
-
-PAD = -1
+portable = _portable.build(njit(cache=True, inline="always"))
+chain_uniforms = portable.chain_uniforms
+inverse_cdf_pick = portable.inverse_cdf_pick
+path_increments = portable.path_increments
+ranks_above = portable.ranks_above
+backtrace = portable.backtrace
+place_forced = portable.place_forced
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ PAD = -1
 @njit(cache=True, inline="always")
 def _worse(key_a, id_a, key_b, id_b):
     """True when (key_a, id_a) ranks below (key_b, id_b): lower score, or equal score and larger id."""
-    return key_a < key_b or (key_a == key_b and id_a > id_b)
+    return ranks_above(key_b, id_b, key_a, id_a)
 
 
 @njit(cache=True, inline="always")
@@ -141,7 +142,8 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
             _sift_down(keys, ids, start, k)
         # the rest: ids only grow, so an equal score never displaces an earlier token
         root = keys[0]
-        for c in range(c, count):
+        first_unseen = c
+        for c in range(first_unseen, count):
             u = candidates[c]
             x = row[u]
             if x > root and u != forced:
@@ -158,16 +160,8 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
             keys[size] = key0
             ids[size] = id0
             _sift_down(keys, ids, 0, size)
-        if forced >= 0:
-            # the forced token sits first with key +inf: give it its own score and move it into place
-            own = row[forced]
-            pos = 0
-            while pos + 1 < k and _worse(own, forced, keys[pos + 1], ids[pos + 1]):
-                keys[pos] = keys[pos + 1]
-                ids[pos] = ids[pos + 1]
-                pos += 1
-            keys[pos] = own
-            ids[pos] = forced
+        if forced >= 0:  # the forced token sits first with key +inf: move it to its own score's place
+            place_forced(keys, ids, k, row[forced], forced)
         for slot in range(k):
             out_scores[b, t, slot] = keys[slot]
             out_tokens[b, t, slot] = ids[slot]
@@ -222,8 +216,9 @@ _ROW_BLOCK = 32  # predecessor rows in the first gemm of the pruned Viterbi step
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb,
-                  trans_block, best, arg):
+def _viterbi_step(
+    prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb, trans_block, best, arg
+):
     """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[c, j] = the lowest such i.
 
     Returns c, the row of ``arg`` (2, K) that holds the result.
@@ -292,11 +287,14 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, s
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_score, out_step_scores):
+def viterbi_kernel(
+    scores, tokens, E1, E2, lengths, fairseq_steps, out_beam_idx, out_tokens, out_score, out_step_scores
+):
     """Best beam path per sequence; ties go to the lowest beam index, both per step and at the end.
 
-    ``out_step_scores`` follows fairseq's ``forward_decoder``: with c[t] the cumulative score of step t
-    read at the path's beam index of step t+1 (at T-1: the final score), step t gets c[t] - c[t-1].
+    ``out_step_scores``: the increments of S(y) (``_portable.path_increments``), or with
+    ``fairseq_steps`` fairseq's ``forward_decoder`` values: with c[t] the cumulative score of step t read
+    at the path's beam index of step t+1 (at T-1: the final score), step t gets c[t] - c[t-1].
     """
     B, T, K = scores.shape
     D = E1.shape[1]
@@ -319,42 +317,42 @@ def viterbi_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, ou
         for j in range(K):
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
-            c = _viterbi_step(history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, src_norm,
-                              dst_norm, src_block, dst_emb, trans_block, best, arg)
+            c = _viterbi_step(
+                history[t - 1],
+                tokens[b, t - 1],
+                tokens[b, t],
+                E1,
+                E2,
+                order,
+                src_norm,
+                dst_norm,
+                src_block,
+                dst_emb,
+                trans_block,
+                best,
+                arg,
+            )
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
                 back[t, j] = arg[c, j]
-        # final argmax, lowest index on ties
-        last = history[length - 1]
-        y = 0
-        for j in range(1, K):
-            if last[j] > last[y]:
-                y = j
-        out_score[b] = last[y] + cum_shift[length - 1]
-        # backtrace, collecting fairseq's cumulative scores c[t]
-        cumulative_next = out_score[b]
-        for t in range(length - 1, -1, -1):
-            out_beam_idx[b, t] = y
-            out_tokens[b, t] = tokens[b, t, y]
-            if t == length - 1:
-                cumulative = out_score[b]
-            else:
+        y = backtrace(history[length - 1], back[1:], tokens[b], length, out_beam_idx[b], out_tokens[b])
+        out_score[b] = history[length - 1, y] + cum_shift[length - 1]
+        if fairseq_steps:  # c[t]: step t's cumulative score at step t+1's beam index
+            cumulative_next = out_score[b]
+            for t in range(length - 2, -1, -1):
                 cumulative = history[t, out_beam_idx[b, t + 1]] + cum_shift[t]
-            if t < length - 1:
                 out_step_scores[b, t + 1] = cumulative_next - cumulative
-            cumulative_next = cumulative
-            if t > 0:
-                y = back[t, y]
-        out_step_scores[b, 0] = cumulative_next
+                cumulative_next = cumulative
+            out_step_scores[b, 0] = cumulative_next
+        else:
+            path_increments(scores[b], tokens[b], E1, E2, out_beam_idx[b], length, out_step_scores[b])
         for t in range(length, T):
-            out_beam_idx[b, t] = PAD
-            out_tokens[b, t] = PAD
             out_step_scores[b, t] = 0.0
 
 
 # --------------------------------------------------------------------------------------------------
-# the seed's stochastic Viterbi
+# the write-up's stochastic Viterbi
 # --------------------------------------------------------------------------------------------------
 _PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
@@ -407,8 +405,22 @@ def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _draw_predecessors(prev, weights, trans, trans_weights, unif, inv_temp, tiny, picks,
-                       totals, checkpoints, targets, blocks, logits, prefix):
+def _draw_predecessors(
+    prev,
+    weights,
+    trans,
+    trans_weights,
+    unif,
+    inv_temp,
+    tiny,
+    picks,
+    totals,
+    checkpoints,
+    targets,
+    blocks,
+    logits,
+    prefix,
+):
     """The sampling step of one chain: picks[j] = predecessor of state j, drawn with uniform unif[j].
 
     Column j's weights are weights[i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``); the pick
@@ -454,10 +466,25 @@ def _draw_predecessors(prev, weights, trans, trans_weights, unif, inv_temp, tiny
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def stochastic_viterbi_kernel(
-    scores, tokens, E1, E2, lengths, inv_temp, tiny, seed_lo, seed_hi, uniforms, use_uniforms,
-    out_beam_probs, out_beam_idx, out_tokens, out_path_scores, out_backpointers, out_score,
+    scores,
+    tokens,
+    E1,
+    E2,
+    lengths,
+    inv_temp,
+    tiny,
+    seed_lo,
+    seed_hi,
+    uniforms,
+    use_uniforms,
+    out_beam_probs,
+    out_beam_idx,
+    out_tokens,
+    out_path_scores,
+    out_backpointers,
+    out_score,
 ):
-    """The seed's sampler (DESIGN §3) for N = out_beam_idx.shape[2] independent chains per sequence.
+    """The write-up's sampler (docs/design.md §3) for N = out_beam_idx.shape[2] independent chains per sequence.
 
     For chain n at step t and state j the predecessor is drawn from softmax_i((prev[i] + trans[i, j]) / temp)
     by the inverse-CDF rule with the uniform ``U[b, t-1, j, n]``. The weights are factored,
@@ -528,9 +555,23 @@ def stochastic_viterbi_kernel(
                     for j in range(K):
                         unif[j] = uniforms[b, t - 1, j, n]
                 else:
-                    chain_uniforms(seed_lo, seed_hi, core.STREAM_SEED_SAMPLER, b, t - 1, n, unif)
-                _draw_predecessors(prev, prev_weights[n], trans, trans_weights, unif, inv_temp, tiny, picks,
-                                   totals, checkpoints, targets, blocks, logits, prefix)
+                    chain_uniforms(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, n, unif)
+                _draw_predecessors(
+                    prev,
+                    prev_weights[n],
+                    trans,
+                    trans_weights,
+                    unif,
+                    inv_temp,
+                    tiny,
+                    picks,
+                    totals,
+                    checkpoints,
+                    targets,
+                    blocks,
+                    logits,
+                    prefix,
+                )
                 for j in range(K):
                     pick = picks[j]
                     new_scores[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
@@ -546,27 +587,35 @@ def stochastic_viterbi_kernel(
                     out_beam_probs[b, t, j, n] = 0.0
                     out_path_scores[b, t, j, n] = chain_scores[n, j] + cum_shift[t]
                     out_backpointers[b, t - 1, j, n] = j
-                out_beam_idx[b, t, n] = PAD
-                out_tokens[b, t, n] = PAD
-            last = chain_scores[n]
-            y = 0
-            for j in range(1, K):
-                if last[j] > last[y]:
-                    y = j
-            out_score[b, n] = last[y] + cum_shift[length - 1]
-            for t in range(length - 1, -1, -1):
-                out_beam_idx[b, t, n] = y
-                out_tokens[b, t, n] = tokens[b, t, y]
-                if t > 0:
-                    y = out_backpointers[b, t - 1, y, n]
+            y = backtrace(
+                chain_scores[n],
+                out_backpointers[b, :, :, n],
+                tokens[b],
+                length,
+                out_beam_idx[b, :, n],
+                out_tokens[b, :, n],
+            )
+            out_score[b, n] = chain_scores[n, y] + cum_shift[length - 1]
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def stochastic_viterbi_backward_kernel(beam_probs, backpointers, tokens, E1, E2, lengths, grad_beam_probs,
-                                       first, count, out_grad_scores, grad_src, grad_dst):
-    """Gradient of a loss on the seed sampler's ``beam_probs`` (B, T, K, N), for sequences first..first+count-1.
+def stochastic_viterbi_backward_kernel(
+    beam_probs,
+    backpointers,
+    tokens,
+    E1,
+    E2,
+    lengths,
+    grad_beam_probs,
+    first,
+    count,
+    out_grad_scores,
+    grad_src,
+    grad_dst,
+):
+    """Gradient of a loss on stochastic Viterbi's ``beam_probs`` (B, T, K, N), for sequences first..first+count-1.
 
-    As in the seed's autograd, the draws are constants and the gathered scores carry the gradient:
+    As in the write-up's autograd, the draws are constants and the gathered scores carry the gradient:
     path[t, j] = path[t-1, i] + trans[t-1, i, j] + s[t, j] with i = backpointers[t-1, j], and
     beam_probs[t] = softmax(path[t]). Walking back from the last step, ``upstream`` (K, N) holds the
     gradient reaching path[t]; each (j, n) sends it to its emission, to its predecessor and to the two
@@ -649,13 +698,3 @@ def scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_
                     dst = grad_dst[c, t, i]
                     for d in range(D):
                         row[d] += s * dst[d]
-
-
-@njit(cache=True, parallel=True)
-def fill_uniforms(seed_lo, seed_hi, stream, out):
-    """out[b, t, j, n] = the uniform that the seed sampler draws for (b, step t+1, state j, chain n)."""
-    B, S, K, N = out.shape
-    for b in prange(B):
-        for t in range(S):
-            for n in range(N):
-                chain_uniforms(seed_lo, seed_hi, stream, b, t, n, out[b, t, :, n])

@@ -1,4 +1,4 @@
-"""Runs the CUDA-simulator suite (tests/cuda_sim) in a process of its own, and checks that the package
+"""Runs the CUDA-simulator suite (tests/gpu) in a process of its own, and checks that the package
 works without a GPU: the CPU path never touches CUDA, and a GPU array gives a clear error."""
 
 import os
@@ -9,13 +9,18 @@ HERE = os.path.dirname(__file__)
 
 
 def _run(args, **env):
-    return subprocess.run([sys.executable, *args], cwd=os.path.dirname(HERE), capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=1200)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=os.path.dirname(HERE),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=1200,
+    )
 
 
 def test_cuda_simulator_suite():
-    done = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "cuda_sim")],
-                NUMBA_ENABLE_CUDASIM="1")
+    done = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "gpu")], NUMBA_ENABLE_CUDASIM="1")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
@@ -24,17 +29,18 @@ NO_GPU_SCRIPT = r"""
 import sys
 import numpy as np
 import viterbi_numba as vn
-from viterbi_numba import _gpu
 
-assert "viterbi_numba._cuda" not in sys.modules
+assert not any(name.startswith("viterbi_numba.gpu") for name in sys.modules)
 rng = np.random.default_rng(0)
 scores = rng.standard_normal((2, 3, 4))
 tokens = np.tile(np.arange(4), (2, 3, 1))
 E1 = rng.standard_normal((6, 2))
 vn.viterbi_decode(scores, tokens, E1, E1)
 vn.crf_sample(scores, tokens, E1, E1, 2, seed=0)
-assert "viterbi_numba._cuda" not in sys.modules, "the CPU path imported the GPU kernels"
-assert not _gpu.gpu_available()
+assert not any(name.startswith("viterbi_numba.gpu") for name in sys.modules), "the CPU path imported the GPU backend"
+from viterbi_numba.gpu.arrays import gpu_available
+
+assert not gpu_available()
 
 
 class FakeGpuArray:
@@ -49,7 +55,9 @@ except RuntimeError as error:
 
 
 def test_without_a_gpu_the_cpu_path_works_and_gpu_arrays_get_a_clear_error():
-    done = _run(["-c", NO_GPU_SCRIPT], NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")  # no GPU, even on a GPU machine
+    done = _run(
+        ["-c", NO_GPU_SCRIPT], NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES=""
+    )  # no GPU, even on a GPU machine
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ERROR: a GPU array was given but no CUDA GPU is usable here" in done.stdout, done.stdout
 
@@ -63,7 +71,7 @@ def test_gpu_benchmark_says_what_is_missing():
 def test_gpu_arrays_are_recognised_without_importing_numba_cuda():
     import numpy as np
 
-    from viterbi_numba._gpu import is_gpu_array
+    from viterbi_numba._devices import is_gpu_array
 
     class Interface:
         __cuda_array_interface__ = {}

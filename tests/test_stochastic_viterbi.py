@@ -1,12 +1,13 @@
-"""stochastic_viterbi: the seed's sampler, against the reference, exact enumeration and its invariances."""
+"""stochastic_viterbi: the write-up's sampler, against the reference, exact enumeration and its invariances."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from scipy import stats
-
 import reference as ref
 from conftest import chi_square_pvalue, make_problem, path_counts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
 from viterbi_numba import PAD, stochastic_viterbi, stochastic_viterbi_backward, viterbi_decode
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -16,19 +17,36 @@ MARGIN = {np.float32: 1e-4, np.float64: 1e-9}
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 6), K=st.integers(1, 8), N=st.sampled_from([None, 1, 3]),
-       seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
-       temperature=st.sampled_from([1.0, 0.5, 2.0]), padded=st.booleans())
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 6),
+    K=st.integers(1, 8),
+    N=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    temperature=st.sampled_from([1.0, 0.5, 2.0]),
+    padded=st.booleans(),
+)
 def test_matches_reference_given_uniforms(B, T, K, N, seed, dtype, temperature, padded):
     rng = np.random.default_rng(seed)
     scores, tokens, E1, E2 = make_problem(rng, B, T, K, dtype=dtype)
     lengths = rng.integers(1, T + 1, B) if padded else None
-    want = ref.stochastic_viterbi(scores, tokens, E1, E2, temperature=temperature, lengths=lengths,
-                                  num_samples=N or 1, rng=rng, margin=MARGIN[dtype])
+    want = ref.stochastic_viterbi(
+        scores,
+        tokens,
+        E1,
+        E2,
+        temperature=temperature,
+        lengths=lengths,
+        num_samples=N or 1,
+        rng=rng,
+        margin=MARGIN[dtype],
+    )
     uniforms = want[-1] if N is not None else want[-1][..., 0]
-    got = stochastic_viterbi(scores, tokens, E1, E2, num_samples=N, temperature=temperature,
-                             lengths=lengths, uniforms=uniforms)
-    if N is None:  # the seed's single-sample shapes
+    got = stochastic_viterbi(
+        scores, tokens, E1, E2, num_samples=N, temperature=temperature, lengths=lengths, uniforms=uniforms
+    )
+    if N is None:  # the write-up's single-sample shapes
         assert got.beam_probs.shape == (B, T, K) and got.beam_idx.shape == (B, T, 1)
         assert got.tokens.shape == (B, T) and got.backpointers.shape == (B, T - 1, K)
         want = [w[..., 0] if w.ndim in (3, 4) else w for w in want[:-1]]
@@ -49,7 +67,7 @@ def test_matches_reference_given_uniforms(B, T, K, N, seed, dtype, temperature, 
 def test_chi_square_against_exact_enumeration(temperature):
     rng = np.random.default_rng(7)
     scores, tokens, E1, E2 = make_problem(rng, 1, 3, 3, scale=0.7)
-    exact = ref.seed_sampler_path_distribution(scores, tokens, E1, E2, temperature)
+    exact = ref.stochastic_viterbi_path_distribution(scores, tokens, E1, E2, temperature)
     assert abs(sum(exact.values()) - 1) < 1e-12
     draws = stochastic_viterbi(scores, tokens, E1, E2, num_samples=40_000, temperature=temperature, seed=11)
     counts = path_counts(draws.beam_idx[0])
@@ -94,15 +112,16 @@ def test_padded_batch_equals_each_sequence_alone(rng):
     uniforms = rng.random((3, 7, 5, 2))
     batch = stochastic_viterbi(scores, tokens, E1, E2, num_samples=2, lengths=lengths, uniforms=uniforms)
     for b, L in enumerate(lengths):
-        alone = stochastic_viterbi(scores[b:b + 1, :L], tokens[b:b + 1, :L], E1, E2, num_samples=2,
-                                   uniforms=uniforms[b:b + 1, :L - 1])
+        alone = stochastic_viterbi(
+            scores[b : b + 1, :L], tokens[b : b + 1, :L], E1, E2, num_samples=2, uniforms=uniforms[b : b + 1, : L - 1]
+        )
         np.testing.assert_array_equal(batch.beam_idx[b, :L], alone.beam_idx[0])
         np.testing.assert_array_equal(batch.tokens[b, :L], alone.tokens[0])
         np.testing.assert_array_equal(batch.beam_probs[b, :L], alone.beam_probs[0])
-        np.testing.assert_array_equal(batch.backpointers[b, :L - 1], alone.backpointers[0])
+        np.testing.assert_array_equal(batch.backpointers[b, : L - 1], alone.backpointers[0])
         assert (batch.beam_idx[b, L:] == PAD).all() and (batch.tokens[b, L:] == PAD).all()
         assert (batch.beam_probs[b, L:] == 0).all()
-        assert (batch.backpointers[b, L - 1:] == np.arange(5)[:, None]).all()  # identity
+        assert (batch.backpointers[b, L - 1 :] == np.arange(5)[:, None]).all()  # identity
         np.testing.assert_array_equal(batch.score[b], alone.score[0])
 
 
@@ -161,33 +180,50 @@ def test_non_contiguous_and_float16_inputs(rng):
     scores, tokens, E1, E2 = make_problem(rng, 3, 6, 5)
     uniforms = rng.random((3, 5, 5, 2))
     want = stochastic_viterbi(scores, tokens, E1, E2, num_samples=2, uniforms=uniforms)
-    got = stochastic_viterbi(np.asfortranarray(scores), np.asfortranarray(tokens), np.asfortranarray(E1), E2,
-                             num_samples=2, uniforms=np.asfortranarray(uniforms))
+    got = stochastic_viterbi(
+        np.asfortranarray(scores),
+        np.asfortranarray(tokens),
+        np.asfortranarray(E1),
+        E2,
+        num_samples=2,
+        uniforms=np.asfortranarray(uniforms),
+    )
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    half = stochastic_viterbi(scores.astype(np.float16), tokens, E1.astype(np.float16), E2.astype(np.float16),
-                              num_samples=2, seed=3)
+    half = stochastic_viterbi(
+        scores.astype(np.float16), tokens, E1.astype(np.float16), E2.astype(np.float16), num_samples=2, seed=3
+    )
     assert half.beam_probs.dtype == np.float32 and half.score.dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-6), (np.float32, 1e-4)])
 @pytest.mark.parametrize("num_samples", [None, 3])
-def test_backward_matches_torch_autograd_of_the_seed(rng, dtype, tol, num_samples):
+def test_backward_matches_torch_autograd_of_the_writeups_algorithm(rng, dtype, tol, num_samples):
     torch = pytest.importorskip("torch")
-    from seed_torch import seed_sampler
+    from stochastic_viterbi_torch import stochastic_viterbi_torch
 
     B, T, K, V, D = 3, 7, 6, 25, 4
     scores, tokens, E1, E2 = make_problem(rng, B, T, K, V=V, D=D, dtype=dtype)
     lengths = np.array([7, 4, 1])
     N = num_samples or 1
-    want = ref.stochastic_viterbi(scores, tokens, E1, E2, temperature=0.8, lengths=lengths, num_samples=N,
-                                  rng=rng, margin=MARGIN[dtype])
+    want = ref.stochastic_viterbi(
+        scores, tokens, E1, E2, temperature=0.8, lengths=lengths, num_samples=N, rng=rng, margin=MARGIN[dtype]
+    )
     uniforms = want[-1]
-    got = stochastic_viterbi(scores, tokens, E1, E2, num_samples=num_samples, temperature=0.8, lengths=lengths,
-                             uniforms=uniforms if num_samples else uniforms[..., 0])
+    got = stochastic_viterbi(
+        scores,
+        tokens,
+        E1,
+        E2,
+        num_samples=num_samples,
+        temperature=0.8,
+        lengths=lengths,
+        uniforms=uniforms if num_samples else uniforms[..., 0],
+    )
     leaves = [torch.tensor(a, requires_grad=True) for a in (scores, E1, E2)]
-    beam_probs, beam_idx = seed_sampler(leaves[0], torch.tensor(tokens), leaves[1], leaves[2],
-                                        torch.tensor(uniforms), temperature=0.8, lengths=lengths)
+    beam_probs, beam_idx = stochastic_viterbi_torch(
+        leaves[0], torch.tensor(tokens), leaves[1], leaves[2], torch.tensor(uniforms), temperature=0.8, lengths=lengths
+    )
     weights = rng.standard_normal(beam_probs.shape)
     (beam_probs * torch.tensor(weights)).sum().backward()
     shape = got.beam_probs.shape

@@ -1,9 +1,9 @@
-"""Device functions shared by every backend, written once as plain Python.
+"""Device functions written once as plain Python and compiled for both targets (docs/design.md §5, §8).
 
 ``build(jit)`` compiles them with one target's decorator and returns them as a namespace:
 ``build(numba.njit(...))`` for the CPU kernels, ``build(cuda.jit(device=True))`` for the GPU ones.
 Each function only does scalar integer/float arithmetic and indexing, so both targets accept it, and
-the same inputs give the same bits on both.
+the same inputs give the same bits on both (up to the GPU's fused multiply-adds).
 
 The random numbers come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011), a counter-based generator: the uniform for (sequence b, step t, state j, sample n) is a pure
@@ -32,8 +32,10 @@ _SHIFT8 = np.uint64(8)
 _TWO_M24 = np.float32(1.0 / 16777216.0)  # 2**-24
 
 # Stream ids: each random operation draws from its own key, so two operations never share numbers.
-STREAM_SEED_SAMPLER = 0
+STREAM_STOCHASTIC_VITERBI = 0
 STREAM_EXACT_SAMPLER = 1
+
+PAD = -1  # index and token id at positions at or after a sequence's length
 
 
 def build(jit: Callable) -> SimpleNamespace:
@@ -64,8 +66,12 @@ def build(jit: Callable) -> SimpleNamespace:
         Counter = (j_pair, t, b, n); key = (seed_lo, seed_hi ^ stream).
         """
         x0, x1, x2, x3 = philox4x32(
-            np.uint64(j_pair), np.uint64(t), np.uint64(b), np.uint64(n),
-            np.uint64(seed_lo), np.uint64(seed_hi) ^ np.uint64(stream),
+            np.uint64(j_pair),
+            np.uint64(t),
+            np.uint64(b),
+            np.uint64(n),
+            np.uint64(seed_lo),
+            np.uint64(seed_hi) ^ np.uint64(stream),
         )
         u0 = (np.float64(x0 >> _SHIFT5) * _TWO26 + np.float64(x1 >> _SHIFT6)) * _TWO_M53
         u1 = (np.float64(x2 >> _SHIFT5) * _TWO26 + np.float64(x3 >> _SHIFT6)) * _TWO_M53
@@ -76,8 +82,12 @@ def build(jit: Callable) -> SimpleNamespace:
         """``uniform_pair`` in float32 without float64 arithmetic (for float32 GPU kernels): each is the
         top 24 bits of the float64 uniform, so the two differ by less than 2**-24."""
         x0, x1, x2, x3 = philox4x32(
-            np.uint64(j_pair), np.uint64(t), np.uint64(b), np.uint64(n),
-            np.uint64(seed_lo), np.uint64(seed_hi) ^ np.uint64(stream),
+            np.uint64(j_pair),
+            np.uint64(t),
+            np.uint64(b),
+            np.uint64(n),
+            np.uint64(seed_lo),
+            np.uint64(seed_hi) ^ np.uint64(stream),
         )
         return np.float32(x0 >> _SHIFT8) * _TWO_M24, np.float32(x2 >> _SHIFT8) * _TWO_M24
 
@@ -109,7 +119,73 @@ def build(jit: Callable) -> SimpleNamespace:
             previous = prefix[i]
         return last
 
+    @jit
+    def ranks_above(key_a, id_a, key_b, id_b):
+        """True when (key_a, id_a) comes first in a beam: a higher score, or an equal one and a lower id."""
+        return key_a > key_b or (key_a == key_b and id_a < id_b)
+
+    @jit
+    def place_forced(keys, ids, k, own, forced):
+        """Top-K's last step with a forced token: it was kept in slot 0 with key +inf above keys/ids[1:k]
+        (sorted best first); move it down to the place of its own score ``own``."""
+        pos = 0
+        while pos + 1 < k and ranks_above(keys[pos + 1], ids[pos + 1], own, forced):
+            keys[pos] = keys[pos + 1]
+            ids[pos] = ids[pos + 1]
+            pos += 1
+        keys[pos] = own
+        ids[pos] = forced
+
+    @jit
+    def backtrace(last_scores, backpointers, tokens_b, length, out_beam_idx, out_tokens):
+        """The path that ends in the best final state (the lowest on ties) and follows
+        ``backpointers[t - 1, j]``, the predecessor of state j at step t, into out_beam_idx / out_tokens
+        (T,), with PAD at and after ``length``. Returns the final state."""
+        K = last_scores.shape[0]
+        y = 0
+        for j in range(1, K):
+            if last_scores[j] > last_scores[y]:
+                y = j
+        final = y
+        for t in range(length - 1, -1, -1):
+            out_beam_idx[t] = y
+            out_tokens[t] = tokens_b[t, y]
+            if t > 0:
+                y = backpointers[t - 1, y]
+        for t in range(length, out_beam_idx.shape[0]):
+            out_beam_idx[t] = PAD
+            out_tokens[t] = PAD
+        return final
+
+    @jit
+    def compensated_add(total, error, term):
+        """(total + term, new error) by Kahan's compensated summation: float32 sums keep close to float64's
+        precision over a sequence (``error`` starts at 0 and is subtracted from the final total)."""
+        y = term - error
+        s = total + y
+        return s, (s - total) - y
+
+    @jit
+    def path_increments(scores_b, tokens_b, E1, E2, path, length, out):
+        """out[t] for t < length: the increment of S(y) at step t for the beam path ``path`` (T,),
+        s[0, y_0] at t = 0 and s[t, y_t] + E1[tok[t-1, y_{t-1}]] . E2[tok[t, y_t]] after (in the
+        arrays' dtype); the caller fills the padded positions."""
+        D = E1.shape[1]
+        out[0] = scores_b[0, path[0]]
+        for t in range(1, length):
+            src = tokens_b[t - 1, path[t - 1]]
+            dst = tokens_b[t, path[t]]
+            total = scores_b[t, path[t]]
+            for d in range(D):
+                total += E1[src, d] * E2[dst, d]
+            out[t] = total
+
     return SimpleNamespace(
+        ranks_above=ranks_above,
+        place_forced=place_forced,
+        backtrace=backtrace,
+        compensated_add=compensated_add,
+        path_increments=path_increments,
         philox4x32=philox4x32,
         uniform_pair=uniform_pair,
         uniform_pair_f32=uniform_pair_f32,

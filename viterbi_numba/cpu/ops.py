@@ -1,0 +1,376 @@
+"""The CPU backend: NumPy arrays, output allocation, BLAS threads and the kernel launches.
+
+:class:`CPUOps` has the same methods, with the same signatures, as ``gpu.ops.GPUOps``; the public
+functions call them with inputs that ``_validate`` has already checked and normalised, so nothing here
+validates. The kernels (``cpu/decode.py``, ``cpu/crf.py``) run sequences in parallel (``prange``) on
+thread-local scratch, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+from numba import get_num_threads
+
+from .._devices import is_gpu_array
+from .._validate import Arrays, BeamCRF, Checks, Draws, SamplerGradInputs
+from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
+from . import crf as crf_kernels
+from . import decode as decode_kernels
+
+# A column of factored sampling weights whose total falls below this is recomputed directly: far above
+# the dtype's smallest normal, so that the weights that matter never lose precision to underflow.
+_TINY = {np.dtype(np.float32): np.float32(1e-20), np.dtype(np.float64): np.float64(1e-250)}
+
+
+# --------------------------------------------------------------------------------------------------
+# arrays
+# --------------------------------------------------------------------------------------------------
+class HostChecks:
+    """Value checks of host arrays: each rule runs at once (``_validate.Checks``)."""
+
+    def finite(self, values: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
+        rule(values)
+
+    def in_range(self, values: np.ndarray, low: int, high: int, rule: Callable[[np.ndarray], None]) -> None:
+        rule(values)
+
+    def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
+        rule(scores)
+
+    def run(self) -> None:
+        pass
+
+
+class HostArrays:
+    """How the CPU backend reads its inputs (``_validate.Arrays``): anything NumPy takes, copied only
+    where a cast or a contiguous layout needs it."""
+
+    max_beam: Optional[int] = None
+    max_rank: Optional[int] = None
+
+    @staticmethod
+    def _host(value: Any, name: str) -> np.ndarray:
+        if is_gpu_array(value):
+            raise TypeError(f"{name} is a GPU array but the main inputs are host arrays; pass all arrays on one device")
+        return np.asarray(value)
+
+    def float_array(self, value: Any, name: str, ndim: int) -> np.ndarray:
+        array = self._host(value, name)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(
+                f"{name} must be a floating-point array (float16, float32 or float64), got dtype {array.dtype}"
+            )
+        if array.ndim != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+        return array
+
+    def int_array(self, value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        array = self._host(value, name)
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+        if array.shape != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
+        return np.ascontiguousarray(array, dtype=np.int64)
+
+    def cast(self, array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def to_host(self, value: Any, name: str) -> np.ndarray:
+        return self._host(value, name)
+
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def checks(self) -> Checks:
+        return HostChecks()
+
+
+# --------------------------------------------------------------------------------------------------
+# BLAS threads and table gradients
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    # The kernels' np.dot calls SciPy's BLAS (numba binds scipy.linalg.cython_blas); it must be loaded
+    # before threadpoolctl looks, or the controller would only see NumPy's and leave SciPy's multi-threaded.
+    import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def single_threaded_blas() -> Any:
+    """The kernels call BLAS from every core at once: keep each call on one thread while they run."""
+    controller = _blas_controller()
+    return controller.limit(limits=1) if controller else contextlib.nullcontext()
+
+
+def _table_gradients(
+    run_kernel: Callable, tokens: np.ndarray, lengths: np.ndarray, scale: np.ndarray, table_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(grad_E1, grad_E2) from a kernel that writes per-position table-row gradients.
+
+    ``run_kernel(first, count, grad_src, grad_dst)`` fills the rows of sequences first..first+count-1
+    (layout of ``decode.scatter_rows``); they are added into (V, D) arrays, weighted by ``scale`` (B,),
+    in (b, t, k) order. Only as many sequences as there are threads hold rows at a time, so the memory
+    is O(threads * T * K * D) and the sums do not depend on the thread count.
+    """
+    B, T, K = tokens.shape
+    dtype = scale.dtype
+    chunk = max(1, min(B, get_num_threads()))
+    grad_src, grad_dst = np.zeros((2, chunk, T, K, table_shape[1]), dtype=dtype)
+    grad_E1 = np.zeros(table_shape, dtype=dtype)
+    grad_E2 = np.zeros(table_shape, dtype=dtype)
+    for first in range(0, B, chunk):
+        count = min(chunk, B - first)
+        run_kernel(first, count, grad_src, grad_dst)
+        decode_kernels.scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2)
+    return grad_E1, grad_E2
+
+
+class ForwardState(NamedTuple):
+    """What the backward pass and the sampler need of the forward pass."""
+
+    crf: BeamCRF
+    inv_temp: Any
+    log_z64: np.ndarray  # (B,) float64
+    alpha: np.ndarray  # (B, T, K) normalised log alpha
+    col_max: np.ndarray  # (B, T, K)
+    col_sum: np.ndarray  # (B, T, K)
+
+    @property
+    def log_z(self) -> np.ndarray:
+        return self.log_z64.astype(self.crf.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# the operations
+# --------------------------------------------------------------------------------------------------
+class CPUOps:
+    """The CPU backend's operations (docs/design.md §2 defines each)."""
+
+    arrays: Arrays = HostArrays()
+
+    # --- decoding ---------------------------------------------------------------------------------
+    def topk_beam(self, emissions: np.ndarray, k: int, force_tokens: Any) -> Beam:
+        B, T, _ = emissions.shape
+        forced = np.zeros((1, 1), dtype=np.int64) if force_tokens is None else force_tokens
+        out_scores = np.empty((B, T, k), dtype=emissions.dtype)
+        out_tokens = np.empty((B, T, k), dtype=np.int64)
+        bad_rows = np.zeros((B, T), dtype=np.int8)
+        if B * T:
+            decode_kernels.topk_beam_kernel(
+                emissions, k, forced, force_tokens is not None, out_scores, out_tokens, bad_rows
+            )
+        if bad_rows.any():
+            b, t = np.argwhere(bad_rows)[0]
+            raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
+        return Beam(out_scores, out_tokens)
+
+    def viterbi_decode(self, crf: BeamCRF, fairseq_steps: bool) -> ViterbiResult:
+        B, T, _ = crf.scores.shape
+        beam_idx = np.empty((B, T), dtype=np.int64)
+        path_tokens = np.empty((B, T), dtype=np.int64)
+        score = np.empty(B, dtype=crf.dtype)
+        step_scores = np.empty((B, T), dtype=crf.dtype)
+        if B:
+            with single_threaded_blas():
+                decode_kernels.viterbi_kernel(
+                    crf.scores,
+                    crf.tokens,
+                    crf.E1,
+                    crf.E2,
+                    crf.lengths,
+                    fairseq_steps,
+                    beam_idx,
+                    path_tokens,
+                    score,
+                    step_scores,
+                )
+        return ViterbiResult(beam_idx, path_tokens, score, step_scores)
+
+    def stochastic_viterbi(
+        self, crf: BeamCRF, num_samples: int, inv_temp: Any, draws: Draws
+    ) -> StochasticViterbiResult:
+        B, T, K = crf.scores.shape
+        N = num_samples
+        replay = np.zeros((1, 1, 1, 1)) if draws.uniforms is None else draws.uniforms.reshape(B, T - 1, K, N)
+        beam_probs = np.empty((B, T, K, N), dtype=crf.dtype)
+        beam_idx = np.empty((B, T, N), dtype=np.int64)
+        path_tokens = np.empty((B, T, N), dtype=np.int64)
+        path_scores = np.empty((B, T, K, N), dtype=crf.dtype)
+        backpointers = np.empty((B, T - 1, K, N), dtype=np.int64)
+        score = np.empty((B, N), dtype=crf.dtype)
+        if B:
+            with single_threaded_blas():
+                decode_kernels.stochastic_viterbi_kernel(
+                    crf.scores,
+                    crf.tokens,
+                    crf.E1,
+                    crf.E2,
+                    crf.lengths,
+                    inv_temp,
+                    _TINY[crf.dtype],
+                    draws.seed & 0xFFFFFFFF,
+                    draws.seed >> 32,
+                    replay,
+                    draws.uniforms is not None,
+                    beam_probs,
+                    beam_idx,
+                    path_tokens,
+                    path_scores,
+                    backpointers,
+                    score,
+                )
+        return StochasticViterbiResult(beam_probs, beam_idx, path_tokens, path_scores, backpointers, score)
+
+    def stochastic_viterbi_backward(self, inputs: SamplerGradInputs) -> SamplerGrad:
+        crf = inputs.crf
+        B, T, K, _ = inputs.beam_probs.shape
+        grad_scores = np.empty((B, T, K), dtype=crf.dtype)
+
+        def run(first: int, count: int, grad_src: np.ndarray, grad_dst: np.ndarray) -> None:
+            decode_kernels.stochastic_viterbi_backward_kernel(
+                inputs.beam_probs,
+                inputs.backpointers,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                inputs.grad_beam_probs,
+                first,
+                count,
+                grad_scores,
+                grad_src,
+                grad_dst,
+            )
+
+        grad_E1, grad_E2 = _table_gradients(run, crf.tokens, crf.lengths, np.ones(B, dtype=crf.dtype), crf.E1.shape)
+        return SamplerGrad(grad_scores, grad_E1, grad_E2)
+
+    # --- exact inference ----------------------------------------------------------------------------
+    def crf_forward(self, crf: BeamCRF, inv_temp: Any) -> ForwardState:
+        B, T, K = crf.scores.shape
+        log_z = np.empty(B, dtype=np.float64)
+        alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=crf.dtype)
+        if B:
+            with single_threaded_blas():
+                crf_kernels.forward_kernel(
+                    crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, inv_temp, log_z, alpha, col_max, col_sum
+                )
+        return ForwardState(crf, inv_temp, log_z, alpha, col_max, col_sum)
+
+    def crf_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> CRFSample:
+        crf = state.crf
+        B, T, _ = crf.scores.shape
+        replay = np.zeros((1, 1, 1)) if draws.uniforms is None else draws.uniforms
+        beam_idx = np.empty((B, T, num_samples), dtype=np.int64)
+        path_tokens = np.empty((B, T, num_samples), dtype=np.int64)
+        log_prob = np.empty((B, num_samples), dtype=np.float64)
+        if B:
+            with single_threaded_blas():
+                crf_kernels.sample_kernel(
+                    crf.scores,
+                    crf.tokens,
+                    crf.E1,
+                    crf.E2,
+                    crf.lengths,
+                    state.inv_temp,
+                    state.log_z64,
+                    state.alpha,
+                    draws.seed & 0xFFFFFFFF,
+                    draws.seed >> 32,
+                    replay,
+                    draws.uniforms is not None,
+                    beam_idx,
+                    path_tokens,
+                    log_prob,
+                )
+        return CRFSample(beam_idx, path_tokens, log_prob.astype(crf.dtype))
+
+    def _backward(self, state: ForwardState, scale: Any) -> tuple[np.ndarray, Any, Any]:
+        """Marginals (B, T, K) and, when ``scale`` (B,) is given, the table gradients of
+        sum_b scale[b] * tau * log Z_tau[b] (the kernel's row gradients are those times tau)."""
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        mu = np.empty((B, T, K), dtype=crf.dtype)
+
+        def run(first: int, count: int, src_rows: np.ndarray, dst_rows: np.ndarray) -> None:
+            crf_kernels.backward_kernel(
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                state.inv_temp,
+                state.alpha,
+                state.col_max,
+                state.col_sum,
+                first,
+                count,
+                scale is not None,
+                mu,
+                src_rows,
+                dst_rows,
+            )
+
+        with single_threaded_blas():
+            if scale is None:
+                run(0, B, *np.zeros((2, 1, 1, 1, 1), dtype=mu.dtype))
+                return mu, None, None
+            grad_E1, grad_E2 = _table_gradients(run, crf.tokens, crf.lengths, scale, crf.E1.shape)
+        return mu, grad_E1, grad_E2
+
+    def marginals(self, state: ForwardState) -> np.ndarray:
+        return self._backward(state, None)[0]
+
+    def log_partition_grad(self, state: ForwardState, weights: np.ndarray) -> PartitionGrad:
+        scale = weights * state.inv_temp
+        mu, grad_E1, grad_E2 = self._backward(state, scale)
+        return PartitionGrad(state.log_z, mu, mu * scale[:, None, None], grad_E1, grad_E2)
+
+    def paths_grad(self, state: ForwardState, paths: np.ndarray, weights: np.ndarray) -> tuple[Any, Any, Any]:
+        """(grad_scores, grad_E1, grad_E2) of sum_{b,n} weights[b, n] * (S(y_bn) / tau - log Z_tau[b]) for
+        beam paths (B, T, N) (0 at and after each length) and host weights (B, N)."""
+        crf = state.crf
+        T = crf.scores.shape[1]
+        scale = weights * state.inv_temp  # (B, N)
+        mu, grad_E1, grad_E2 = self._backward(state, -scale.sum(axis=1))
+        inside = np.arange(T)[None, :] < crf.lengths[:, None]
+        grad_scores = -mu * scale.sum(axis=1)[:, None, None]
+        b_index, t_index = np.nonzero(inside)
+        path_tokens = np.take_along_axis(crf.tokens, paths, axis=2)
+        for n in range(paths.shape[2]):
+            np.add.at(grad_scores, (b_index, t_index, paths[b_index, t_index, n]), scale[b_index, n])
+            crf_kernels.add_path_rows(
+                np.ascontiguousarray(path_tokens[:, :, n]),
+                crf.lengths,
+                np.ascontiguousarray(scale[:, n]),
+                crf.E1,
+                crf.E2,
+                grad_E1,
+                grad_E2,
+            )
+        return grad_scores, grad_E1, grad_E2
+
+    def sequence_score(self, crf: BeamCRF, paths: np.ndarray) -> np.ndarray:
+        """S(y) (B, N) of beam paths (B, T, N), in the compute dtype (summed in float64)."""
+        out = np.empty((paths.shape[0], paths.shape[2]), dtype=np.float64)
+        crf_kernels.sequence_score_kernel(crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, paths, out)
+        return out.astype(crf.dtype)
+
+    def target_slots(self, crf: BeamCRF, targets: np.ndarray) -> np.ndarray:
+        """(B, T, 1): the beam slot that holds each target (the beam was built with them forced in)."""
+        return np.argmax(crf.tokens == targets[:, :, None], axis=2)[:, :, None]
+
+    def path_log_prob(self, state: ForwardState, paths: np.ndarray) -> np.ndarray:
+        """log p_tau of beam paths (B, T, N): S(y) / tau - log Z_tau (B, N), in the compute dtype."""
+        crf = state.crf
+        numerator = np.empty((paths.shape[0], paths.shape[2]), dtype=np.float64)
+        crf_kernels.sequence_score_kernel(crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, paths, numerator)
+        return (numerator * state.inv_temp - state.log_z64[:, None]).astype(crf.dtype)
+
+
+CPU = CPUOps()

@@ -1,0 +1,89 @@
+"""Value checks of GPU inputs (``_validate.Checks``): screening kernels into one flag array, read back once.
+
+Each check records a screening kernel and the ``_validate`` rule that words its error. ``run()``
+allocates the flags, launches every screen, reads the flags back once and, for the first screen that
+flagged, applies its rule to a host copy of the array, so the error is word for word the CPU's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from .arrays import Library, grid
+from .kernels import kernels
+from .kernels.block import FIRST_ROW
+
+Rule = Callable[[np.ndarray], None]
+
+
+class DeviceChecks:
+    def __init__(self, lib: Library):
+        self.lib = lib
+        self.screens: list[tuple[int, Callable[[Any], None], Any, Rule]] = []  # (slot, launch, array, rule)
+        self.rows: Any = None  # (B, T, lengths, rule) of the beam check, whose flags follow FIRST_ROW
+
+    def _slot(self) -> int:
+        slot = 2 + len(self.screens)
+        if slot >= FIRST_ROW:  # pragma: no cover - a validator asks for at most a few checks
+            raise RuntimeError("too many GPU value checks in one call")
+        return slot
+
+    def finite(self, values: Any, rule: Rule) -> None:
+        slot = self._slot()
+
+        def launch(flags: Any) -> None:
+            flat = values.reshape(values.size)
+            kernels(values.dtype).check_finite[grid(values.size), 256, self.lib.stream](flat, flags, slot)
+
+        self.screens.append((slot, launch, values, rule))
+
+    def in_range(self, values: Any, low: int, high: int, rule: Rule) -> None:
+        slot = self._slot()
+
+        def launch(flags: Any) -> None:
+            flat = values.reshape(values.size)
+            kernels(np.float64).check_range[grid(values.size), 256, self.lib.stream](flat, low, high, flags, slot)
+
+        self.screens.append((slot, launch, values, rule))
+
+    def beam(self, scores: Any, lengths: np.ndarray, rule: Rule) -> None:
+        """NaN/+inf in scores (slot 0) and, per (b, t) row, whether any slot is above -inf."""
+        self.rows = (scores, lengths, rule)
+
+    def run(self) -> None:
+        B = T = 0
+        if self.rows is not None:
+            scores, lengths, rule = self.rows
+            B, T, K = scores.shape
+        flags = self.lib.zeros((FIRST_ROW + B * T,), np.int32)[1]
+        for _, launch, values, _ in self.screens:
+            if values.size:
+                launch(flags)
+        if B * T:
+            from .ops import threads_for
+
+            kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](scores, flags)
+        host = self.lib.to_host(flags)
+        if self.rows is not None and (host[0] or self._dead(host[FIRST_ROW:], lengths)):
+            rule(self._beam_stand_in(scores, host[0], host[FIRST_ROW:], lengths))
+        for slot, _, values, rule in self.screens:
+            if host[slot]:
+                rule(self.lib.to_host(values))
+                raise ValueError("an input failed a value check on the GPU")  # pragma: no cover
+
+    @staticmethod
+    def _dead(alive: np.ndarray, lengths: np.ndarray) -> bool:
+        B = len(lengths)
+        T = len(alive) // max(1, B)
+        return bool(((alive.reshape(B, T) == 0) & (np.arange(T)[None, :] < lengths[:, None])).any())
+
+    def _beam_stand_in(self, scores: Any, has_nan: int, alive: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """What the beam rule runs on: the scores themselves when they hold NaN/+inf (the message quotes
+        the first position), else a stand-in that is -inf exactly at the rows without a live slot."""
+        if has_nan:
+            return self.lib.to_host(scores)
+        B = len(lengths)
+        dead = alive.reshape(B, -1) == 0
+        return np.where(dead[:, :, None], -np.inf, 0.0)

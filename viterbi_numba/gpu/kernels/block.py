@@ -1,0 +1,291 @@
+"""Block-wide GPU primitives shared by every kernel family, compiled per float dtype.
+
+``build(dtype)`` returns a namespace with the dtype's typed constants (every float constant in a float32
+kernel is a float32, so its PTX has no ``.f64`` instruction; docs/design.md §7), the argument types the
+kernels are launched with (``types``), the shared device functions of ``_portable`` (RNG, compensated
+sums) and the block primitives below. Reductions over a block (max, sum, first crossing) are warp
+shuffles, then one shared-memory step across the warps (in the CUDA simulator, which has no shuffles:
+a shared-memory tree); the running sums of the inverse-CDF search are a shared-memory scan. Blocks are
+a power of two threads, whole warps on a GPU.
+
+:class:`Family` collects a family's kernels with the signature each is launched with, written on the
+line above the kernel (``kernels.compile_ptx`` compiles ahead of time from them).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+from numba import boolean, config, cuda, from_dtype, int32, int64
+
+from ... import _portable
+from ..._portable import PAD
+
+__all__ = ["PAD", "Family", "build"]
+
+MAX_THREADS = 256  # threads per block (a power of two)
+MAX_D = 128  # largest low-rank dimension (a thread's own factor row is a local array of this size)
+MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, 4 * threads) entries in shared memory)
+SHARED_BUDGET = 40 * 1024  # dynamic shared memory per block, bytes (below the 48 KiB default limit)
+FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
+FIRST_ROW = 8  # check_beam's per-row flags start here (slots before it: the other checks)
+
+portable = _portable.build(cuda.jit(device=True))
+
+
+class Family:
+    """A family's kernels (attributes) and the argument types each is launched with (``signatures``)."""
+
+    def __init__(self) -> None:
+        self.signatures: dict[str, tuple] = {}
+
+    def kernel(self, signature: tuple) -> Callable[[Any], Any]:
+        def register(kernel: Any) -> Any:
+            name = kernel.py_func.__name__
+            setattr(self, name, kernel)
+            self.signatures[name] = signature
+            return kernel
+
+        return register
+
+
+def launch_types(dtype: np.dtype) -> SimpleNamespace:
+    """Numba types of the launch arguments for float dtype ``dtype``: C-contiguous arrays of rank 1-4
+    (``f1``..``f4`` float, ``i1``..``i4`` int64), scalars (``f``, ``int64``, ``int32``, ``boolean``: Python
+    ints are int64 and bools boolean), and ``beam`` = (scores, tokens, E1, E2, lengths)."""
+    f = from_dtype(np.dtype(dtype))
+    f1, f2, f3, f4 = f[::1], f[:, ::1], f[:, :, ::1], f[:, :, :, ::1]
+    i1, i2, i3, i4 = int64[::1], int64[:, ::1], int64[:, :, ::1], int64[:, :, :, ::1]
+    return SimpleNamespace(
+        f=f,
+        f1=f1,
+        f2=f2,
+        f3=f3,
+        f4=f4,
+        i1=i1,
+        i2=i2,
+        i3=i3,
+        i4=i4,
+        int64=int64,
+        int32=int32,
+        boolean=boolean,
+        beam=(f3, i3, f2, f2, i1),
+    )
+
+
+def build(dtype: Any) -> SimpleNamespace:
+    """The block primitives and typed constants for float dtype ``dtype`` (np.float32 or np.float64)."""
+    dtype = np.dtype(dtype)
+    scalar = dtype.type
+    nbtype = from_dtype(dtype)
+    ZERO = scalar(0.0)
+    ONE = scalar(1.0)
+    NEG_INF = scalar(-np.inf)
+    POS_INF = scalar(np.inf)
+    compensated_add = portable.compensated_add
+    draw_pair = portable.uniform_pair_f32 if dtype == np.float32 else portable.uniform_pair
+
+    # block-wide primitives: every thread of the block must call them
+    if config.ENABLE_CUDASIM:
+        # The simulator has no warp shuffles: tree reductions in shared memory (any power-of-two block).
+        @cuda.jit(device=True)
+        def block_reduce(value, scratch, op):
+            tid = cuda.threadIdx.x
+            scratch[tid] = value
+            cuda.syncthreads()
+            half = cuda.blockDim.x // 2
+            while half > 0:
+                if tid < half:
+                    scratch[tid] = combine(scratch[tid], scratch[tid + half], op)
+                cuda.syncthreads()
+                half //= 2
+            result = scratch[0]
+            cuda.syncthreads()
+            return result
+    else:
+        # On a GPU: a shuffle reduction within each warp, the warps' results through shared memory, a
+        # second shuffle reduction, and a broadcast from lane 0 (blocks are whole warps, at most 32).
+        @cuda.jit(device=True)
+        def block_reduce(value, scratch, op):
+            lane = cuda.threadIdx.x % 32
+            warp = cuda.threadIdx.x // 32
+            offset = 16
+            while offset > 0:
+                value = combine(value, cuda.shfl_down_sync(FULL_MASK, value, offset), op)
+                offset //= 2
+            if lane == 0:
+                scratch[warp] = value
+            cuda.syncthreads()
+            warps = cuda.blockDim.x // 32  # a power of two: lanes below it hold the warps' results
+            value = scratch[lane if lane < warps else 0]
+            offset = 16
+            while offset > 0:
+                other = cuda.shfl_down_sync(FULL_MASK, value, offset)
+                if lane + offset < warps:
+                    value = combine(value, other, op)
+                offset //= 2
+            result = cuda.shfl_sync(FULL_MASK, value, 0)
+            cuda.syncthreads()
+            return result
+
+    @cuda.jit(device=True)
+    def combine(a, b, op):
+        """op 0: max, 1: sum, 2: min."""
+        if op == 0:
+            return a if a > b else b
+        if op == 1:
+            return a + b
+        return a if a < b else b
+
+    @cuda.jit(device=True)
+    def block_max(value, scratch):
+        """max of ``value`` over the block, returned to every thread (``scratch``: shared, blockDim)."""
+        return block_reduce(value, scratch, 0)
+
+    @cuda.jit(device=True)
+    def block_sum(value, scratch):
+        return block_reduce(value, scratch, 1)
+
+    @cuda.jit(device=True)
+    def block_min_int(value, scratch):
+        return block_reduce(value, scratch, 2)
+
+    @cuda.jit(device=True)
+    def strided_max(values, count, scratch):
+        """max of values[:count] (shared or global), over the block."""
+        m = NEG_INF
+        for k in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            if values[k] > m:
+                m = values[k]
+        return block_max(m, scratch)
+
+    @cuda.jit(device=True)
+    def inclusive_scan(values, count, scratch):
+        """values[:count] (shared) becomes its running sum, in chunks of blockDim (Hillis-Steele)."""
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        carry = ZERO
+        for base in range(0, count, threads):
+            i = base + tid
+            scratch[tid] = values[i] if i < count else ZERO
+            cuda.syncthreads()
+            offset = 1
+            while offset < threads:
+                add = scratch[tid - offset] if tid >= offset else ZERO
+                cuda.syncthreads()
+                scratch[tid] += add
+                cuda.syncthreads()
+                offset *= 2
+            if i < count:
+                values[i] = scratch[tid] + carry
+            carry += scratch[threads - 1]
+            cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def block_pick(logits, weights, count, u, scratch, int_scratch):
+        """Index drawn from softmax(logits[:count]) with uniform u by the inverse-CDF rule of
+        ``core.inverse_cdf_pick``: the smallest i with u * total < prefix[i], else the last i with a
+        positive weight. ``weights`` (shared, count) is scratch."""
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        m = strided_max(logits, count, scratch)
+        for i in range(tid, count, threads):
+            weights[i] = math.exp(logits[i] - m)
+        cuda.syncthreads()
+        inclusive_scan(weights, count, scratch)
+        target = u * weights[count - 1]
+        first = count
+        for i in range(tid, count, threads):
+            below = weights[i - 1] if i > 0 else ZERO
+            if target < weights[i] and not target < below and i < first:
+                first = i
+        first = block_min_int(first, int_scratch)
+        if first < count:
+            return first
+        last = 1  # clamp: the last i whose weight (prefix step) is positive, found as the min of -i
+        for i in range(tid, count, threads):
+            below = weights[i - 1] if i > 0 else ZERO
+            if weights[i] > below and -i < last:
+                last = -i
+        last = block_min_int(last, int_scratch)
+        return -last if last <= 0 else 0
+
+    @cuda.jit(device=True)
+    def stage_rows(tile, table, row_ids, start, rows, D):
+        """tile[r, :] = table[row_ids[start + r], :] for r < rows, loaded by the whole block (coalesced in d)
+        between two barriers: no thread still reads the previous tile, every thread sees the new one."""
+        cuda.syncthreads()
+        for e in range(cuda.threadIdx.x, rows * D, cuda.blockDim.x):
+            r = e // D
+            d = e - r * D
+            tile[r * D + d] = table[row_ids[start + r], d]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def dot_tile(tile, r, own, D):
+        total = ZERO
+        for d in range(D):
+            total += tile[r * D + d] * own[d]
+        return total
+
+    @cuda.jit(device=True)
+    def load_own(own, table, row, D):
+        for d in range(D):
+            own[d] = table[row, d]
+
+    @cuda.jit(device=True)
+    def position_shifts(scores, b, length, shift, cum_shift, scratch):
+        """shift[t] = max_k scores[b, t, k]; cum_shift[t] = their sum up to min(t, length - 1) (rows of T;
+        compensated, so float32 keeps the precision the CPU's float64 sum has)."""
+        T = scores.shape[1]
+        K = scores.shape[2]
+        total = ZERO
+        error = ZERO
+        for t in range(T):
+            m = ZERO
+            if t < length:
+                m = strided_max(scores[b, t], K, scratch)
+                total, error = compensated_add(total, error, m)
+            if cuda.threadIdx.x == 0:
+                shift[t] = m
+                cum_shift[t] = total
+
+    @cuda.jit(device=True)
+    def online_logsumexp(m, total, x, scale):
+        """Add x to a one-pass log-sum-exp: m is the largest value so far and total the sum of
+        exp((value - m) * scale) over them; returns the new (m, total). A -inf value weighs 0."""
+        if x > m:
+            return x, total * math.exp((m - x) * scale) + ONE
+        if x != NEG_INF:  # -inf - -inf would be NaN
+            return m, total + math.exp((x - m) * scale)
+        return m, total
+
+    return SimpleNamespace(
+        path_increments=portable.path_increments,
+        backtrace=portable.backtrace,
+        place_forced=portable.place_forced,
+        ranks_above=portable.ranks_above,
+        types=launch_types(dtype),
+        nbtype=nbtype,
+        ITEMSIZE=dtype.itemsize,
+        ZERO=ZERO,
+        ONE=ONE,
+        NEG_INF=NEG_INF,
+        POS_INF=POS_INF,
+        draw_pair=draw_pair,
+        compensated_add=compensated_add,
+        online_logsumexp=online_logsumexp,
+        block_max=block_max,
+        block_sum=block_sum,
+        block_min_int=block_min_int,
+        strided_max=strided_max,
+        inclusive_scan=inclusive_scan,
+        block_pick=block_pick,
+        stage_rows=stage_rows,
+        dot_tile=dot_tile,
+        load_own=load_own,
+        position_shifts=position_shifts,
+    )

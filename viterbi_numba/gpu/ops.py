@@ -1,0 +1,357 @@
+"""The GPU backend: launch geometry and the kernel launches, on arrays ``_validate`` has normalised.
+
+:class:`GPUOps` has the same methods, with the same signatures, as ``cpu.ops.CPUOps``; one is made per
+call for the caller's array library (``gpu/arrays.py``), which allocates every result and gives the
+stream. Nothing here validates or synchronises with the host, except top-K's NaN flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+from numba import config
+
+from .._validate import BeamCRF, Draws, SamplerGradInputs
+from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
+from .arrays import DeviceArrays, grid
+from .kernels import kernels
+from .kernels.block import MAX_THREADS, SHARED_BUDGET
+
+
+def block_limits() -> tuple[int, int]:
+    """(fewest, most) threads per block: a warp to 256 on a GPU; 1 to 4 in the CUDA simulator, which
+    runs each thread as a Python thread (tests there use K above 4 to exercise the strided loops)."""
+    return (1, 4) if config.ENABLE_CUDASIM else (32, MAX_THREADS)
+
+
+def threads_for(K: int) -> int:
+    """Threads per block for a beam of K: a power of two, K or more where the limit allows."""
+    threads, most = block_limits()
+    while threads < K and threads < most:
+        threads *= 2
+    return threads
+
+
+def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:
+    """Rows of a factor table that fit next to ``fixed_items`` values in a block's shared memory."""
+    free = SHARED_BUDGET - fixed_items * itemsize
+    return int(max(1, min(K, free // (D * itemsize))))
+
+
+def _tiling(K: int, D: int, dtype: np.dtype, fixed_items: int) -> tuple[int, int]:
+    """(rows per tile of factor rows, dynamic shared-memory bytes) for a kernel that also keeps
+    ``fixed_items`` values of ``dtype`` in shared memory."""
+    rows = _tile_rows(K, D, dtype.itemsize, fixed_items)
+    return rows, (fixed_items + rows * D) * dtype.itemsize
+
+
+class ForwardState(NamedTuple):
+    """The validated beam and the forward pass's device arrays."""
+
+    crf: BeamCRF
+    inv_temp: Any
+    log_z: Any  # (B,) native, compute dtype
+    log_z_view: Any
+    alpha: Any  # (B, T, K) views
+    col_max: Any
+    col_sum: Any
+
+
+class GPUOps:
+    """The GPU backend's operations for the library of a GPU array ``sample``."""
+
+    def __init__(self, sample: Any):
+        self.arrays = DeviceArrays(sample)
+        self.lib = self.arrays.lib
+
+    def _replay(self, draws: Draws, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """Device uniforms of ``shape`` in the compute dtype, or a 1-element stand-in when drawing by seed."""
+        if draws.uniforms is None:
+            return self.lib.to_device(np.zeros((1,) * len(shape), dtype=dtype))[1]
+        return self.lib.to_device(draws.uniforms.reshape(shape).astype(dtype))[1]
+
+    # --- decoding ---------------------------------------------------------------------------------
+    def topk_beam(self, emissions: Any, k: int, force_tokens: Any) -> Beam:
+        lib = self.lib
+        B, T, _ = emissions.shape
+        forced = lib.to_device(np.zeros((1, 1), dtype=np.int64))[1] if force_tokens is None else force_tokens
+        scores_native, scores = lib.empty((B, T, k), emissions.dtype)
+        tokens_native, tokens = lib.empty((B, T, k), np.int64)
+        _, bad_rows = lib.zeros((B, T), np.int64)
+        threads = block_limits()[1]
+        region = 4 * threads  # candidate slots for 4 chunks of the row: a sort only every few chunks' survivors
+        while region < k:
+            region *= 2
+        shared = 2 * region * (emissions.dtype.itemsize + 8)
+        if B * T:
+            kernels(emissions.dtype).topk_kernel[B * T, threads, lib.stream, shared](
+                emissions, k, region, forced, force_tokens is not None, scores, tokens, bad_rows
+            )
+            bad = lib.to_host(bad_rows)
+            if bad.any():
+                b, t = np.argwhere(bad)[0]
+                raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
+        return Beam(scores_native, tokens_native)
+
+    def viterbi_decode(self, crf: BeamCRF, fairseq_steps: bool) -> ViterbiResult:
+        lib = self.lib
+        B, T, K = crf.scores.shape
+        D = crf.E1.shape[1]
+        dtype = crf.dtype
+        beam_idx = lib.empty((B, T), np.int64)
+        path_tokens = lib.empty((B, T), np.int64)
+        score = lib.empty((B,), dtype)
+        step_scores = lib.empty((B, T), dtype)
+        shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
+        history = lib.empty((B, T, K), dtype)[1]
+        back = lib.empty((B, T, K), np.int32)[1]
+        tile_rows, shared = _tiling(K, D, dtype, K)
+        if B:
+            kernels(dtype).viterbi_kernel[B, threads_for(K), lib.stream, shared](
+                crf.scores,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                fairseq_steps,
+                tile_rows,
+                shift,
+                cum_shift,
+                history,
+                back,
+                beam_idx[1],
+                path_tokens[1],
+                score[1],
+                step_scores[1],
+            )
+        return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
+
+    def stochastic_viterbi(
+        self, crf: BeamCRF, num_samples: int, inv_temp: Any, draws: Draws
+    ) -> StochasticViterbiResult:
+        lib = self.lib
+        B, T, K = crf.scores.shape
+        D = crf.E1.shape[1]
+        N = num_samples
+        dtype = crf.dtype
+        replay = self._replay(draws, (B, T - 1, K, N), dtype)
+        beam_probs = lib.empty((B, T, K, N), dtype)
+        beam_idx = lib.empty((B, T, N), np.int64)
+        path_tokens = lib.empty((B, T, N), np.int64)
+        path_scores = lib.empty((B, T, K, N), dtype)
+        backpointers = lib.empty((B, T - 1, K, N), np.int64)
+        score = lib.empty((B, N), dtype)
+        shift, cum_shift = (lib.empty((B * N, T), dtype)[1] for _ in range(2))
+        tile_rows, shared = _tiling(K, D, dtype, 2 * K)
+        if B:
+            kernels(dtype).stochastic_viterbi_kernel[B * N, threads_for(K), lib.stream, shared](
+                crf.scores,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                inv_temp,
+                draws.seed & 0xFFFFFFFF,
+                draws.seed >> 32,
+                replay,
+                draws.uniforms is not None,
+                tile_rows,
+                shift,
+                cum_shift,
+                beam_probs[1],
+                beam_idx[1],
+                path_tokens[1],
+                path_scores[1],
+                backpointers[1],
+                score[1],
+            )
+        return StochasticViterbiResult(
+            beam_probs[0], beam_idx[0], path_tokens[0], path_scores[0], backpointers[0], score[0]
+        )
+
+    def stochastic_viterbi_backward(self, inputs: SamplerGradInputs) -> SamplerGrad:
+        lib = self.lib
+        crf = inputs.crf
+        B, T, K, N = inputs.beam_probs.shape
+        dtype = crf.dtype
+        grad_scores = lib.zeros((B, T, K), dtype)
+        grad_E1 = lib.zeros(crf.E1.shape, dtype)
+        grad_E2 = lib.zeros(crf.E1.shape, dtype)
+        if B * N:
+            kernels(dtype).stochastic_viterbi_backward_kernel[
+                B * N, threads_for(K), lib.stream, 2 * K * dtype.itemsize
+            ](
+                inputs.beam_probs,
+                inputs.backpointers,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                inputs.grad_beam_probs,
+                grad_scores[1],
+                grad_E1[1],
+                grad_E2[1],
+            )
+        return SamplerGrad(grad_scores[0], grad_E1[0], grad_E2[0])
+
+    # --- exact inference ----------------------------------------------------------------------------
+    def crf_forward(self, crf: BeamCRF, inv_temp: Any) -> ForwardState:
+        lib = self.lib
+        B, T, K = crf.scores.shape
+        D = crf.E1.shape[1]
+        dtype = crf.dtype
+        log_z = lib.empty((B,), dtype)
+        alpha, col_max, col_sum = (lib.empty((B, T, K), dtype)[1] for _ in range(3))
+        tile_rows, shared = _tiling(K, D, dtype, K)
+        if B:
+            kernels(dtype).forward_kernel[B, threads_for(K), lib.stream, shared](
+                crf.scores,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                inv_temp,
+                tile_rows,
+                log_z[1],
+                alpha,
+                col_max,
+                col_sum,
+            )
+        return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum)
+
+    def crf_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> CRFSample:
+        lib = self.lib
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        D = crf.E1.shape[1]
+        dtype = crf.dtype
+        replay = self._replay(draws, (B, T, num_samples), dtype)
+        beam_idx = lib.empty((B, T, num_samples), np.int64)
+        path_tokens = lib.empty((B, T, num_samples), np.int64)
+        log_prob = lib.empty((B, num_samples), dtype)
+        if B:
+            kernels(dtype).sample_kernel[B * num_samples, threads_for(K), lib.stream, (2 * K + D) * dtype.itemsize](
+                crf.scores,
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                state.inv_temp,
+                state.log_z_view,
+                state.alpha,
+                draws.seed & 0xFFFFFFFF,
+                draws.seed >> 32,
+                replay,
+                draws.uniforms is not None,
+                beam_idx[1],
+                path_tokens[1],
+                log_prob[1],
+            )
+        return CRFSample(beam_idx[0], path_tokens[0], log_prob[0])
+
+    def _backward(self, state: ForwardState, row_scale: Optional[np.ndarray]) -> tuple[Any, Any, Any]:
+        """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without
+        ``row_scale``); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b]."""
+        lib = self.lib
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        D = crf.E1.shape[1]
+        dtype = crf.dtype
+        mu = lib.empty((B, T, K), dtype)
+        want_rows = row_scale is not None
+        grad_E1 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
+        grad_E2 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
+        scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
+        tile_rows, shared = _tiling(K, D, dtype, 3 * K)
+        if B:
+            kernels(dtype).backward_kernel[B, threads_for(K), lib.stream, shared](
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                state.inv_temp,
+                state.alpha,
+                state.col_max,
+                state.col_sum,
+                tile_rows,
+                scale,
+                want_rows,
+                mu[1],
+                grad_E1[1],
+                grad_E2[1],
+            )
+        if not want_rows:
+            return mu, None, None
+        return mu, grad_E1, grad_E2
+
+    def _scale_rows(self, values: Any, scale: np.ndarray) -> Any:
+        """values (B, T, K) times scale[b], as a new native array."""
+        out = self.lib.empty(values.shape, values.dtype)
+        if values.size:
+            kernels(values.dtype).scale_rows[grid(values.size), 256, self.lib.stream](
+                values, self.lib.to_device(np.asarray(scale, values.dtype))[1], out[1]
+            )
+        return out
+
+    def marginals(self, state: ForwardState) -> Any:
+        return self._backward(state, None)[0][0]
+
+    def log_partition_grad(self, state: ForwardState, weights: np.ndarray) -> PartitionGrad:
+        scale = weights * state.inv_temp
+        mu, grad_E1, grad_E2 = self._backward(state, scale)
+        return PartitionGrad(state.log_z, mu[0], self._scale_rows(mu[1], scale)[0], grad_E1[0], grad_E2[0])
+
+    def paths_grad(self, state: ForwardState, paths: Any, weights: np.ndarray) -> tuple[Any, Any, Any]:
+        """(grad_scores, grad_E1, grad_E2) of sum_{b,n} weights[b, n] * (S(y_bn) / tau - log Z_tau[b]) for
+        device beam paths (B, T, N) and host weights (B, N)."""
+        lib = self.lib
+        crf = state.crf
+        dtype = crf.dtype
+        scale = (np.asarray(weights) * state.inv_temp).astype(dtype)  # (B, N)
+        mu, grad_E1, grad_E2 = self._backward(state, -scale.sum(axis=1))
+        grad_scores = self._scale_rows(mu[1], -scale.sum(axis=1))
+        B, T, N = paths.shape
+        if B * N:
+            kernels(dtype).add_paths[grid(B * N, 64), 64, lib.stream](
+                paths,
+                crf.tokens,
+                crf.lengths,
+                lib.to_device(scale)[1],
+                crf.E1,
+                crf.E2,
+                grad_scores[1],
+                grad_E1[1],
+                grad_E2[1],
+            )
+        return grad_scores[0], grad_E1[0], grad_E2[0]
+
+    def _path_scores(self, crf: BeamCRF, paths: Any) -> tuple[Any, Any]:
+        B, _, N = paths.shape
+        out = self.lib.empty((B, N), crf.dtype)
+        if B * N:
+            kernels(crf.dtype).sequence_score_kernel[grid(B * N, 64), 64, self.lib.stream](
+                crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, paths, out[1]
+            )
+        return out
+
+    def sequence_score(self, crf: BeamCRF, paths: Any) -> Any:
+        return self._path_scores(crf, paths)[0]
+
+    def target_slots(self, crf: BeamCRF, targets: Any) -> Any:
+        B, T, _ = crf.scores.shape
+        slots = self.lib.empty((B, T, 1), np.int64)[1]
+        if B * T:
+            kernels(crf.dtype).find_slots[grid(B * T, 64), 64, self.lib.stream](crf.tokens, targets, slots)
+        return slots
+
+    def path_log_prob(self, state: ForwardState, paths: Any) -> Any:
+        crf = state.crf
+        B, _, N = paths.shape
+        numerator = self._path_scores(crf, paths)[1]
+        out = self.lib.empty((B, N), crf.dtype)
+        if B * N:
+            kernels(crf.dtype).path_log_prob[grid(B * N, 64), 64, self.lib.stream](
+                numerator, state.log_z_view, state.inv_temp, out[1]
+            )
+        return out[0]
