@@ -16,7 +16,7 @@ cast to one dtype (float64 if any is float64), as the CPU path does.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,13 +72,14 @@ def _kernel_input(tensor: torch.Tensor, name: str = "tensor", dtype: Optional[to
     return tensor.contiguous()
 
 
-def _crf_inputs(scores: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor):
+def _crf_inputs(scores: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> tuple[Any, Any, Any]:
     """``_kernel_input`` of the scores (emissions or beam scores) and both tables, in one compute dtype
-    (float64 if any is float64)."""
+    (float64 if any is float64): (scores, E1, E2)."""
     named = ((scores, "emissions"), (weight1, "E1.weight"), (weight2, "E2.weight"))
     wide = any(tensor.dtype == torch.float64 for tensor, _ in named if isinstance(tensor, torch.Tensor))
     dtype = torch.float64 if wide else torch.float32
-    return [_kernel_input(tensor, name, dtype) for tensor, name in named]
+    scores, E1, E2 = (_kernel_input(tensor, name, dtype) for tensor, name in named)
+    return scores, E1, E2
 
 
 def _out(array, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -160,18 +161,19 @@ class _StochasticViterbi(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, beam_scores, weight1, weight2, beam_tokens, lengths, num_samples, temperature, seed, uniforms):
-        scores, *tables = _crf_inputs(beam_scores, weight1, weight2)
+        scores, E1, E2 = _crf_inputs(beam_scores, weight1, weight2)
         sample = vn.stochastic_viterbi(
             scores,
             beam_tokens,
-            *tables,
+            E1=E1,
+            E2=E2,
             num_samples=num_samples,
             temperature=temperature,
             lengths=lengths,
             seed=seed,
             uniforms=uniforms,
         )
-        ctx.saved = sample, beam_tokens, tables, lengths
+        ctx.saved = sample, beam_tokens, E1, E2, lengths
         ctx.dtypes = beam_scores.dtype, weight1.dtype, weight2.dtype
         beam_idx, tokens = _out(sample.beam_idx), _out(sample.tokens)
         ctx.mark_non_differentiable(beam_idx, tokens)
@@ -179,9 +181,9 @@ class _StochasticViterbi(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_beam_probs, _grad_idx, _grad_tokens):
-        sample, beam_tokens, tables, lengths = ctx.saved
+        sample, beam_tokens, E1, E2, lengths = ctx.saved
         grad = vn.stochastic_viterbi_backward(
-            _kernel_input(grad_beam_probs, "grad", tables[0].dtype), sample, beam_tokens, *tables, lengths=lengths
+            _kernel_input(grad_beam_probs, "grad", E1.dtype), sample, beam_tokens, E1=E1, E2=E2, lengths=lengths
         )
         return (*_grads_out(grad, ctx.dtypes), None, None, None, None, None, None)
 
@@ -329,11 +331,12 @@ class DynamicCRF(nn.Module):
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
-        scores, *tables = _crf_inputs(emissions, self.E1.weight, self.E2.weight)
+        scores, E1, E2 = _crf_inputs(emissions, self.E1.weight, self.E2.weight)
         likelihood = vn.log_likelihood_forward(
             scores,
             _kernel_input(targets, "targets"),
-            *tables,
+            E1=E1,
+            E2=E2,
             k=beam if beam is not None else self.beam,
             lengths=lengths,
         )
@@ -351,8 +354,8 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
-        best = vn.viterbi_decode(scores, beam_tokens, *tables, lengths=lengths, step_scores="fairseq")
+        scores, E1, E2 = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
+        best = vn.viterbi_decode(scores, beam_tokens, E1=E1, E2=E2, lengths=lengths, step_scores="fairseq")
         tokens = best.tokens
         if lengths is not None:
             for b, length in enumerate(lengths):
@@ -379,8 +382,8 @@ class DynamicCRF(nn.Module):
         B, T, _ = emissions.shape
         lengths = lengths_from_masks(masks, B, T)
         beam_tokens, beam_scores = _beam(emissions, beam if beam is not None else self.beam)
-        scores, *tables = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
-        forward = vn.crf_forward(scores, beam_tokens, *tables, temperature=temperature, lengths=lengths)
+        scores, E1, E2 = _crf_inputs(beam_scores, self.E1.weight, self.E2.weight)
+        forward = vn.crf_forward(scores, beam_tokens, E1=E1, E2=E2, temperature=temperature, lengths=lengths)
         draws = forward.sample(num_samples, seed=seed_from(generator))
         log_prob = _SampleLogProb.apply(beam_scores, self.E1.weight, self.E2.weight, forward, draws)
         return _out(draws.tokens), log_prob
