@@ -116,6 +116,22 @@ def compute_dtype(*dtypes: Any) -> np.dtype:
     return np.dtype(np.float64) if any(np.dtype(d) == np.float64 for d in dtypes) else np.dtype(np.float32)
 
 
+def float_dtype(array: Any, name: str, ndim: int) -> Any:
+    """``array`` itself, after checking that it is a floating-point array of rank ``ndim``."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    return array
+
+
+def int_dtype(array: Any, name: str) -> Any:
+    """``array`` itself, after checking that it holds integers (not booleans)."""
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+    return array
+
+
 # --------------------------------------------------------------------------------------------------
 # value rules on NumPy arrays (the GPU re-runs them on a host copy when its screen flags a failure)
 # --------------------------------------------------------------------------------------------------
@@ -161,9 +177,7 @@ def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> np.ndarray:
     """``lengths`` (B,) as host int64 in [1, T]; None means every sequence is T long."""
     if value is None:
         return np.full(batch, steps, dtype=np.int64)
-    host = np.asarray(arrays.to_host(value, "lengths"))
-    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"lengths must be an integer array, got dtype {host.dtype}")
+    host = int_dtype(np.asarray(arrays.to_host(value, "lengths")), "lengths")
     if host.shape != (batch,):
         raise ValueError(f"lengths must have shape {(batch,)}, got {host.shape}")
     host = np.ascontiguousarray(host, dtype=np.int64)
@@ -243,13 +257,7 @@ def draws(arrays: Arrays, seed_value: Any, uniforms: Any, shape: tuple[int, ...]
         return Draws(secrets.randbits(64) if seed_value is None else seed_value, None)
     if seed_value is not None:
         raise ValueError("give either seed or uniforms, not both")
-    host = np.asarray(arrays.to_host(uniforms, "uniforms"))
-    if not np.issubdtype(host.dtype, np.floating):
-        raise TypeError(
-            f"uniforms must be a floating-point array (float16, float32 or float64), got dtype {host.dtype}"
-        )
-    if host.ndim != len(shape):
-        raise ValueError(f"uniforms must have {len(shape)} dimensions, got shape {host.shape}")
+    host = float_dtype(np.asarray(arrays.to_host(uniforms, "uniforms")), "uniforms", len(shape))
     if host.shape != tuple(shape):
         raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {host.shape}")
     if host.size and not ((host >= 0) & (host < 1)).all():
@@ -267,11 +275,7 @@ def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name
     """Per-sequence (B,) or per-path (B, N) weights as finite host values of ``dtype`` (all 1 when None)."""
     if value is None:
         return np.ones(shape, dtype=dtype)
-    host = np.asarray(arrays.to_host(value, name))
-    if not np.issubdtype(host.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {host.dtype}")
-    if host.ndim != len(shape):
-        raise ValueError(f"{name} must have {len(shape)} dimensions, got shape {host.shape}")
+    host = float_dtype(np.asarray(arrays.to_host(value, name)), name, len(shape))
     if host.shape != tuple(shape):
         layout = "(B,)" if len(shape) == 1 else "(B, N)"
         raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {host.shape}")
@@ -286,8 +290,7 @@ def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
     if host.ndim not in (2, 3):
         raise ValueError(f"beam_idx must have shape (B, T) or (B, T, N), got {host.shape}")
     single = host.ndim == 2
-    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"beam_idx must be an integer array, got dtype {host.dtype}")
+    int_dtype(host, "beam_idx")
     if host.shape[:2] != (B, T):
         raise ValueError(f"beam_idx must have shape {(B, T) if single else (B, T, host.shape[2])}, got {host.shape}")
     host = host.astype(np.int64).reshape(B, T, -1)
@@ -302,14 +305,13 @@ class SamplerGradInputs(NamedTuple):
     beam_probs: Any  # (B, T, K, N)
     backpointers: Any  # (B, T-1, K, N)
     grad_beam_probs: Any  # (B, T, K, N)
-    single: bool
 
 
 def sampler_grad(
     arrays: Arrays, grad_beam_probs: Any, sample: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any
 ) -> SamplerGradInputs:
     """Inputs of :func:`~viterbi_numba.stochastic_viterbi_backward`."""
-    ndim = len(getattr(sample.beam_probs, "shape", np.shape(sample.beam_probs)))
+    ndim = len(np.shape(sample.beam_probs))
     if ndim not in (3, 4):
         raise ValueError(
             f"sample.beam_probs must have shape (B, T, K) or (B, T, K, N), got {np.shape(sample.beam_probs)}"
@@ -350,7 +352,6 @@ def sampler_grad(
         beam_probs.reshape(shape),
         backpointers.reshape((B, T - 1, K, N)),
         arrays.cast(grads, dtype, "grad_beam_probs").reshape(shape),
-        ndim == 3,
     )
 
 

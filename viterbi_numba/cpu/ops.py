@@ -16,7 +16,7 @@ import numpy as np
 from numba import get_num_threads
 
 from .._devices import is_gpu_array
-from .._validate import Arrays, BeamCRF, Checks, Draws, SamplerGradInputs
+from .._validate import Arrays, BeamCRF, Checks, Draws, SamplerGradInputs, float_dtype, int_dtype
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
 from . import crf as crf_kernels
 from . import decode as decode_kernels
@@ -59,19 +59,10 @@ class HostArrays:
         return np.asarray(value)
 
     def float_array(self, value: Any, name: str, ndim: int) -> np.ndarray:
-        array = self._host(value, name)
-        if not np.issubdtype(array.dtype, np.floating):
-            raise TypeError(
-                f"{name} must be a floating-point array (float16, float32 or float64), got dtype {array.dtype}"
-            )
-        if array.ndim != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
-        return array
+        return float_dtype(self._host(value, name), name, ndim)
 
     def int_array(self, value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        array = self._host(value, name)
-        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+        array = int_dtype(self._host(value, name), name)
         if array.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
         return np.ascontiguousarray(array, dtype=np.int64)

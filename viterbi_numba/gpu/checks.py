@@ -13,7 +13,7 @@ import numpy as np
 
 from .arrays import Library, grid
 from .kernels import kernels
-from .kernels.block import FIRST_ROW
+from .kernels.block import FIRST_ROW, threads_for
 
 Rule = Callable[[np.ndarray], None]
 
@@ -62,8 +62,6 @@ class DeviceChecks:
             if values.size:
                 launch(flags)
         if B * T:
-            from .ops import threads_for
-
             kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](scores, flags)
         host = self.lib.to_host(flags)
         if self.rows is not None and (host[0] or self._dead(host[FIRST_ROW:], lengths)):

@@ -10,27 +10,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
-from numba import config
 
 from .._validate import BeamCRF, Draws, SamplerGradInputs
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
 from .arrays import DeviceArrays, grid
 from .kernels import kernels
-from .kernels.block import MAX_THREADS, SHARED_BUDGET
-
-
-def block_limits() -> tuple[int, int]:
-    """(fewest, most) threads per block: a warp to 256 on a GPU; 1 to 4 in the CUDA simulator, which
-    runs each thread as a Python thread (tests there use K above 4 to exercise the strided loops)."""
-    return (1, 4) if config.ENABLE_CUDASIM else (32, MAX_THREADS)
-
-
-def threads_for(K: int) -> int:
-    """Threads per block for a beam of K: a power of two, K or more where the limit allows."""
-    threads, most = block_limits()
-    while threads < K and threads < most:
-        threads *= 2
-    return threads
+from .kernels.block import SHARED_BUDGET, block_limits, threads_for
 
 
 def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:

@@ -24,7 +24,7 @@ from numba import boolean, config, cuda, from_dtype, int32, int64
 from ... import _portable
 from ..._portable import PAD
 
-__all__ = ["PAD", "Family", "build"]
+__all__ = ["PAD", "Family", "block_limits", "build", "threads_for"]
 
 MAX_THREADS = 256  # threads per block (a power of two)
 MAX_D = 128  # largest low-rank dimension (a thread's own factor row is a local array of this size)
@@ -34,6 +34,20 @@ FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
 FIRST_ROW = 8  # check_beam's per-row flags start here (slots before it: the other checks)
 
 portable = _portable.build(cuda.jit(device=True))
+
+
+def block_limits() -> tuple[int, int]:
+    """(fewest, most) threads per block: a warp to 256 on a GPU; 1 to 4 in the CUDA simulator, which
+    runs each thread as a Python thread (tests there use K above 4 to exercise the strided loops)."""
+    return (1, 4) if config.ENABLE_CUDASIM else (32, MAX_THREADS)
+
+
+def threads_for(K: int) -> int:
+    """Threads per block for a beam of K: a power of two, K or more where the limit allows."""
+    threads, most = block_limits()
+    while threads < K and threads < most:
+        threads *= 2
+    return threads
 
 
 class Family:
