@@ -11,6 +11,7 @@ from scipy import stats
 
 from viterbi_numba import (
     PAD,
+    crf_forward,
     crf_sample,
     log_likelihood,
     log_likelihood_grad,
@@ -253,6 +254,61 @@ def test_log_likelihood_grad_matches_finite_differences(rng):
                 - objective(*[minus if i == slot else a for i, a in enumerate(args)])
             ) / (2 * h)
             assert analytic[index] == pytest.approx(numeric, rel=1e-5, abs=1e-7), index
+
+
+def test_kept_forward_pass_gives_what_the_functions_give(rng):
+    """crf_forward's state object: the same bits as the one-call functions it stands for."""
+    scores, tokens, E1, E2 = make_problem(rng, 3, 5, 4)
+    lengths = np.array([5, 2, 4])
+    weights = np.array([0.5, -1.0, 2.0])
+    forward = crf_forward(scores, tokens, E1, E2, temperature=0.7, lengths=lengths)
+    assert forward.batch_shape == (3, 5, 4)
+    np.testing.assert_array_equal(forward.log_z, log_partition(scores, tokens, E1, E2, 0.7, lengths))
+    np.testing.assert_array_equal(forward.marginals(), marginals(scores, tokens, E1, E2, 0.7, lengths))
+    for got, want in zip(forward.sample(6, seed=4), crf_sample(scores, tokens, E1, E2, 6, 0.7, lengths, seed=4)):
+        np.testing.assert_array_equal(got, want)
+    got = forward.log_partition_grad(grad_output=weights)
+    want = log_partition_grad(scores, tokens, E1, E2, 0.7, lengths, grad_output=weights)
+    for name in want._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    with pytest.raises(ValueError, match="num_samples must be at least 1"):
+        forward.sample(0)
+    with pytest.raises(ValueError, match=r"weights must have shape \(3, 6\) \(B, N\)"):
+        forward.paths_grad(np.zeros((3, 5, 6), np.int64), np.ones((3, 5)))
+
+
+def test_paths_grad_matches_finite_differences(rng):
+    """CRFForward.paths_grad: the gradient of sum_{b,n} w[b, n] log p(y_bn) for given paths (PAD after the
+    length, as crf_sample returns them) with respect to the beam scores and both tables."""
+    scores, tokens, E1, E2 = make_problem(rng, 2, 4, 3, V=7, D=2)
+    lengths = np.array([4, 3])
+    tau = 0.6
+    paths = crf_sample(scores, tokens, E1, E2, 3, tau, lengths, seed=2).beam_idx
+    weights = rng.standard_normal((2, 3))
+    grads = crf_forward(scores, tokens, E1, E2, tau, lengths).paths_grad(paths, weights)
+
+    def objective(sc, e1, e2):
+        log_p = (
+            sequence_score(sc, tokens, e1, e2, paths, lengths) / tau
+            - log_partition(sc, tokens, e1, e2, tau, lengths)[:, None]
+        )
+        return float((weights * log_p).sum())
+
+    h = 1e-6
+    for slot, (array, analytic) in enumerate(zip((scores, E1, E2), grads)):
+        for index in np.ndindex(array.shape):
+            args = [scores, E1, E2]
+            plus, minus = array.copy(), array.copy()
+            plus[index] += h
+            minus[index] -= h
+            numeric = (
+                objective(*args[:slot], plus, *args[slot + 1 :]) - objective(*args[:slot], minus, *args[slot + 1 :])
+            ) / (2 * h)
+            assert analytic[index] == pytest.approx(numeric, rel=1e-5, abs=1e-7), (slot, index)
+    single = crf_forward(scores, tokens, E1, E2, tau, lengths).paths_grad(paths[:, :, 0], weights[:, 0])
+    alone = crf_forward(scores, tokens, E1, E2, tau, lengths).paths_grad(paths[:, :, :1], weights[:, :1])
+    for a, b in zip(single, alone):
+        np.testing.assert_array_equal(a, b)
 
 
 def _torch_forward(torch, scores, tokens, E1, E2, temperature, lengths):

@@ -152,6 +152,19 @@ def test_exact_inference_matches_cpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_forward_pass_and_paths_grad_match_cpu(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    cpu = vn.crf_forward(scores, tokens, E1, E2, 0.9, lengths)
+    gpu = vn.crf_forward(*dev(scores, tokens, E1, E2), 0.9, lengths)
+    close(gpu.log_z, cpu.log_z, dtype, 10)
+    paths = cpu.sample(3, seed=5).beam_idx
+    np.testing.assert_array_equal(host(gpu.sample(3, seed=5).beam_idx), paths)
+    weights = np.array([[1.0, -0.5, 2.0], [0.25, 1.0, -1.0]])
+    for got, want in zip(gpu.paths_grad(dev(paths)[0], weights), cpu.paths_grad(paths, weights)):
+        close(got, want, dtype, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_log_likelihood_and_gradients_match_cpu(dtype):
     rng = np.random.default_rng(4)
     B, T, V, D, k = 2, 4, 30, 3, 5
