@@ -158,6 +158,19 @@ def build(jit: Callable) -> SimpleNamespace:
         return final
 
     @jit
+    def fairseq_step_scores(history, cum_shift, path, length, score, out):
+        """fairseq ``forward_decoder``'s step scores of a Viterbi path (T,) into out[:length]: with
+        c[t] = history[t, path[t + 1]] + cum_shift[t], the cumulative score of step t read at the next
+        step's slot (history: the shifted cumulative scores (T, K), cum_shift their shifts), and
+        c[length - 1] = ``score``, out[t] = c[t] - c[t - 1] (c[-1] = 0)."""
+        cumulative_next = score
+        for t in range(length - 2, -1, -1):
+            cumulative = history[t, path[t + 1]] + cum_shift[t]
+            out[t + 1] = cumulative_next - cumulative
+            cumulative_next = cumulative
+        out[0] = cumulative_next
+
+    @jit
     def compensated_add(total, error, term):
         """(total + term, new error) by Kahan's compensated summation: float32 sums keep close to float64's
         precision over a sequence (``error`` starts at 0 and is subtracted from the final total)."""
@@ -185,6 +198,7 @@ def build(jit: Callable) -> SimpleNamespace:
         place_forced=place_forced,
         backtrace=backtrace,
         compensated_add=compensated_add,
+        fairseq_step_scores=fairseq_step_scores,
         path_increments=path_increments,
         philox4x32=philox4x32,
         uniform_pair=uniform_pair,

@@ -30,6 +30,7 @@ portable = _portable.build(njit(cache=True, inline="always"))
 chain_uniforms = portable.chain_uniforms
 inverse_cdf_pick = portable.inverse_cdf_pick
 path_increments = portable.path_increments
+fairseq_step_scores = portable.fairseq_step_scores
 ranks_above = portable.ranks_above
 backtrace = portable.backtrace
 place_forced = portable.place_forced
@@ -338,13 +339,8 @@ def viterbi_kernel(
                 back[t, j] = arg[c, j]
         y = backtrace(history[length - 1], back[1:], tokens[b], length, out_beam_idx[b], out_tokens[b])
         out_score[b] = history[length - 1, y] + cum_shift[length - 1]
-        if fairseq_steps:  # c[t]: step t's cumulative score at step t+1's beam index
-            cumulative_next = out_score[b]
-            for t in range(length - 2, -1, -1):
-                cumulative = history[t, out_beam_idx[b, t + 1]] + cum_shift[t]
-                out_step_scores[b, t + 1] = cumulative_next - cumulative
-                cumulative_next = cumulative
-            out_step_scores[b, 0] = cumulative_next
+        if fairseq_steps:
+            fairseq_step_scores(history, cum_shift, out_beam_idx[b], length, out_score[b], out_step_scores[b])
         else:
             path_increments(scores[b], tokens[b], E1, E2, out_beam_idx[b], length, out_step_scores[b])
         for t in range(length, T):

@@ -280,6 +280,7 @@ def build(dtype: Any) -> SimpleNamespace:
     return SimpleNamespace(
         path_increments=portable.path_increments,
         backtrace=portable.backtrace,
+        fairseq_step_scores=portable.fairseq_step_scores,
         place_forced=portable.place_forced,
         ranks_above=portable.ranks_above,
         types=launch_types(dtype),

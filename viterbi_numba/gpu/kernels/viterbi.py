@@ -19,6 +19,7 @@ def build(blk) -> Family:
     position_shifts = blk.position_shifts
     path_increments = blk.path_increments
     backtrace = blk.backtrace
+    fairseq_step_scores = blk.fairseq_step_scores
     family = Family()
 
     @family.kernel(t.beam + (t.boolean, t.int64, t.f2, t.f2, t.f3, t.int32[:, :, ::1], t.i2, t.i2, t.f1, t.f2))
@@ -90,13 +91,8 @@ def build(blk) -> Family:
             y = backtrace(prev, back[b, 1:], tokens[b], length, out_beam_idx[b], out_tokens[b])
             score = prev[y] + cum_shift[b, length - 1]
             out_score[b] = score
-            if fairseq_steps:  # c[t]: step t's cumulative score at step t+1's beam index
-                cumulative_next = score
-                for t in range(length - 2, -1, -1):
-                    cumulative = history[b, t, out_beam_idx[b, t + 1]] + cum_shift[b, t]
-                    out_step_scores[b, t + 1] = cumulative_next - cumulative
-                    cumulative_next = cumulative
-                out_step_scores[b, 0] = cumulative_next
+            if fairseq_steps:
+                fairseq_step_scores(history[b], cum_shift[b], out_beam_idx[b], length, score, out_step_scores[b])
             else:
                 path_increments(scores[b], tokens[b], E1, E2, out_beam_idx[b], length, out_step_scores[b])
             for t in range(length, T):
