@@ -28,7 +28,7 @@ class Checks(Protocol):
 
     def in_range(self, values: Any, low: int, high: int, rule: Any) -> None: ...
 
-    def beam(self, scores: Any, lengths: np.ndarray, rule: Any) -> None: ...
+    def beam(self, scores: Any, rule: Any) -> None: ...
 
     def run(self) -> None: ...
 
@@ -216,7 +216,7 @@ def beam_crf(arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths
     vocab = E1.shape[0]
     checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
     lengths_host = lengths(arrays, lengths_value, B, T)
-    checks.beam(scores, lengths_host, lambda host: beam_score_values(host, lengths_host))
+    checks.beam(scores, lambda host: beam_score_values(host, lengths_host))
     checks.run()
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     return BeamCRF(

@@ -38,7 +38,7 @@ class HostChecks:
     def in_range(self, values: np.ndarray, low: int, high: int, rule: Callable[[np.ndarray], None]) -> None:
         rule(values)
 
-    def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
+    def beam(self, scores: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
         rule(scores)
 
     def run(self) -> None:
@@ -346,11 +346,16 @@ class CPUOps:
             )
         return grad_scores, grad_E1, grad_E2
 
-    def sequence_score(self, crf: BeamCRF, paths: np.ndarray) -> np.ndarray:
-        """S(y) (B, N) of beam paths (B, T, N), in the compute dtype (summed in float64)."""
+    @staticmethod
+    def _path_scores(crf: BeamCRF, paths: np.ndarray) -> np.ndarray:
+        """S(y) (B, N) in float64 of beam paths (B, T, N)."""
         out = np.empty((paths.shape[0], paths.shape[2]), dtype=np.float64)
         crf_kernels.sequence_score_kernel(crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, paths, out)
-        return out.astype(crf.dtype)
+        return out
+
+    def sequence_score(self, crf: BeamCRF, paths: np.ndarray) -> np.ndarray:
+        """S(y) (B, N) of beam paths (B, T, N), in the compute dtype (summed in float64)."""
+        return self._path_scores(crf, paths).astype(crf.dtype)
 
     def target_slots(self, crf: BeamCRF, targets: np.ndarray) -> np.ndarray:
         """(B, T, 1): the beam slot that holds each target (the beam was built with them forced in)."""
@@ -358,10 +363,8 @@ class CPUOps:
 
     def path_log_prob(self, state: ForwardState, paths: np.ndarray) -> np.ndarray:
         """log p_tau of beam paths (B, T, N): S(y) / tau - log Z_tau (B, N), in the compute dtype."""
-        crf = state.crf
-        numerator = np.empty((paths.shape[0], paths.shape[2]), dtype=np.float64)
-        crf_kernels.sequence_score_kernel(crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, paths, numerator)
-        return (numerator * state.inv_temp - state.log_z64[:, None]).astype(crf.dtype)
+        numerator = self._path_scores(state.crf, paths)
+        return (numerator * state.inv_temp - state.log_z64[:, None]).astype(state.crf.dtype)
 
 
 CPU = CPUOps()

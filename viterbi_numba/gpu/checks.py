@@ -22,7 +22,7 @@ class DeviceChecks:
     def __init__(self, lib: Library):
         self.lib = lib
         self.screens: list[tuple[int, Callable[[Any], None], Any, Rule]] = []  # (slot, launch, array, rule)
-        self.rows: Any = None  # (B, T, lengths, rule) of the beam check, whose flags follow FIRST_ROW
+        self.rows: Any = None  # (scores, rule) of the beam check, whose per-row flags follow FIRST_ROW
 
     def _slot(self) -> int:
         slot = 2 + len(self.screens)
@@ -48,14 +48,14 @@ class DeviceChecks:
 
         self.screens.append((slot, launch, values, rule))
 
-    def beam(self, scores: Any, lengths: np.ndarray, rule: Rule) -> None:
+    def beam(self, scores: Any, rule: Rule) -> None:
         """NaN/+inf in scores (slot 0) and, per (b, t) row, whether any slot is above -inf."""
-        self.rows = (scores, lengths, rule)
+        self.rows = (scores, rule)
 
     def run(self) -> None:
         B = T = 0
         if self.rows is not None:
-            scores, lengths, rule = self.rows
+            scores, beam_rule = self.rows
             B, T, K = scores.shape
         flags = self.lib.zeros((FIRST_ROW + B * T,), np.int32)[1]
         for _, launch, values, _ in self.screens:
@@ -64,24 +64,13 @@ class DeviceChecks:
         if B * T:
             kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](scores, flags)
         host = self.lib.to_host(flags)
-        if self.rows is not None and (host[0] or self._dead(host[FIRST_ROW:], lengths)):
-            rule(self._beam_stand_in(scores, host[0], host[FIRST_ROW:], lengths))
+        if self.rows is not None:
+            dead = host[FIRST_ROW:].reshape(B, T) == 0
+            if host[0]:  # NaN/+inf: the rule quotes the first position, so it reads the scores themselves
+                beam_rule(self.lib.to_host(scores))
+            elif dead.any():  # a stand-in that is -inf exactly at the rows without a live slot
+                beam_rule(np.where(dead[:, :, None], -np.inf, 0.0))
         for slot, _, values, rule in self.screens:
             if host[slot]:
                 rule(self.lib.to_host(values))
                 raise ValueError("an input failed a value check on the GPU")  # pragma: no cover
-
-    @staticmethod
-    def _dead(alive: np.ndarray, lengths: np.ndarray) -> bool:
-        B = len(lengths)
-        T = len(alive) // max(1, B)
-        return bool(((alive.reshape(B, T) == 0) & (np.arange(T)[None, :] < lengths[:, None])).any())
-
-    def _beam_stand_in(self, scores: Any, has_nan: int, alive: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """What the beam rule runs on: the scores themselves when they hold NaN/+inf (the message quotes
-        the first position), else a stand-in that is -inf exactly at the rows without a live slot."""
-        if has_nan:
-            return self.lib.to_host(scores)
-        B = len(lengths)
-        dead = alive.reshape(B, -1) == 0
-        return np.where(dead[:, :, None], -np.inf, 0.0)
