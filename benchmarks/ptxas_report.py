@@ -49,7 +49,7 @@ def ptxas_usage(ptx: str, cc: tuple) -> dict:
         with open(path, "w") as handle:
             handle.write(ptx)
         done = subprocess.run(
-            ["ptxas", "-v", f"-arch=sm_{cc[0]}{cc[1]}", path, "-o", os.devnull], capture_output=True, text=True
+            ["ptxas", "-c", "-v", f"-arch=sm_{cc[0]}{cc[1]}", path, "-o", os.devnull], capture_output=True, text=True
         )
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed: {done.stderr.strip()}")

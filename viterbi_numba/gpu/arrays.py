@@ -128,6 +128,15 @@ class Library:
         return out
 
 
+def multiprocessors() -> int:
+    """Multiprocessors of the current GPU (1 in the CUDA simulator)."""
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        return 1
+    return int(cuda_module().get_current_device().MULTIPROCESSOR_COUNT)
+
+
 def grid(size: int, threads: int = 256) -> int:
     """Blocks for a grid-stride loop over ``size`` elements."""
     return max(1, min(1024, -(-size // threads)))

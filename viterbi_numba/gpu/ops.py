@@ -13,9 +13,13 @@ import numpy as np
 
 from .._validate import BeamCRF, Draws, SamplerGradInputs
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
-from .arrays import DeviceArrays, grid
+from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
-from .kernels.block import SHARED_BUDGET, block_limits, threads_for
+from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
+from .kernels.transitions import THREADS as TRANSITION_THREADS
+from .kernels.transitions import tiles_per_step
+
+COLUMNS_PER_BLOCK = 32  # the fewest columns of a step a recursion block serves when its columns are split
 
 
 def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:
@@ -29,6 +33,35 @@ def _tiling(K: int, D: int, dtype: np.dtype, fixed_items: int) -> tuple[int, int
     ``fixed_items`` values of ``dtype`` in shared memory."""
     rows = _tile_rows(K, D, dtype.itemsize, fixed_items)
     return rows, (fixed_items + rows * D) * dtype.itemsize
+
+
+def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> int:
+    """Blocks of ``kernel`` a cooperative grid can hold at once (the simulator runs one)."""
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        return 1
+    return int(kernel.compile(signature).max_cooperative_grid_blocks(threads, shared))
+
+
+class Recursion(NamedTuple):
+    """How a recursion's steps are laid out: ``split`` blocks share each unit's columns (a sequence, or a
+    group of a sequence's chains), ``blocks`` blocks in the cooperative grid (a multiple of split; units
+    beyond blocks // split are served in rounds), ``threads`` per block."""
+
+    split: int
+    blocks: int
+    threads: int
+
+
+def recursion_layout(units: int, K: int, pairs_per_column: int, sms: int, capacity: Any) -> Recursion:
+    """Split each unit's K columns over enough blocks to give every multiprocessor one (at least
+    COLUMNS_PER_BLOCK columns a block); ``capacity(threads)`` is how many blocks fit the grid at once."""
+    split = max(1, min(-(-K // COLUMNS_PER_BLOCK), -(-sms // max(units, 1))))
+    threads = threads_for(-(-K // split) * pairs_per_column)
+    most = max(1, capacity(threads))
+    split = min(split, most)
+    return Recursion(split, min(units, most // split) * split, threads)
 
 
 class ForwardState(NamedTuple):
@@ -79,11 +112,33 @@ class GPUOps:
                 raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
         return Beam(scores_native, tokens_native)
 
+    def _transition_chunks(self, crf: BeamCRF) -> Any:
+        """Yield (t0, trans): the transition blocks (B, S, K, K) of steps t0 .. t0 + S - 1, computed over the
+        whole card, S steps a chunk so that a chunk stays within TRANSITIONS_BUDGET bytes."""
+        lib = self.lib
+        B, T, K = crf.scores.shape
+        dtype = crf.dtype
+        steps = int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
+        trans = lib.empty((B, steps, K, K), dtype)[1]
+        product = kernels(dtype, rank_for(crf.E1.shape[1])).transitions_kernel
+        for t0 in range(1, T, steps):
+            product[B * steps * tiles_per_step(K), TRANSITION_THREADS, lib.stream](
+                crf.tokens, crf.E1, crf.E2, crf.lengths, t0, trans
+            )
+            yield t0, trans
+
+    def _layout(self, name: str, dtype: np.dtype, units: int, K: int, pairs: int, shared: int) -> Recursion:
+        kernel = getattr(kernels(dtype), name)
+        signature = kernels(dtype).signatures[name]
+        return recursion_layout(
+            units, K, pairs, multiprocessors(), lambda threads: _co_resident(kernel, signature, threads, shared)
+        )
+
     def viterbi_decode(self, crf: BeamCRF, fairseq_steps: bool) -> ViterbiResult:
         lib = self.lib
         B, T, K = crf.scores.shape
-        D = crf.E1.shape[1]
         dtype = crf.dtype
+        compiled = kernels(dtype)
         beam_idx = lib.empty((B, T), np.int64)
         path_tokens = lib.empty((B, T), np.int64)
         score = lib.empty((B,), dtype)
@@ -91,25 +146,30 @@ class GPUOps:
         shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
         history = lib.empty((B, T, K), dtype)[1]
         back = lib.empty((B, T, K), np.int32)[1]
-        tile_rows, shared = _tiling(K, D, dtype, K)
-        if B:
-            kernels(dtype).viterbi_kernel[B, threads_for(K), lib.stream, shared](
-                crf.scores,
-                crf.tokens,
-                crf.E1,
-                crf.E2,
-                crf.lengths,
-                fairseq_steps,
-                tile_rows,
-                shift,
-                cum_shift,
-                history,
-                back,
-                beam_idx[1],
-                path_tokens[1],
-                score[1],
-                step_scores[1],
+        if not B:
+            return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
+        compiled.viterbi_start[B, threads_for(K), lib.stream](crf.scores, crf.lengths, shift, cum_shift, history)
+        shared = K * dtype.itemsize
+        layout = self._layout("viterbi_steps", dtype, B, K, 1, shared)
+        for t0, trans in self._transition_chunks(crf):
+            compiled.viterbi_steps[layout.blocks, layout.threads, lib.stream, shared](
+                trans, t0, crf.scores, shift, crf.lengths, layout.split, history, back
             )
+        compiled.viterbi_finish[grid(B, 64), 64, lib.stream](
+            crf.scores,
+            crf.tokens,
+            crf.E1,
+            crf.E2,
+            crf.lengths,
+            fairseq_steps,
+            cum_shift,
+            history,
+            back,
+            beam_idx[1],
+            path_tokens[1],
+            score[1],
+            step_scores[1],
+        )
         return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
 
     def stochastic_viterbi(
@@ -117,9 +177,9 @@ class GPUOps:
     ) -> StochasticViterbiResult:
         lib = self.lib
         B, T, K = crf.scores.shape
-        D = crf.E1.shape[1]
         N = num_samples
         dtype = crf.dtype
+        compiled = kernels(dtype)
         replay = self._replay(draws, (B, T - 1, K, N), dtype)
         beam_probs = lib.empty((B, T, K, N), dtype)
         beam_idx = lib.empty((B, T, N), np.int64)
@@ -127,29 +187,46 @@ class GPUOps:
         path_scores = lib.empty((B, T, K, N), dtype)
         backpointers = lib.empty((B, T - 1, K, N), np.int64)
         score = lib.empty((B, N), dtype)
-        shift, cum_shift = (lib.empty((B * N, T), dtype)[1] for _ in range(2))
-        tile_rows, shared = _tiling(K, D, dtype, 2 * K)
+        shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
         if B:
-            kernels(dtype).stochastic_viterbi_kernel[B * N, threads_for(K), lib.stream, shared](
-                crf.scores,
+            compiled.chains_start[B, threads_for(K * N), lib.stream](
+                crf.scores, crf.lengths, shift, cum_shift, beam_probs[1], path_scores[1]
+            )
+            # a block's chains: as many as keep their K previous scores in half the shared budget
+            chains = int(max(1, min(N, (SHARED_BUDGET // 2) // (K * dtype.itemsize), MAX_THREADS)))
+            shared = K * chains * dtype.itemsize
+            layout = self._layout("chains_steps", dtype, B * -(-N // chains), K, chains, shared)
+            for t0, trans in self._transition_chunks(crf):
+                compiled.chains_steps[layout.blocks, layout.threads, lib.stream, shared](
+                    trans,
+                    t0,
+                    crf.scores,
+                    shift,
+                    cum_shift,
+                    crf.lengths,
+                    inv_temp,
+                    draws.seed & 0xFFFFFFFF,
+                    draws.seed >> 32,
+                    replay,
+                    draws.uniforms is not None,
+                    layout.split,
+                    chains,
+                    beam_probs[1],
+                    path_scores[1],
+                    backpointers[1],
+                )
+            compiled.chains_finish[grid(B * N, 64), 64, lib.stream](
                 crf.tokens,
-                crf.E1,
-                crf.E2,
                 crf.lengths,
-                inv_temp,
-                draws.seed & 0xFFFFFFFF,
-                draws.seed >> 32,
-                replay,
-                draws.uniforms is not None,
-                tile_rows,
-                shift,
                 cum_shift,
                 beam_probs[1],
+                backpointers[1],
                 beam_idx[1],
                 path_tokens[1],
-                path_scores[1],
-                backpointers[1],
                 score[1],
+            )
+            compiled.chains_normalise[grid(B * T * N, 64), 64, lib.stream](
+                crf.lengths, beam_probs[1], path_scores[1], backpointers[1]
             )
         return StochasticViterbiResult(
             beam_probs[0], beam_idx[0], path_tokens[0], path_scores[0], backpointers[0], score[0]
@@ -184,24 +261,33 @@ class GPUOps:
     def crf_forward(self, crf: BeamCRF, inv_temp: Any) -> ForwardState:
         lib = self.lib
         B, T, K = crf.scores.shape
-        D = crf.E1.shape[1]
         dtype = crf.dtype
+        compiled = kernels(dtype)
         log_z = lib.empty((B,), dtype)
-        alpha, col_max, col_sum = (lib.empty((B, T, K), dtype)[1] for _ in range(3))
-        tile_rows, shared = _tiling(K, D, dtype, K)
+        alpha, col_max, col_sum, raw = (lib.empty((B, T, K), dtype)[1] for _ in range(4))
+        shift, norm = lib.empty((B, T), dtype)[1], lib.empty((B, 2), dtype)[1]
         if B:
-            kernels(dtype).forward_kernel[B, threads_for(K), lib.stream, shared](
-                crf.scores,
-                crf.tokens,
-                crf.E1,
-                crf.E2,
-                crf.lengths,
-                inv_temp,
-                tile_rows,
-                log_z[1],
-                alpha,
-                col_max,
-                col_sum,
+            threads = threads_for(K)
+            compiled.forward_start[B, threads, lib.stream](crf.scores, crf.lengths, inv_temp, shift, raw, norm)
+            shared = K * dtype.itemsize
+            layout = self._layout("forward_steps", dtype, B, K, 1, shared)
+            for t0, trans in self._transition_chunks(crf):
+                compiled.forward_steps[layout.blocks, layout.threads, lib.stream, shared](
+                    trans,
+                    t0,
+                    crf.scores,
+                    shift,
+                    crf.lengths,
+                    inv_temp,
+                    layout.split,
+                    raw,
+                    alpha,
+                    col_max,
+                    col_sum,
+                    norm,
+                )
+            compiled.forward_finish[B, threads, lib.stream, shared](
+                crf.lengths, inv_temp, shift, raw, alpha, norm, log_z[1]
             )
         return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum)
 
@@ -216,7 +302,9 @@ class GPUOps:
         path_tokens = lib.empty((B, T, num_samples), np.int64)
         log_prob = lib.empty((B, num_samples), dtype)
         if B:
-            kernels(dtype).sample_kernel[B * num_samples, threads_for(K), lib.stream, (2 * K + D) * dtype.itemsize](
+            kernels(dtype, rank_for(D)).sample_kernel[
+                B * num_samples, threads_for(K), lib.stream, 2 * K * dtype.itemsize
+            ](
                 crf.scores,
                 crf.tokens,
                 crf.E1,
@@ -248,9 +336,9 @@ class GPUOps:
         grad_E1 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
         grad_E2 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
         scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
-        tile_rows, shared = _tiling(K, D, dtype, 3 * K)
+        tile_rows, shared = _tiling(K, rank_for(D), dtype, 3 * K)
         if B:
-            kernels(dtype).backward_kernel[B, threads_for(K), lib.stream, shared](
+            kernels(dtype, rank_for(D)).backward_kernel[B, threads_for(K), lib.stream, shared](
                 crf.tokens,
                 crf.E1,
                 crf.E2,

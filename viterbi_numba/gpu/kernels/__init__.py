@@ -3,16 +3,16 @@
 Imported only when a GPU array is passed; importing needs numba-cuda but no GPU. ``kernels(dtype)``
 compiles lazily, once per float dtype, so every float constant in a float32 kernel is a float32.
 
-Launch shape: one block per sequence (Viterbi, forward, backward) or per (sequence, sample) chain (the
-stochastic Viterbi sampler, FFBS, the sampler's backward) runs the whole time loop; the block's threads
-cover the K beam slots (``j = tid, tid + threads, ...``). The K x D factor rows of the step's other side
-are staged in shared memory in tiles of ``tile_rows`` rows, so each thread computes its transition
-column ``E1[tok[t-1, i]] . E2[tok[t, j]]`` from shared memory with its own row held in registers/local
-memory: K^2 D multiply-adds per pass, no (K, K) block is ever stored. Back-pointers and per-step state
-go to global memory; scores of the current step live in shared memory. Results equal the CPU kernels'
-up to float rounding: the same Philox numbers drive the same inverse-CDF rule (float32 kernels use the
-uniform's top 24 bits), but sums are added in another order, so a draw whose target lies within
-rounding of a CDF boundary may pick the neighbouring slot (docs/design.md §6).
+Launch shape (docs/design.md §7): the recursions (Viterbi, forward, stochastic Viterbi) run chunk by chunk
+of steps. ``transitions_kernel`` first computes the chunk's (K, K) transition blocks over the whole card
+(a register-tiled batched product, rank fixed at compile time); the recursion kernel then does K^2 work
+per step, its columns split over several blocks of a cooperative grid that meet at a grid barrier after
+each step, and the chains of a sequence share each block. FFBS, the backward pass and the sampler's
+backward keep one block per sequence or chain, computing their transitions from factor rows held in
+registers. Results equal the CPU kernels' up to float rounding: the same Philox numbers drive the same
+inverse-CDF rule (float32 kernels use the uniform's top 24 bits), but sums are added in another order, so
+a draw whose target lies within rounding of a CDF boundary may pick the neighbouring slot
+(docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -24,26 +24,30 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from . import block, crf, elementwise, sampler, topk, viterbi
+from . import block, crf, elementwise, sampler, topk, transitions, viterbi
 
-FAMILIES = (elementwise, topk, viterbi, sampler, crf)
+FAMILIES = (elementwise, topk, transitions, viterbi, sampler, crf)
 
 
 @cache
-def kernels(dtype: Any) -> SimpleNamespace:
-    """Every GPU kernel for float dtype ``dtype`` (np.float32 or np.float64), compiled on first launch;
-    ``signatures`` maps each kernel's name to the argument types it is launched with."""
-    blk = block.build(np.dtype(dtype))
+def kernels(dtype: Any, rank: int = block.RANKS[0]) -> SimpleNamespace:
+    """Every GPU kernel for float dtype ``dtype`` (np.float32 or np.float64) and compiled rank ``rank``
+    (one of ``block.RANKS``; kernels that read no factor rows ignore it), compiled on first launch.
+    ``signatures`` maps each kernel's name to the argument types it is launched with, ``threads`` to the
+    most threads per block it is launched with (its launch bounds)."""
+    blk = block.build(np.dtype(dtype), rank)
     merged: dict[str, Any] = {}
     signatures: dict[str, tuple] = {}
+    threads: dict[str, int] = {}
     for family in FAMILIES:
         built = family.build(blk)
         signatures.update(built.signatures)
+        threads.update(built.threads)
         merged.update({name: getattr(built, name) for name in built.signatures})
-    return SimpleNamespace(signatures=signatures, **merged)
+    return SimpleNamespace(signatures=signatures, threads=threads, **merged)
 
 
-def compile_ptx(name: str, dtype: Any, cc: tuple[int, int]) -> str:
+def compile_ptx(name: str, dtype: Any, cc: tuple[int, int], rank: int = block.RANKS[0]) -> str:
     """PTX of kernel ``name`` for ``dtype`` and compute capability ``cc``, without a GPU.
 
     numba-cuda 0.30 asks the current device for its compute capability when it compiles a kernel's
@@ -52,11 +56,16 @@ def compile_ptx(name: str, dtype: Any, cc: tuple[int, int]) -> str:
     """
     from numba.cuda import dispatcher
 
-    compiled = kernels(dtype)
+    compiled = kernels(dtype, rank)
     asked = dispatcher.get_current_device
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
     try:
-        ptx, _ = cuda.compile_ptx(getattr(compiled, name).py_func, compiled.signatures[name], cc=cc)
+        ptx, _ = cuda.compile_ptx(
+            getattr(compiled, name).py_func,
+            compiled.signatures[name],
+            cc=cc,
+            launch_bounds=compiled.threads[name],
+        )
     finally:
         dispatcher.get_current_device = asked
     return ptx

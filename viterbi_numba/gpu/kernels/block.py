@@ -27,7 +27,9 @@ from ..._portable import PAD
 __all__ = ["PAD", "Family", "block_limits", "build", "threads_for"]
 
 MAX_THREADS = 256  # threads per block (a power of two)
-MAX_D = 128  # largest low-rank dimension (a thread's own factor row is a local array of this size)
+RANKS = (16, 32, 64, 128)  # the compiled low-rank sizes: D is padded (with zeros) to the next of these
+MAX_D = RANKS[-1]  # largest low-rank dimension
+TRANSITIONS_BUDGET = 128 * 1024 * 1024  # bytes of precomputed transition blocks per chunk of steps
 MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, 4 * threads) entries in shared memory)
 SHARED_BUDGET = 40 * 1024  # dynamic shared memory per block, bytes (below the 48 KiB default limit)
 FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
@@ -42,6 +44,11 @@ def block_limits() -> tuple[int, int]:
     return (1, 4) if config.ENABLE_CUDASIM else (32, MAX_THREADS)
 
 
+def rank_for(D: int) -> int:
+    """The compiled size a low-rank dimension D runs at: the smallest of RANKS that holds it."""
+    return next(rank for rank in RANKS if D <= rank)
+
+
 def threads_for(K: int) -> int:
     """Threads per block for a beam of K: a power of two, K or more where the limit allows."""
     threads, most = block_limits()
@@ -51,16 +58,23 @@ def threads_for(K: int) -> int:
 
 
 class Family:
-    """A family's kernels (attributes) and the argument types each is launched with (``signatures``)."""
+    """A family's kernels (attributes), the argument types each is launched with (``signatures``) and
+    the most threads per block it is launched with (``threads``, also its ``launch_bounds``)."""
 
     def __init__(self) -> None:
         self.signatures: dict[str, tuple] = {}
+        self.threads: dict[str, int] = {}
 
-    def kernel(self, signature: tuple) -> Callable[[Any], Any]:
-        def register(kernel: Any) -> Any:
-            name = kernel.py_func.__name__
+    def kernel(self, signature: tuple, threads: int = MAX_THREADS) -> Callable[[Any], Any]:
+        """Compile the decorated function as a kernel launched with ``signature`` and at most ``threads``
+        threads per block (the simulator takes no launch bounds)."""
+
+        def register(function: Any) -> Any:
+            kernel = cuda.jit(function) if config.ENABLE_CUDASIM else cuda.jit(launch_bounds=threads)(function)
+            name = function.__name__
             setattr(self, name, kernel)
             self.signatures[name] = signature
+            self.threads[name] = threads
             return kernel
 
         return register
@@ -90,9 +104,15 @@ def launch_types(dtype: np.dtype) -> SimpleNamespace:
     )
 
 
-def build(dtype: Any) -> SimpleNamespace:
-    """The block primitives and typed constants for float dtype ``dtype`` (np.float32 or np.float64)."""
+def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
+    """The block primitives and typed constants for float dtype ``dtype`` (np.float32 or np.float64).
+
+    With ``rank`` (one of RANKS), the factor-row helpers run over ``rank`` entries known at compile time,
+    so their loops unroll and a thread's own row is held in registers; entries at or past the tables'
+    own D read as zero (the rows are padded virtually, without a copy).
+    """
     dtype = np.dtype(dtype)
+    RANK = rank
     scalar = dtype.type
     nbtype = from_dtype(dtype)
     ZERO = scalar(0.0)
@@ -144,6 +164,41 @@ def build(dtype: Any) -> SimpleNamespace:
             result = cuda.shfl_sync(FULL_MASK, value, 0)
             cuda.syncthreads()
             return result
+
+    if config.ENABLE_CUDASIM:
+        # The simulator runs a cooperative grid as one block, so a grid barrier is a block barrier, and it
+        # has no cache hints.
+        @cuda.jit(device=True)
+        def step_barrier(split):
+            cuda.syncthreads()
+
+        @cuda.jit(device=True)
+        def exchange_load(values, b, t, i):
+            return values[b, t, i]
+
+        @cuda.jit(device=True)
+        def exchange_load4(values, b, t, i, n):
+            return values[b, t, i, n]
+    else:
+
+        @cuda.jit(device=True)
+        def step_barrier(split):
+            """The barrier between two steps of a recursion whose columns are split over ``split`` blocks:
+            the whole (cooperative) grid when split > 1, else the block."""
+            if split > 1:
+                cuda.cg.this_grid().sync()
+            else:
+                cuda.syncthreads()
+
+        @cuda.jit(device=True)
+        def exchange_load(values, b, t, i):
+            """values[b, t, i] from L2 (ld.global.cg): data another block wrote before the last grid barrier
+            must not come from this SM's L1, which is not coherent with other SMs' stores."""
+            return cuda.ldcg(values, (int64(b), int64(t), int64(i)))
+
+        @cuda.jit(device=True)
+        def exchange_load4(values, b, t, i, n):
+            return cuda.ldcg(values, (int64(b), int64(t), int64(i), int64(n)))
 
     @cuda.jit(device=True)
     def combine(a, b, op):
@@ -228,27 +283,43 @@ def build(dtype: Any) -> SimpleNamespace:
         return -last if last <= 0 else 0
 
     @cuda.jit(device=True)
-    def stage_rows(tile, table, row_ids, start, rows, D):
-        """tile[r, :] = table[row_ids[start + r], :] for r < rows, loaded by the whole block (coalesced in d)
-        between two barriers: no thread still reads the previous tile, every thread sees the new one."""
+    def stage_rows(tile, table, row_ids, start, rows):
+        """tile[r, :RANK] = table[row_ids[start + r], :] (zero past the table's D) for r < rows, loaded by the
+        whole block between two barriers: no thread still reads the previous tile, every thread sees the
+        new one."""
+        D = table.shape[1]
         cuda.syncthreads()
-        for e in range(cuda.threadIdx.x, rows * D, cuda.blockDim.x):
-            r = e // D
-            d = e - r * D
-            tile[r * D + d] = table[row_ids[start + r], d]
+        for e in range(cuda.threadIdx.x, rows * RANK, cuda.blockDim.x):
+            r = e // RANK
+            d = e - r * RANK
+            tile[e] = table[row_ids[start + r], d] if d < D else ZERO
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def dot_tile(tile, r, own, D):
+    def dot_tile(tile, r, own):
+        """tile[r, :RANK] . own (a register row), unrolled."""
         total = ZERO
-        for d in range(D):
-            total += tile[r * D + d] * own[d]
+        base = r * RANK
+        for d in range(RANK):
+            total += tile[base + d] * own[d]
         return total
 
     @cuda.jit(device=True)
-    def load_own(own, table, row, D):
-        for d in range(D):
-            own[d] = table[row, d]
+    def load_own(own, table, row):
+        """own[:RANK] = table[row, :] (zero past the table's D), unrolled so ``own`` stays in registers."""
+        D = table.shape[1]
+        for d in range(RANK):
+            own[d] = table[row, d] if d < D else ZERO
+
+    @cuda.jit(device=True)
+    def dot_row(table, row, own):
+        """table[row, :] . own (a register row of RANK entries, zero past the table's D), unrolled."""
+        D = table.shape[1]
+        total = ZERO
+        for d in range(RANK):
+            if d < D:
+                total += table[row, d] * own[d]
+        return total
 
     @cuda.jit(device=True)
     def position_shifts(scores, b, length, shift, cum_shift, scratch):
@@ -302,5 +373,10 @@ def build(dtype: Any) -> SimpleNamespace:
         stage_rows=stage_rows,
         dot_tile=dot_tile,
         load_own=load_own,
+        dot_row=dot_row,
         position_shifts=position_shifts,
+        step_barrier=step_barrier,
+        exchange_load=exchange_load,
+        exchange_load4=exchange_load4,
+        RANK=RANK,
     )

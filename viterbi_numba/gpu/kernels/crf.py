@@ -8,7 +8,7 @@ import math
 from numba import cuda, int64
 
 from ... import _portable
-from .block import MAX_D, MAX_THREADS, PAD, Family
+from .block import MAX_THREADS, PAD, Family
 
 
 def build(blk) -> Family:
@@ -19,81 +19,117 @@ def build(blk) -> Family:
     NEG_INF = blk.NEG_INF
     nbtype = blk.nbtype
     draw_pair = blk.draw_pair
-    block_max = blk.block_max
     block_sum = blk.block_sum
     strided_max = blk.strided_max
     block_pick = blk.block_pick
     stage_rows = blk.stage_rows
     dot_tile = blk.dot_tile
     load_own = blk.load_own
+    dot_row = blk.dot_row
+    RANK = blk.RANK
     compensated_add = blk.compensated_add
     online_logsumexp = blk.online_logsumexp
+    step_barrier = blk.step_barrier
+    exchange_load = blk.exchange_load
     family = Family()
 
     # ---------------------------------------------------------------------------------------------
     # exact inference: forward, FFBS, backward
     # ---------------------------------------------------------------------------------------------
-    @family.kernel(t.beam + (t.f, t.int64, t.f1, t.f3, t.f3, t.f3))
-    @cuda.jit
-    def forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, tile_rows, out_log_z, alpha, col_max, col_sum):
-        """One block per sequence: ``cpu/crf.py``'s forward_kernel alpha, col_max, col_sum (B, T, K) and
-        log Z_tau. Each column's log-sum-exp is one online pass (running maximum, rescaled sum); the
-        removed maxima are added with compensation (float32 keeps about float64's precision there)."""
+    @family.kernel((t.f3, t.i1, t.f, t.f2, t.f3, t.f2))
+    def forward_start(scores, lengths, inv_temp, shift, raw, norm):
+        """A block per sequence b: shift[b, t] = max_k scores[b, t, k], raw[b, 0] = (scores[b, 0] -
+        shift[b, 0]) * inv_temp and norm[b] = (shift[b, 0] * inv_temp, 0), the log normaliser so far and
+        its compensation."""
         b = cuda.blockIdx.x
+        T = scores.shape[1]
+        K = scores.shape[2]
+        scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        for step in range(min(lengths[b], T)):
+            m = strided_max(scores[b, step], K, scratch)
+            if cuda.threadIdx.x == 0:
+                shift[b, step] = m
+        cuda.syncthreads()
+        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+            raw[b, 0, j] = (scores[b, 0, j] - shift[b, 0]) * inv_temp
+        if cuda.threadIdx.x == 0:
+            norm[b, 0] = shift[b, 0] * inv_temp
+            norm[b, 1] = ZERO
+
+    @cuda.jit(device=True)
+    def normalise_step(raw, b, step, inv_temp, shift, prev, scratch, norm, owner):
+        """prev[:] = raw[b, step] - top (top = its max, every block of the sequence finds the same), and
+        the owner block adds top + shift[b, step] * inv_temp (step > 0) to the log normaliser norm[b]."""
+        K = raw.shape[2]
+        tid = cuda.threadIdx.x
+        for i in range(tid, K, cuda.blockDim.x):
+            prev[i] = exchange_load(raw, b, step, i)
+        cuda.syncthreads()
+        top = strided_max(prev, K, scratch)
+        for i in range(tid, K, cuda.blockDim.x):
+            prev[i] -= top
+        cuda.syncthreads()
+        if owner and tid == 0:
+            add = top + shift[b, step] * inv_temp if step > 0 else top
+            total, error = compensated_add(norm[b, 0], norm[b, 1], add)
+            norm[b, 0] = total
+            norm[b, 1] = error
+
+    @family.kernel((t.f4, t.int64, t.f3, t.f2, t.i1, t.f, t.int64, t.f3, t.f3, t.f3, t.f3, t.f2))
+    def forward_steps(trans, t0, scores, shift, lengths, inv_temp, split, raw, alpha, col_max, col_sum, norm):
+        """Steps t = t0 + s of the chunk trans (B, S, K, K) (``cpu/crf.py``'s forward_kernel): the step's
+        predecessors alpha[b, t - 1] = raw[b, t - 1] - max (written by the block that owns each column),
+        then for each column j one online log-sum-exp over i of alpha[b, t - 1, i] + trans[i, j] * inv_temp
+        (its maximum col_max and rescaled sum col_sum, kept for the backward pass) and raw[b, t, j]. The
+        columns are split over ``split`` blocks as in ``viterbi_steps``; dynamic shared memory: K values."""
+        B, S, K, _ = trans.shape
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
-        K = scores.shape[2]
-        D = E1.shape[1]
-        length = lengths[b]
-        shared = cuda.shared.array(0, nbtype)
-        prev = shared[:K]
-        tile = shared[K:]
+        part = cuda.blockIdx.x % split
+        groups = cuda.gridDim.x // split
+        width = (K + split - 1) // split
+        first_col = part * width
+        last_col = min(K, first_col + width)
+        prev = cuda.shared.array(0, nbtype)
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
-        own = cuda.local.array(MAX_D, nbtype)
-        shift = strided_max(scores[b, 0], K, scratch)
-        for j in range(tid, K, threads):
-            prev[j] = (scores[b, 0, j] - shift) * inv_temp
-            alpha[b, 0, j] = prev[j]
-        log_norm = shift * inv_temp
-        error = ZERO
-        for t in range(1, length):
-            shift = strided_max(scores[b, t], K, scratch)
-            top = NEG_INF
-            for base in range(0, K, threads):
-                j = base + tid
-                m = NEG_INF
-                total = ZERO
-                if j < K:
-                    load_own(own, E2, tokens[b, t, j], D)
-                for start in range(0, K, tile_rows):
-                    rows = min(tile_rows, K - start)
-                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    if j < K:
-                        for r in range(rows):
-                            a = prev[start + r]
+        for first in range(0, B, groups):
+            b = first + cuda.blockIdx.x // split
+            length = lengths[b] if b < B else 0
+            for s in range(S):
+                step = t0 + s
+                if step < length:
+                    normalise_step(raw, b, step - 1, inv_temp, shift, prev, scratch, norm, part == 0)
+                    for j in range(first_col + tid, last_col, threads):
+                        alpha[b, step - 1, j] = prev[j]
+                        m = NEG_INF
+                        total = ZERO
+                        for i in range(K):
+                            a = prev[i]
                             if a != NEG_INF:
-                                m, total = online_logsumexp(m, total, a + dot_tile(tile, r, own, D) * inv_temp, ONE)
-                if j < K:
-                    col_max[b, t, j] = m
-                    col_sum[b, t, j] = total
-                    value = m + math.log(total) + (scores[b, t, j] - shift) * inv_temp
-                    alpha[b, t, j] = value
-                    top = max(top, value)
-            top = block_max(top, scratch)
-            for j in range(tid, K, threads):
-                prev[j] = alpha[b, t, j] - top
-                alpha[b, t, j] = prev[j]
-            log_norm, error = compensated_add(log_norm, error, top + shift * inv_temp)
-            cuda.syncthreads()
+                                m, total = online_logsumexp(m, total, a + trans[b, s, i, j] * inv_temp, ONE)
+                        col_max[b, step, j] = m
+                        col_sum[b, step, j] = total
+                        raw[b, step, j] = m + math.log(total) + (scores[b, step, j] - shift[b, step]) * inv_temp
+                step_barrier(split)
+
+    @family.kernel((t.i1, t.f, t.f2, t.f3, t.f3, t.f2, t.f1))
+    def forward_finish(lengths, inv_temp, shift, raw, alpha, norm, out_log_z):
+        """A block per sequence: alpha at the last position and log Z_tau = log normaliser + log sum exp."""
+        b = cuda.blockIdx.x
+        K = raw.shape[2]
+        length = lengths[b]
+        prev = cuda.shared.array(0, nbtype)
+        scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        normalise_step(raw, b, length - 1, inv_temp, shift, prev, scratch, norm, True)
         partial = ZERO
-        for j in range(tid, K, threads):
+        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+            alpha[b, length - 1, j] = prev[j]
             partial += math.exp(prev[j])
         total = block_sum(partial, scratch)
-        if tid == 0:
-            out_log_z[b] = log_norm + (math.log(total) - error)
+        if cuda.threadIdx.x == 0:
+            out_log_z[b] = norm[b, 0] + (math.log(total) - norm[b, 1])
 
     @family.kernel(t.beam + (t.f, t.f1, t.f3, t.int64, t.int64, t.f3, t.boolean, t.i3, t.i3, t.f2))
-    @cuda.jit
     def sample_kernel(
         scores,
         tokens,
@@ -111,11 +147,10 @@ def build(blk) -> Family:
         out_tokens,
         out_log_prob,
     ):
-        """One block per (sequence b, sample n): backward sampling from ``forward_kernel``'s alpha
+        """One block per (sequence b, sample n): backward sampling from the forward pass's alpha
         (``cpu/crf.py``'s counterpart); log_prob = S(y) * inv_temp - log Z_tau."""
         B, T, K = scores.shape
         N = out_beam_idx.shape[2]
-        D = E1.shape[1]
         chain = cuda.blockIdx.x
         b = chain // N
         n = chain - b * N
@@ -125,7 +160,7 @@ def build(blk) -> Family:
         shared = cuda.shared.array(0, nbtype)
         logits = shared[:K]
         weights = shared[K : 2 * K]
-        row = shared[2 * K : 2 * K + D]
+        row = cuda.local.array(RANK, nbtype)
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
         int_scratch = cuda.shared.array(MAX_THREADS, int64)
         if use_uniforms:
@@ -141,25 +176,16 @@ def build(blk) -> Family:
         for t in range(length - 1, 0, -1):
             if tid == 0:
                 out_beam_idx[b, t, n] = y
-            for d in range(tid, D, threads):
-                row[d] = E2[tokens[b, t, y], d]
-            cuda.syncthreads()
+            load_own(row, E2, tokens[b, t, y])
             for i in range(tid, K, threads):
-                src = tokens[b, t - 1, i]
-                dot = ZERO
-                for d in range(D):
-                    dot += E1[src, d] * row[d]
-                logits[i] = alpha[b, t - 1, i] + dot * inv_temp
+                logits[i] = alpha[b, t - 1, i] + dot_row(E1, tokens[b, t - 1, i], row) * inv_temp
             cuda.syncthreads()
             if use_uniforms:
                 u = uniforms[b, t - 1, n]
             else:
                 u, _ = draw_pair(seed_lo, seed_hi, _portable.STREAM_EXACT_SAMPLER, b, t - 1, 0, n)
             y = block_pick(logits, weights, K, u, scratch, int_scratch)
-            src = tokens[b, t - 1, y]
-            dot = ZERO
-            for d in range(D):
-                dot += E1[src, d] * row[d]
+            dot = dot_row(E1, tokens[b, t - 1, y], row)
             path_score, error = compensated_add(path_score, error, dot + scores[b, t - 1, y])
             cuda.syncthreads()
         if tid == 0:
@@ -174,7 +200,6 @@ def build(blk) -> Family:
                 out_tokens[b, t, n] = PAD
 
     @family.kernel((t.i3, t.f2, t.f2, t.i1, t.f, t.f3, t.f3, t.f3, t.int64, t.f1, t.boolean, t.f3, t.f2, t.f2))
-    @cuda.jit
     def backward_kernel(
         tokens,
         E1,
@@ -213,8 +238,8 @@ def build(blk) -> Family:
         top = shared[2 * K : 3 * K]
         tile = shared[3 * K :]
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
-        own = cuda.local.array(MAX_D, nbtype)
-        acc = cuda.local.array(MAX_D, nbtype)
+        own = cuda.local.array(RANK, nbtype)
+        acc = cuda.local.array(RANK, nbtype)
         mu = out_marginals[b]
         partial = ZERO
         for j in range(tid, K, threads):
@@ -238,39 +263,39 @@ def build(blk) -> Family:
                     row_sum = ZERO
                     if mine < K:
                         if side == 0:
-                            load_own(own, E1, tokens[b, t - 1, mine], D)
+                            load_own(own, E1, tokens[b, t - 1, mine])
                         else:
-                            load_own(own, E2, tokens[b, t, mine], D)
-                        for d in range(D):
+                            load_own(own, E2, tokens[b, t, mine])
+                        for d in range(RANK):
                             acc[d] = ZERO
                     for start in range(0, K, tile_rows):
                         rows = min(tile_rows, K - start)
                         if side == 0:
-                            stage_rows(tile, E2, tokens[b, t], start, rows, D)
+                            stage_rows(tile, E2, tokens[b, t], start, rows)
                         else:
-                            stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
+                            stage_rows(tile, E1, tokens[b, t - 1], start, rows)
                         if mine < K:
                             for r in range(rows):
                                 other = start + r
                                 i = mine if side == 0 else other
                                 j = other if side == 0 else mine
                                 if prev[i] != NEG_INF:
-                                    x = math.exp(prev[i] + dot_tile(tile, r, own, D) * inv_temp - top[j]) * ratio[j]
+                                    x = math.exp(prev[i] + dot_tile(tile, r, own) * inv_temp - top[j]) * ratio[j]
                                     row_sum += x
                                     if want_rows:
-                                        for d in range(D):
-                                            acc[d] += x * tile[r * D + d]
+                                        for d in range(RANK):
+                                            acc[d] += x * tile[r * RANK + d]
                     if mine < K:
                         if side == 0:
                             mu[t - 1, mine] = row_sum
                         if want_rows:
                             target = grad_E1 if side == 0 else grad_E2
                             token = tokens[b, t - 1, mine] if side == 0 else tokens[b, t, mine]
-                            for d in range(D):
-                                cuda.atomic.add(target, (token, d), scale * acc[d])
+                            for d in range(RANK):
+                                if d < D:
+                                    cuda.atomic.add(target, (token, d), scale * acc[d])
 
     @family.kernel((t.i3, t.i3, t.i1, t.f2, t.f2, t.f2, t.f3, t.f2, t.f2))
-    @cuda.jit
     def add_paths(beam_idx, tokens, lengths, scale, E1, E2, grad_scores, grad_E1, grad_E2):
         """A thread per (b, n): grad_scores[b, t, y_t] += scale[b, n] and the table rows of scale[b, n] * S(y)
         (``cpu/crf.py``'s ``add_path_rows`` plus the slot gradient), atomically."""
@@ -292,7 +317,6 @@ def build(blk) -> Family:
                     cuda.atomic.add(grad_E2, (v, d), s * E1[u, d])
 
     @family.kernel(t.beam + (t.i3, t.f2))
-    @cuda.jit
     def sequence_score_kernel(scores, tokens, E1, E2, lengths, beam_idx, out_score):
         """A thread per (b, n): out_score[b, n] = S(y) for the beam path beam_idx[b, :, n] (compensated sum)."""
         B, T, N = beam_idx.shape

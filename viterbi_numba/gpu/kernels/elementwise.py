@@ -16,7 +16,6 @@ def build(blk) -> Family:
     family = Family()
 
     @family.kernel((t.f3, t.int32[::1]))
-    @cuda.jit
     def check_beam(scores, flags):
         """One block per (b, t): flags[0] = 1 on NaN/+inf in scores; flags[FIRST_ROW + b * T + t] = 1
         where the beam holds a score above -inf."""
@@ -35,7 +34,6 @@ def build(blk) -> Family:
             cuda.atomic.max(flags, FIRST_ROW + row, 1)
 
     @family.kernel((t.f1, t.int32[::1], t.int64))
-    @cuda.jit
     def check_finite(values, flags, slot):
         """flags[slot] = 1 if the 1-D array ``values`` holds NaN or inf."""
         for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
@@ -43,7 +41,6 @@ def build(blk) -> Family:
                 cuda.atomic.max(flags, slot, 1)
 
     @family.kernel((t.i1, t.int64, t.int64, t.int32[::1], t.int64))
-    @cuda.jit
     def check_range(values, low, high, flags, slot):
         """flags[slot] = 1 if the 1-D integer array ``values`` holds a value outside [low, high)."""
         for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
@@ -51,14 +48,12 @@ def build(blk) -> Family:
                 cuda.atomic.max(flags, slot, 1)
 
     @family.kernel((t.f1, t.f))
-    @cuda.jit
     def fill(values, value):
         """values[:] = value for a 1-D array."""
         for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
             values[e] = value
 
     @family.kernel((t.f3, t.f1, t.f3))
-    @cuda.jit
     def scale_rows(values, scale, out):
         """out[b, t, k] = values[b, t, k] * scale[b]."""
         B, T, K = values.shape
@@ -70,7 +65,6 @@ def build(blk) -> Family:
             out[b, t, k] = values[b, t, k] * scale[b]
 
     @family.kernel((t.i3, t.i2, t.i3))
-    @cuda.jit
     def find_slots(beam_tokens, targets, slots):
         """slots[b, t, 0] = the first beam slot holding targets[b, t] (a thread per (b, t))."""
         B, T, K = beam_tokens.shape
@@ -86,7 +80,6 @@ def build(blk) -> Family:
         slots[b, t, 0] = slot
 
     @family.kernel((t.f2, t.f1, t.f, t.f2))
-    @cuda.jit
     def path_log_prob(path_score, log_z, inv_temp, out):
         """out[b, n] = path_score[b, n] * inv_temp - log_z[b]."""
         B, N = path_score.shape

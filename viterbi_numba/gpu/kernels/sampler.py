@@ -1,14 +1,14 @@
-"""GPU stochastic Viterbi (the write-up's sampler, docs/design.md §3) and its backward pass: one block
-per (sequence, sample) chain."""
+"""GPU stochastic Viterbi (the write-up's sampler, docs/design.md §3) on precomputed transition blocks, and
+its backward pass (one block per (sequence, sample) chain)."""
 
 from __future__ import annotations
 
 import math
 
-from numba import cuda, int32
+from numba import cuda
 
 from ... import _portable
-from .block import MAX_D, MAX_THREADS, Family
+from .block import MAX_THREADS, Family
 
 
 def build(blk) -> Family:
@@ -19,155 +19,174 @@ def build(blk) -> Family:
     nbtype = blk.nbtype
     draw_pair = blk.draw_pair
     block_sum = blk.block_sum
-    strided_max = blk.strided_max
-    stage_rows = blk.stage_rows
-    dot_tile = blk.dot_tile
-    load_own = blk.load_own
     position_shifts = blk.position_shifts
+    step_barrier = blk.step_barrier
+    exchange_load4 = blk.exchange_load4
     online_logsumexp = blk.online_logsumexp
     backtrace = blk.backtrace
     family = Family()
 
     # ---------------------------------------------------------------------------------------------
-    # the write-up's stochastic Viterbi
+    # the write-up's stochastic Viterbi: start, the steps of each chunk of transitions, finish, normalise
     # ---------------------------------------------------------------------------------------------
-    @cuda.jit(device=True)
-    def softmax_column(values, out, n, scratch):
-        """out[:, n] = softmax(values) over the block (values: shared, K)."""
-        K = out.shape[0]
-        m = strided_max(values, K, scratch)
-        partial = ZERO
-        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
-            partial += math.exp(values[j] - m)
-        total = block_sum(partial, scratch)
-        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
-            out[j, n] = math.exp(values[j] - m) / total
+    @family.kernel((t.f3, t.i1, t.f2, t.f2, t.f4, t.f4))
+    def chains_start(scores, lengths, shift, cum_shift, out_beam_probs, out_path_scores):
+        """A block per sequence b: the emission shifts and their running sums (as ``viterbi_start``), and
+        step 0 of every chain: beam_probs[b, 0, j, n] holds the shifted score scores[b, 0, j] - shift[b, 0]
+        (``chains_normalise`` turns each column into probabilities at the end), path_scores the score."""
+        b = cuda.blockIdx.x
+        K = scores.shape[2]
+        N = out_beam_probs.shape[3]
+        scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        position_shifts(scores, b, lengths[b], shift[b], cum_shift[b], scratch)
+        cuda.syncthreads()
+        for e in range(cuda.threadIdx.x, K * N, cuda.blockDim.x):
+            j = e // N
+            n = e - j * N
+            out_beam_probs[b, 0, j, n] = scores[b, 0, j] - shift[b, 0]
+            out_path_scores[b, 0, j, n] = scores[b, 0, j]
 
     @family.kernel(
-        t.beam + (t.f, t.int64, t.int64, t.f4, t.boolean, t.int64, t.f2, t.f2, t.f4, t.i3, t.i3, t.f4, t.i4, t.f2)
+        (t.f4, t.int64, t.f3, t.f2, t.f2, t.i1, t.f, t.int64, t.int64, t.f4, t.boolean, t.int64, t.int64)
+        + (t.f4, t.f4, t.i4)
     )
-    @cuda.jit
-    def stochastic_viterbi_kernel(
+    def chains_steps(
+        trans,
+        t0,
         scores,
-        tokens,
-        E1,
-        E2,
+        shift,
+        cum_shift,
         lengths,
         inv_temp,
         seed_lo,
         seed_hi,
         uniforms,
         use_uniforms,
-        tile_rows,
-        shift,
-        cum_shift,
+        split,
+        chains_per_block,
         out_beam_probs,
-        out_beam_idx,
-        out_tokens,
         out_path_scores,
         out_backpointers,
-        out_score,
     ):
-        """One block per chain (sequence b, sample n = out_beam_idx.shape[2] of them) (docs/design.md §3).
-
-        The sampling step: thread j draws the predecessor of state j from
-        softmax_i((prev[i] + trans[i, j]) * inv_temp) with the uniform U[b, t-1, j, n], in two passes over
-        tiles of factor rows: an online maximum and total, then the running sum up to the crossing
-        (the block stops loading tiles once every thread has found its pick). Transitions are computed
-        on the fly, so the chains of a sequence share nothing and run side by side.
-        """
-        chain = cuda.blockIdx.x
-        N = out_beam_idx.shape[2]
-        b = chain // N
-        n = chain - b * N
+        """Steps t = t0 + s of the chunk trans (B, S, K, K) for every chain (docs/design.md §3): the
+        predecessor of state j in chain n is drawn from softmax_i((prev[i, n] + trans[i, j]) * inv_temp)
+        with the uniform U[b, t - 1, j, n], in two passes over i (an online maximum and total, then the
+        running sum up to the crossing). A block serves ``chains_per_block`` chains of one sequence and
+        one of ``split`` parts of its columns; its threads run over (j, n) pairs with n fastest, so the
+        lanes of a warp share trans[i, j] and store consecutive entries. The chains' previous scores are
+        staged in shared memory (K * chains_per_block values); blocks meet at a grid barrier after every
+        step (``viterbi_steps``)."""
+        B, S, K, _ = trans.shape
+        N = out_beam_probs.shape[3]
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
-        T = scores.shape[1]
-        K = scores.shape[2]
-        D = E1.shape[1]
+        NC = chains_per_block
+        chain_groups = (N + NC - 1) // NC
+        part = cuda.blockIdx.x % split
+        units = cuda.gridDim.x // split
+        width = (K + split - 1) // split
+        first_col = part * width
+        last_col = min(K, first_col + width)
+        prev = cuda.shared.array(0, nbtype)
+        for first in range(0, B * chain_groups, units):
+            unit = first + cuda.blockIdx.x // split
+            b = unit // chain_groups
+            n0 = (unit - b * chain_groups) * NC
+            length = lengths[b] if b < B else 0
+            for s in range(S):
+                step = t0 + s
+                if step < length:
+                    for e in range(tid, K * NC, threads):
+                        i = e // NC
+                        n = n0 + e - i * NC
+                        prev[e] = exchange_load4(out_beam_probs, b, step - 1, i, n) if n < N else ZERO
+                    cuda.syncthreads()
+                    emission_shift = shift[b, step]
+                    for e in range(tid, (last_col - first_col) * NC, threads):
+                        j = first_col + e // NC
+                        c = e % NC
+                        n = n0 + c
+                        if n < N:
+                            m = NEG_INF
+                            total = ZERO
+                            for i in range(K):  # pass 1: maximum and total, online
+                                m, total = online_logsumexp(m, total, prev[i * NC + c] + trans[b, s, i, j], inv_temp)
+                            if use_uniforms:
+                                u = uniforms[b, step - 1, j, n]
+                            else:
+                                u0, u1 = draw_pair(
+                                    seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, step - 1, j // 2, n
+                                )
+                                u = u0 if j % 2 == 0 else u1
+                            target = u * total
+                            running = ZERO
+                            pick = -1
+                            last = 0
+                            picked = ZERO
+                            for i in range(K):  # pass 2: running sum to the crossing
+                                x = prev[i * NC + c] + trans[b, s, i, j]
+                                w = math.exp((x - m) * inv_temp)
+                                running += w
+                                if w > ZERO:
+                                    last = i
+                                    picked = x
+                                if target < running:
+                                    pick = i
+                                    picked = x
+                                    break
+                            if pick < 0:  # rounding left no crossing: the last slot with a positive weight
+                                pick = last
+                            new = picked + (scores[b, step, j] - emission_shift)
+                            out_beam_probs[b, step, j, n] = new
+                            out_path_scores[b, step, j, n] = new + cum_shift[b, step]
+                            out_backpointers[b, step - 1, j, n] = pick
+                step_barrier(split)
+
+    @family.kernel((t.i3, t.i1, t.f2, t.f4, t.i4, t.i3, t.i3, t.f2), threads=64)
+    def chains_finish(tokens, lengths, cum_shift, beam_probs, backpointers, out_beam_idx, out_tokens, out_score):
+        """A thread per chain (b, n), before ``chains_normalise``: the backtrace from the best final state
+        of beam_probs[b, length - 1, :, n] (still the shifted scores) and the path's score."""
+        B, T, K, N = beam_probs.shape
+        chain = cuda.grid(1)
+        if chain >= B * N:
+            return
+        b = chain // N
+        n = chain - b * N
         length = lengths[b]
-        shared = cuda.shared.array(0, nbtype)
-        prev = shared[:K]
-        new = shared[K : 2 * K]
-        tile = shared[2 * K :]
-        scratch = cuda.shared.array(MAX_THREADS, nbtype)
-        own = cuda.local.array(MAX_D, nbtype)
-        position_shifts(scores, b, length, shift[chain], cum_shift[chain], scratch)  # each chain's own copy
-        cuda.syncthreads()
-        for j in range(tid, K, threads):
-            prev[j] = scores[b, 0, j] - shift[chain, 0]
-            out_path_scores[b, 0, j, n] = scores[b, 0, j]
-        cuda.syncthreads()
-        softmax_column(prev, out_beam_probs[b, 0], n, scratch)
-        for t in range(1, length):
-            emission_shift = shift[chain, t]
-            for base in range(0, K, threads):
-                j = base + tid
-                if j < K:
-                    load_own(own, E2, tokens[b, t, j], D)
-                m = NEG_INF
-                total = ZERO
-                for start in range(0, K, tile_rows):  # pass 1: maximum and total, online
-                    rows = min(tile_rows, K - start)
-                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    if j < K:
-                        for r in range(rows):
-                            m, total = online_logsumexp(m, total, prev[start + r] + dot_tile(tile, r, own, D), inv_temp)
-                u = ZERO
-                if j < K:
-                    if use_uniforms:
-                        u = uniforms[b, t - 1, j, n]
-                    else:
-                        u0, u1 = draw_pair(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, j // 2, n)
-                        u = u0 if j % 2 == 0 else u1
-                target = u * total
-                running = ZERO
-                pick = -1 if j < K else 0
-                last = 0
-                picked = ZERO
-                for start in range(0, K, tile_rows):  # pass 2: running sum to the crossing
-                    rows = min(tile_rows, K - start)
-                    if cuda.syncthreads_and(int32(1 if pick >= 0 else 0)):
-                        break
-                    stage_rows(tile, E1, tokens[b, t - 1], start, rows, D)
-                    if pick < 0:
-                        for r in range(rows):
-                            x = prev[start + r] + dot_tile(tile, r, own, D)
-                            w = math.exp((x - m) * inv_temp)
-                            running += w
-                            if w > ZERO:
-                                last = start + r
-                                picked = x
-                            if target < running:
-                                pick = start + r
-                                picked = x
-                                break
-                if j < K:
-                    if pick < 0:  # rounding left no crossing: the last slot with a positive weight
-                        pick = last
-                    new[j] = picked + (scores[b, t, j] - emission_shift)
-                    out_backpointers[b, t - 1, j, n] = pick
-            cuda.syncthreads()
-            for j in range(tid, K, threads):
-                prev[j] = new[j]
-                out_path_scores[b, t, j, n] = new[j] + cum_shift[chain, t]
-            cuda.syncthreads()
-            softmax_column(prev, out_beam_probs[b, t], n, scratch)
-        cuda.syncthreads()
-        for t in range(length, T):
-            for j in range(tid, K, threads):
-                out_beam_probs[b, t, j, n] = ZERO
-                out_path_scores[b, t, j, n] = prev[j] + cum_shift[chain, t]
-                out_backpointers[b, t - 1, j, n] = j
-        cuda.syncthreads()
-        if tid == 0:
-            y = backtrace(
-                prev, out_backpointers[b, :, :, n], tokens[b], length, out_beam_idx[b, :, n], out_tokens[b, :, n]
-            )
-            out_score[b, n] = prev[y] + cum_shift[chain, length - 1]
+        last = beam_probs[b, length - 1, :, n]
+        y = backtrace(last, backpointers[b, :, :, n], tokens[b], length, out_beam_idx[b, :, n], out_tokens[b, :, n])
+        out_score[b, n] = last[y] + cum_shift[b, length - 1]
+
+    @family.kernel((t.i1, t.f4, t.f4, t.i4), threads=64)
+    def chains_normalise(lengths, beam_probs, path_scores, backpointers):
+        """A thread per column (b, t, n), after ``chains_finish``: beam_probs[b, t, :, n] becomes the
+        softmax of the shifted scores it holds (zero at and after the length, where path_scores repeats
+        the last position's and the backpointers are the identity)."""
+        B, T, K, N = beam_probs.shape
+        column = cuda.grid(1)
+        if column >= B * T * N:
+            return
+        b = column // (T * N)
+        rest = column - b * T * N
+        step = rest // N
+        n = rest - step * N
+        length = lengths[b]
+        if step < length:
+            m = NEG_INF
+            for j in range(K):
+                m = max(m, beam_probs[b, step, j, n])
+            total = ZERO
+            for j in range(K):
+                total += math.exp(beam_probs[b, step, j, n] - m)
+            for j in range(K):
+                beam_probs[b, step, j, n] = math.exp(beam_probs[b, step, j, n] - m) / total
+        else:
+            for j in range(K):
+                beam_probs[b, step, j, n] = ZERO
+                path_scores[b, step, j, n] = path_scores[b, length - 1, j, n]
+                backpointers[b, step - 1, j, n] = j
 
     @family.kernel((t.f4, t.i4, t.i3, t.f2, t.f2, t.i1, t.f4, t.f3, t.f2, t.f2))
-    @cuda.jit
     def stochastic_viterbi_backward_kernel(
         beam_probs, backpointers, tokens, E1, E2, lengths, grad_beam_probs, out_grad_scores, grad_E1, grad_E2
     ):

@@ -47,7 +47,6 @@ def build(blk) -> Family:
             width *= 2
 
     @family.kernel((t.f3, t.int64, t.int64, t.i2, t.boolean, t.f3, t.i3, t.i2))
-    @cuda.jit
     def topk_kernel(emissions, k, region, force_tokens, use_force, out_scores, out_tokens, bad_rows):
         """One block per (b, t) row: the k best (score, id), best first, ties to the lower id.
 

@@ -1,0 +1,99 @@
+"""Transition blocks of a chunk of steps, computed at once over the whole card (docs/design.md §7).
+
+``trans[b, s, i, j] = E1[tokens[b, t - 1, i]] . E2[tokens[b, t, j]]`` at step ``t = t0 + s``: a batched,
+register-tiled product. One block per TILE x TILE tile of one step's (K, K) block: the block stages
+DEPTH entries of the tile's TILE rows of each table in shared memory, and each thread keeps a SUB x SUB
+square of the tile in registers (rows ``ty + EDGE * r``, columns ``tx + EDGE * c``, so a warp reads
+consecutive shared words and writes consecutive columns). The rank is a compile-time constant, so every
+loop here unrolls. The recursions then read each step's block instead of recomputing its K^2 D products,
+and the N chains of a sequence share it.
+"""
+
+from __future__ import annotations
+
+from numba import config, cuda
+
+from .block import Family
+
+# A 16 x 16 thread block computes a 64 x 64 tile (in the simulator, which runs a thread per Python
+# thread, 2 x 2 threads compute an 8 x 8 tile).
+EDGE = 2 if config.ENABLE_CUDASIM else 16
+SUB = 4
+TILE = EDGE * SUB
+THREADS = EDGE * EDGE
+DEPTH = 16  # rank entries staged per pass (every rank of block.RANKS is a multiple)
+STRIDE = TILE + 1  # a staged column's length: one word of padding keeps the stores conflict-free
+STAGE = DEPTH * STRIDE  # shared-memory values per staged table
+OUTPUTS = SUB * SUB  # a thread's outputs
+
+
+def tiles_per_step(K: int) -> int:
+    """Blocks of one step's (K, K) transition block."""
+    edge = -(-K // TILE)
+    return edge * edge
+
+
+def build(blk) -> Family:
+    """This family's kernels for the float dtype and rank of ``blk`` (``block.build(dtype, rank)``)."""
+    t = blk.types
+    ZERO = blk.ZERO
+    RANK = blk.RANK
+    nbtype = blk.nbtype
+    family = Family()
+
+    @family.kernel((t.i3, t.f2, t.f2, t.i1, t.int64, t.f4), threads=THREADS)
+    def transitions_kernel(tokens, E1, E2, lengths, t0, out):
+        """out[b, s] (K, K) for the steps t = t0 + s of a chunk; steps at or past lengths[b] are skipped
+        (their blocks are never read). Grid: B * S * tiles_per_step(K) blocks of THREADS threads."""
+        B, S, K, _ = out.shape
+        D = E1.shape[1]
+        tiles = (K + TILE - 1) // TILE
+        rest = cuda.blockIdx.x
+        tile_j = rest % tiles
+        rest //= tiles
+        tile_i = rest % tiles
+        rest //= tiles
+        s = rest % S
+        b = rest // S
+        step = t0 + s
+        if step >= lengths[b]:
+            return  # the whole block leaves together: no barrier is skipped by part of it
+        tid = cuda.threadIdx.x
+        tx = tid % EDGE
+        ty = tid // EDGE
+        row0 = tile_i * TILE
+        col0 = tile_j * TILE
+        rows = cuda.shared.array(STAGE, nbtype)  # rows[dd * STRIDE + r]: E1[token of row0 + r]
+        cols = cuda.shared.array(STAGE, nbtype)
+        acc = cuda.local.array(OUTPUTS, nbtype)
+        a = cuda.local.array(SUB, nbtype)
+        c = cuda.local.array(SUB, nbtype)
+        for e in range(OUTPUTS):
+            acc[e] = ZERO
+        for d0 in range(0, RANK, DEPTH):
+            cuda.syncthreads()  # every thread is done with the previous stage
+            for e0 in range(0, TILE * DEPTH, THREADS):
+                e = e0 + tid
+                r = e // DEPTH
+                dd = e - r * DEPTH
+                d = d0 + dd
+                i = row0 + r
+                j = col0 + r
+                rows[dd * STRIDE + r] = E1[tokens[b, step - 1, i], d] if i < K and d < D else ZERO
+                cols[dd * STRIDE + r] = E2[tokens[b, step, j], d] if j < K and d < D else ZERO
+            cuda.syncthreads()
+            for dd in range(DEPTH):
+                for q in range(SUB):
+                    a[q] = rows[dd * STRIDE + ty + EDGE * q]
+                    c[q] = cols[dd * STRIDE + tx + EDGE * q]
+                for r in range(SUB):
+                    for q in range(SUB):
+                        acc[r * SUB + q] += a[r] * c[q]
+        for r in range(SUB):
+            i = row0 + ty + EDGE * r
+            for q in range(SUB):
+                j = col0 + tx + EDGE * q
+                if i < K and j < K:
+                    out[b, s, i, j] = acc[r * SUB + q]
+
+    return family
