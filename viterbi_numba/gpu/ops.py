@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
+from numba import config
 
 from .._validate import BeamCRF, Draws, SamplerGradInputs
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
@@ -20,6 +21,8 @@ from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
 COLUMNS_PER_BLOCK = 32  # the fewest columns of a step a recursion block serves when its columns are split
+PARTS = 8  # threads that share one column's predecessors in the Viterbi and forward steps
+ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursion block covers at least
 
 
 def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:
@@ -37,8 +40,6 @@ def _tiling(K: int, D: int, dtype: np.dtype, fixed_items: int) -> tuple[int, int
 
 def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> int:
     """Blocks of ``kernel`` a cooperative grid can hold at once (the simulator runs one)."""
-    from numba import config
-
     if config.ENABLE_CUDASIM:
         return 1
     return int(kernel.compile(signature).max_cooperative_grid_blocks(threads, shared))
@@ -47,21 +48,28 @@ def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> in
 class Recursion(NamedTuple):
     """How a recursion's steps are laid out: ``split`` blocks share each unit's columns (a sequence, or a
     group of a sequence's chains), ``blocks`` blocks in the cooperative grid (a multiple of split; units
-    beyond blocks // split are served in rounds), ``threads`` per block."""
+    beyond blocks // split are served in rounds), ``threads`` per block, and ``parts`` threads share each
+    column's predecessors (``pairs`` = 1 for the chains' kernel, whose threads run over (column, chain))."""
 
     split: int
     blocks: int
     threads: int
+    parts: int
 
 
-def recursion_layout(units: int, K: int, pairs_per_column: int, sms: int, capacity: Any) -> Recursion:
+def recursion_layout(units: int, K: int, per_column: int, sms: int, capacity: Any) -> Recursion:
     """Split each unit's K columns over enough blocks to give every multiprocessor one (at least
-    COLUMNS_PER_BLOCK columns a block); ``capacity(threads)`` is how many blocks fit the grid at once."""
+    COLUMNS_PER_BLOCK columns a block), with ``per_column`` threads per column; ``capacity(threads)`` is
+    how many blocks fit the grid at once. ``parts``: the threads per column when they share its
+    predecessors, keeping a warp's lanes on consecutive columns (in the simulator, whose blocks have at
+    most 4 threads, on 2 columns, so that parts > 1 runs there too; the chains' kernel ignores it)."""
     split = max(1, min(-(-K // COLUMNS_PER_BLOCK), -(-sms // max(units, 1))))
-    threads = threads_for(-(-K // split) * pairs_per_column)
+    threads = threads_for(-(-K // split) * per_column)
     most = max(1, capacity(threads))
     split = min(split, most)
-    return Recursion(split, min(units, most // split) * split, threads)
+    lanes = min(-(-K // split), ROUND_LANES, threads)
+    parts = max(1, min(per_column, threads // lanes))
+    return Recursion(split, min(units, most // split) * split, threads, parts)
 
 
 class ForwardState(NamedTuple):
@@ -113,19 +121,20 @@ class GPUOps:
         return Beam(scores_native, tokens_native)
 
     def _transition_chunks(self, crf: BeamCRF) -> Any:
-        """Yield (t0, trans): the transition blocks (B, S, K, K) of steps t0 .. t0 + S - 1, computed over the
-        whole card, S steps a chunk so that a chunk stays within TRANSITIONS_BUDGET bytes."""
+        """Yield (t0, chunk, trans): the transition blocks (B, chunk, K, K), flattened, of the steps t0 ..
+        t0 + chunk - 1, computed over the whole card, ``chunk`` steps at a time so that a chunk stays
+        within TRANSITIONS_BUDGET bytes."""
         lib = self.lib
         B, T, K = crf.scores.shape
         dtype = crf.dtype
-        steps = int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
-        trans = lib.empty((B, steps, K, K), dtype)[1]
+        chunk = int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
+        trans = lib.empty((B * chunk * K * K,), dtype)[1]
         product = kernels(dtype, rank_for(crf.E1.shape[1])).transitions_kernel
-        for t0 in range(1, T, steps):
-            product[B * steps * tiles_per_step(K), TRANSITION_THREADS, lib.stream](
-                crf.tokens, crf.E1, crf.E2, crf.lengths, t0, trans
+        for t0 in range(1, T, chunk):
+            product[B * chunk * tiles_per_step(K), TRANSITION_THREADS, lib.stream](
+                crf.tokens, crf.E1, crf.E2, crf.lengths, chunk, t0, trans
             )
-            yield t0, trans
+            yield t0, chunk, trans
 
     def _layout(self, name: str, dtype: np.dtype, units: int, K: int, pairs: int, shared: int) -> Recursion:
         kernel = getattr(kernels(dtype), name)
@@ -150,10 +159,10 @@ class GPUOps:
             return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
         compiled.viterbi_start[B, threads_for(K), lib.stream](crf.scores, crf.lengths, shift, cum_shift, history)
         shared = K * dtype.itemsize
-        layout = self._layout("viterbi_steps", dtype, B, K, 1, shared)
-        for t0, trans in self._transition_chunks(crf):
+        layout = self._layout("viterbi_steps", dtype, B, K, PARTS, shared)
+        for t0, chunk, trans in self._transition_chunks(crf):
             compiled.viterbi_steps[layout.blocks, layout.threads, lib.stream, shared](
-                trans, t0, crf.scores, shift, crf.lengths, layout.split, history, back
+                trans, chunk, t0, crf.scores, shift, crf.lengths, layout.split, layout.parts, history, back
             )
         compiled.viterbi_finish[grid(B, 64), 64, lib.stream](
             crf.scores,
@@ -196,9 +205,10 @@ class GPUOps:
             chains = int(max(1, min(N, (SHARED_BUDGET // 2) // (K * dtype.itemsize), MAX_THREADS)))
             shared = K * chains * dtype.itemsize
             layout = self._layout("chains_steps", dtype, B * -(-N // chains), K, chains, shared)
-            for t0, trans in self._transition_chunks(crf):
+            for t0, chunk, trans in self._transition_chunks(crf):
                 compiled.chains_steps[layout.blocks, layout.threads, lib.stream, shared](
                     trans,
+                    chunk,
                     t0,
                     crf.scores,
                     shift,
@@ -270,16 +280,18 @@ class GPUOps:
             threads = threads_for(K)
             compiled.forward_start[B, threads, lib.stream](crf.scores, crf.lengths, inv_temp, shift, raw, norm)
             shared = K * dtype.itemsize
-            layout = self._layout("forward_steps", dtype, B, K, 1, shared)
-            for t0, trans in self._transition_chunks(crf):
+            layout = self._layout("forward_steps", dtype, B, K, PARTS, shared)
+            for t0, chunk, trans in self._transition_chunks(crf):
                 compiled.forward_steps[layout.blocks, layout.threads, lib.stream, shared](
                     trans,
+                    chunk,
                     t0,
                     crf.scores,
                     shift,
                     crf.lengths,
                     inv_temp,
                     layout.split,
+                    layout.parts,
                     raw,
                     alpha,
                     col_max,

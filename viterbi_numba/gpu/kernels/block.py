@@ -338,15 +338,19 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
                 shift[t] = m
                 cum_shift[t] = total
 
-    @cuda.jit(device=True)
-    def online_logsumexp(m, total, x, scale):
-        """Add x to a one-pass log-sum-exp: m is the largest value so far and total the sum of
-        exp((value - m) * scale) over them; returns the new (m, total). A -inf value weighs 0."""
-        if x > m:
-            return x, total * math.exp((m - x) * scale) + ONE
-        if x != NEG_INF:  # -inf - -inf would be NaN
-            return m, total + math.exp((x - m) * scale)
-        return m, total
+    if dtype == np.float32 and not config.ENABLE_CUDASIM:
+        from numba.cuda import libdevice
+
+        @cuda.jit(device=True)
+        def fast_exp(x):
+            """exp for the hot loops of float32 kernels: the hardware's ex2.approx (relative error about
+            2**-22, exp(-inf) = 0), a few instructions instead of libdevice's accurate expf."""
+            return libdevice.fast_expf(x)
+    else:
+
+        @cuda.jit(device=True)
+        def fast_exp(x):
+            return math.exp(x)
 
     return SimpleNamespace(
         path_increments=portable.path_increments,
@@ -363,7 +367,7 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         POS_INF=POS_INF,
         draw_pair=draw_pair,
         compensated_add=compensated_add,
-        online_logsumexp=online_logsumexp,
+        fast_exp=fast_exp,
         block_max=block_max,
         block_sum=block_sum,
         block_min_int=block_min_int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, int64
+from numba import cuda, int64, uint32
 
 from ... import _portable
 from .block import MAX_THREADS, PAD, Family
@@ -15,7 +15,6 @@ def build(blk) -> Family:
     """This family's kernels for the float dtype of ``blk`` (the block primitives of ``block.build``)."""
     t = blk.types
     ZERO = blk.ZERO
-    ONE = blk.ONE
     NEG_INF = blk.NEG_INF
     nbtype = blk.nbtype
     draw_pair = blk.draw_pair
@@ -28,7 +27,7 @@ def build(blk) -> Family:
     dot_row = blk.dot_row
     RANK = blk.RANK
     compensated_add = blk.compensated_add
-    online_logsumexp = blk.online_logsumexp
+    fast_exp = blk.fast_exp
     step_barrier = blk.step_barrier
     exchange_load = blk.exchange_load
     family = Family()
@@ -75,41 +74,83 @@ def build(blk) -> Family:
             norm[b, 0] = total
             norm[b, 1] = error
 
-    @family.kernel((t.f4, t.int64, t.f3, t.f2, t.i1, t.f, t.int64, t.f3, t.f3, t.f3, t.f3, t.f2))
-    def forward_steps(trans, t0, scores, shift, lengths, inv_temp, split, raw, alpha, col_max, col_sum, norm):
-        """Steps t = t0 + s of the chunk trans (B, S, K, K) (``cpu/crf.py``'s forward_kernel): the step's
-        predecessors alpha[b, t - 1] = raw[b, t - 1] - max (written by the block that owns each column),
-        then for each column j one online log-sum-exp over i of alpha[b, t - 1, i] + trans[i, j] * inv_temp
-        (its maximum col_max and rescaled sum col_sum, kept for the backward pass) and raw[b, t, j]. The
-        columns are split over ``split`` blocks as in ``viterbi_steps``; dynamic shared memory: K values."""
-        B, S, K, _ = trans.shape
+    @family.kernel((t.f1, t.int64, t.int64, t.f3, t.f2, t.i1, t.f, t.int64, t.int64) + (t.f3, t.f3, t.f3, t.f3, t.f2))
+    def forward_steps(
+        trans, chunk, t0, scores, shift, lengths, inv_temp, split, parts, raw, alpha, col_max, col_sum, norm
+    ):
+        """Steps t = t0 + s of a chunk of transition blocks (``trans``: (B, chunk, K, K) flattened;
+        ``cpu/crf.py``'s forward_kernel): the step's predecessors alpha[b, t - 1] = raw[b, t - 1] - max
+        (written by the block that owns each column), then for each column j one online log-sum-exp over i
+        of alpha[b, t - 1, i] + trans[i, j] * inv_temp (its maximum col_max and rescaled sum col_sum, kept
+        for the backward pass) and raw[b, t, j]. Columns are split over ``split`` blocks and each column's
+        predecessors over ``parts`` threads, as in ``viterbi_steps``; dynamic shared memory: K values."""
+        B, T, K = scores.shape
         tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
         part = cuda.blockIdx.x % split
         groups = cuda.gridDim.x // split
         width = (K + split - 1) // split
         first_col = part * width
         last_col = min(K, first_col + width)
+        lanes = cuda.blockDim.x // parts
+        piece = (K + parts - 1) // parts
+        lane = tid % lanes
+        mine = tid // lanes
+        low = min(K, mine * piece)
+        high = min(K, low + piece)
+        stop = uint32(high)
+        stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
         prev = cuda.shared.array(0, nbtype)
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        part_max = cuda.shared.array(MAX_THREADS, nbtype)
+        part_sum = cuda.shared.array(MAX_THREADS, nbtype)
+        steps = min(chunk, T - t0)
         for first in range(0, B, groups):
             b = first + cuda.blockIdx.x // split
             length = lengths[b] if b < B else 0
-            for s in range(S):
+            for s in range(steps):
                 step = t0 + s
                 if step < length:
                     normalise_step(raw, b, step - 1, inv_temp, shift, prev, scratch, norm, part == 0)
-                    for j in range(first_col + tid, last_col, threads):
+                    for j in range(first_col + tid, last_col, cuda.blockDim.x):
                         alpha[b, step - 1, j] = prev[j]
+                    row0 = uint32((b * chunk + s) * K * K)
+                    for base in range(first_col, last_col, lanes):
+                        j = base + lane
                         m = NEG_INF
                         total = ZERO
-                        for i in range(K):
-                            a = prev[i]
-                            if a != NEG_INF:
-                                m, total = online_logsumexp(m, total, a + trans[b, s, i, j] * inv_temp, ONE)
-                        col_max[b, step, j] = m
-                        col_sum[b, step, j] = total
-                        raw[b, step, j] = m + math.log(total) + (scores[b, step, j] - shift[b, step]) * inv_temp
+                        if j < last_col and low < high:
+                            # two passes over the part's predecessors (its maximum, then the sum of
+                            # exponentials): cheaper per entry than one online pass, which rescales
+                            column = row0 + uint32(low * K + j)
+                            offset = column
+                            i = uint32(low)
+                            while i < stop:  # unsigned 32-bit counters: no wraparound code per access
+                                m = max(m, prev[i] + trans[offset] * inv_temp)
+                                offset += stride
+                                i += uint32(1)
+                            if m != NEG_INF:
+                                offset = column
+                                i = uint32(low)
+                                while i < stop:
+                                    total += fast_exp(prev[i] + trans[offset] * inv_temp - m)
+                                    offset += stride
+                                    i += uint32(1)
+                        part_max[tid] = m
+                        part_sum[tid] = total
+                        cuda.syncthreads()
+                        if mine == 0 and j < last_col:
+                            for q in range(1, parts):
+                                other = part_max[q * lanes + lane]
+                                if other != NEG_INF:  # merge two log-sum-exp partials
+                                    if other > m:
+                                        total = total * math.exp(m - other) + part_sum[q * lanes + lane]
+                                        m = other
+                                    else:
+                                        total += part_sum[q * lanes + lane] * math.exp(other - m)
+                            col_max[b, step, j] = m
+                            col_sum[b, step, j] = total
+                            raw[b, step, j] = m + math.log(total) + (scores[b, step, j] - shift[b, step]) * inv_temp
+                        cuda.syncthreads()
                 step_barrier(split)
 
     @family.kernel((t.i1, t.f, t.f2, t.f3, t.f3, t.f2, t.f1))

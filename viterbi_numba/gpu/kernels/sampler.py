@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda
+from numba import cuda, int32, uint32
 
 from ... import _portable
 from .block import MAX_THREADS, Family
@@ -22,7 +22,7 @@ def build(blk) -> Family:
     position_shifts = blk.position_shifts
     step_barrier = blk.step_barrier
     exchange_load4 = blk.exchange_load4
-    online_logsumexp = blk.online_logsumexp
+    fast_exp = blk.fast_exp
     backtrace = blk.backtrace
     family = Family()
 
@@ -47,11 +47,12 @@ def build(blk) -> Family:
             out_path_scores[b, 0, j, n] = scores[b, 0, j]
 
     @family.kernel(
-        (t.f4, t.int64, t.f3, t.f2, t.f2, t.i1, t.f, t.int64, t.int64, t.f4, t.boolean, t.int64, t.int64)
+        (t.f1, t.int64, t.int64, t.f3, t.f2, t.f2, t.i1, t.f, t.int64, t.int64, t.f4, t.boolean, t.int64, t.int64)
         + (t.f4, t.f4, t.i4)
     )
     def chains_steps(
         trans,
+        chunk,
         t0,
         scores,
         shift,
@@ -68,15 +69,15 @@ def build(blk) -> Family:
         out_path_scores,
         out_backpointers,
     ):
-        """Steps t = t0 + s of the chunk trans (B, S, K, K) for every chain (docs/design.md §3): the
+        """Steps t = t0 + s of a chunk of transition blocks (``trans``: (B, chunk, K, K) flattened) for every chain (docs/design.md §3): the
         predecessor of state j in chain n is drawn from softmax_i((prev[i, n] + trans[i, j]) * inv_temp)
-        with the uniform U[b, t - 1, j, n], in two passes over i (an online maximum and total, then the
-        running sum up to the crossing). A block serves ``chains_per_block`` chains of one sequence and
+        with the uniform U[b, t - 1, j, n], in three passes over i (the maximum, the total, the running sum
+        up to the crossing: cheaper per entry than an online pass, which rescales). A block serves ``chains_per_block`` chains of one sequence and
         one of ``split`` parts of its columns; its threads run over (j, n) pairs with n fastest, so the
         lanes of a warp share trans[i, j] and store consecutive entries. The chains' previous scores are
         staged in shared memory (K * chains_per_block values); blocks meet at a grid barrier after every
         step (``viterbi_steps``)."""
-        B, S, K, _ = trans.shape
+        B, T, K = scores.shape
         N = out_beam_probs.shape[3]
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
@@ -87,13 +88,16 @@ def build(blk) -> Family:
         width = (K + split - 1) // split
         first_col = part * width
         last_col = min(K, first_col + width)
+        stop = uint32(K)
+        stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
+        chains_stride = uint32(NC)
         prev = cuda.shared.array(0, nbtype)
         for first in range(0, B * chain_groups, units):
             unit = first + cuda.blockIdx.x // split
             b = unit // chain_groups
             n0 = (unit - b * chain_groups) * NC
             length = lengths[b] if b < B else 0
-            for s in range(S):
+            for s in range(min(chunk, T - t0)):
                 step = t0 + s
                 if step < length:
                     for e in range(tid, K * NC, threads):
@@ -107,10 +111,26 @@ def build(blk) -> Family:
                         c = e % NC
                         n = n0 + c
                         if n < N:
+                            column = uint32((b * chunk + s) * K * K + j)
+                            offset = column
                             m = NEG_INF
+                            i = uint32(0)
+                            slot = uint32(c)
+                            while i < stop:  # pass 1: the maximum
+                                m = max(m, prev[slot] + trans[offset])
+                                offset += stride
+                                slot += chains_stride
+                                i += uint32(1)
                             total = ZERO
-                            for i in range(K):  # pass 1: maximum and total, online
-                                m, total = online_logsumexp(m, total, prev[i * NC + c] + trans[b, s, i, j], inv_temp)
+                            if m != NEG_INF:
+                                offset = column
+                                i = uint32(0)
+                                slot = uint32(c)
+                                while i < stop:  # pass 2: the total
+                                    total += fast_exp((prev[slot] + trans[offset] - m) * inv_temp)
+                                    offset += stride
+                                    slot += chains_stride
+                                    i += uint32(1)
                             if use_uniforms:
                                 u = uniforms[b, step - 1, j, n]
                             else:
@@ -120,20 +140,26 @@ def build(blk) -> Family:
                                 u = u0 if j % 2 == 0 else u1
                             target = u * total
                             running = ZERO
-                            pick = -1
-                            last = 0
+                            pick = int32(-1)
+                            last = int32(0)
                             picked = ZERO
-                            for i in range(K):  # pass 2: running sum to the crossing
-                                x = prev[i * NC + c] + trans[b, s, i, j]
-                                w = math.exp((x - m) * inv_temp)
+                            offset = column
+                            i = uint32(0)
+                            slot = uint32(c)
+                            while i < stop:  # pass 3: running sum to the crossing
+                                x = prev[slot] + trans[offset]
+                                w = fast_exp((x - m) * inv_temp)
                                 running += w
                                 if w > ZERO:
-                                    last = i
+                                    last = int32(i)
                                     picked = x
                                 if target < running:
-                                    pick = i
+                                    pick = int32(i)
                                     picked = x
                                     break
+                                offset += stride
+                                slot += chains_stride
+                                i += uint32(1)
                             if pick < 0:  # rounding left no crossing: the last slot with a positive weight
                                 pick = last
                             new = picked + (scores[b, step, j] - emission_shift)

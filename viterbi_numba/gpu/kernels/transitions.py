@@ -11,7 +11,7 @@ and the N chains of a sequence share it.
 
 from __future__ import annotations
 
-from numba import config, cuda
+from numba import config, cuda, uint64
 
 from .block import Family
 
@@ -41,11 +41,13 @@ def build(blk) -> Family:
     nbtype = blk.nbtype
     family = Family()
 
-    @family.kernel((t.i3, t.f2, t.f2, t.i1, t.int64, t.f4), threads=THREADS)
-    def transitions_kernel(tokens, E1, E2, lengths, t0, out):
-        """out[b, s] (K, K) for the steps t = t0 + s of a chunk; steps at or past lengths[b] are skipped
-        (their blocks are never read). Grid: B * S * tiles_per_step(K) blocks of THREADS threads."""
-        B, S, K, _ = out.shape
+    @family.kernel((t.i3, t.f2, t.f2, t.i1, t.int64, t.int64, t.f1), threads=THREADS)
+    def transitions_kernel(tokens, E1, E2, lengths, chunk, t0, out):
+        """out[b, s] (K, K) for the steps t = t0 + s of a chunk (out: (B, chunk, K, K) flattened, so the
+        recursions step through a column with one 32-bit add); steps at or past lengths[b] are skipped
+        (their blocks are never read). Grid: B * chunk * tiles_per_step(K) blocks of THREADS threads."""
+        B, _, K = tokens.shape
+        S = chunk
         D = E1.shape[1]
         tiles = (K + TILE - 1) // TILE
         rest = cuda.blockIdx.x
@@ -89,11 +91,12 @@ def build(blk) -> Family:
                 for r in range(SUB):
                     for q in range(SUB):
                         acc[r * SUB + q] += a[r] * c[q]
+        block0 = uint64((b * S + s) * K) * uint64(K)
         for r in range(SUB):
             i = row0 + ty + EDGE * r
             for q in range(SUB):
                 j = col0 + tx + EDGE * q
                 if i < K and j < K:
-                    out[b, s, i, j] = acc[r * SUB + q]
+                    out[block0 + uint64(i * K + j)] = acc[r * SUB + q]
 
     return family

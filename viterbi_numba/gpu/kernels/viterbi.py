@@ -10,7 +10,7 @@ sequence) backtracks and writes the step scores.
 
 from __future__ import annotations
 
-from numba import cuda
+from numba import cuda, int32, uint32
 
 from .block import MAX_THREADS, Family
 
@@ -40,40 +40,73 @@ def build(blk) -> Family:
         for j in range(cuda.threadIdx.x, scores.shape[2], cuda.blockDim.x):
             history[b, 0, j] = scores[b, 0, j] - shift[b, 0]
 
-    @family.kernel((t.f4, t.int64, t.f3, t.f2, t.i1, t.int64, t.f3, t.int32[:, :, ::1]))
-    def viterbi_steps(trans, t0, scores, shift, lengths, split, history, back):
-        """Steps t = t0 + s of the chunk trans (B, S, K, K): history[b, t, j] = max_i (history[b, t - 1, i] +
-        trans[b, s, i, j]) + scores[b, t, j] - shift[b, t] and back[b, t, j] its argmax (ties to the lowest
-        i, as on the CPU). Block g serves column part g % split of sequences g // split, + groups, ...;
-        dynamic shared memory: K values."""
-        B, S, K, _ = trans.shape
+    @family.kernel((t.f1, t.int64, t.int64, t.f3, t.f2, t.i1, t.int64, t.int64, t.f3, t.int32[:, :, ::1]))
+    def viterbi_steps(trans, chunk, t0, scores, shift, lengths, split, parts, history, back):
+        """Steps t = t0 + s of a chunk of transition blocks (``trans``: (B, chunk, K, K) flattened):
+        history[b, t, j] = max_i (history[b, t - 1, i] + trans[b, s, i, j]) + scores[b, t, j] - shift[b, t]
+        and back[b, t, j] its argmax (ties to the lowest i, as on the CPU).
+
+        Block g serves column part g % split of sequences g // split, + groups, ... A column's K
+        predecessors are split over ``parts`` threads (a warp reads consecutive columns of one row i),
+        whose partial maxima meet in shared memory in the order of i. Dynamic shared memory: K values.
+        """
+        B, T, K = scores.shape
         tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
         part = cuda.blockIdx.x % split
         groups = cuda.gridDim.x // split
         width = (K + split - 1) // split
         first_col = part * width
         last_col = min(K, first_col + width)
+        lanes = cuda.blockDim.x // parts  # columns per round
+        piece = (K + parts - 1) // parts  # predecessors per thread
+        lane = tid % lanes
+        mine = tid // lanes
+        low = min(K, mine * piece)
+        high = min(K, low + piece)
+        stop = uint32(high)
+        stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
         prev = cuda.shared.array(0, nbtype)
+        part_best = cuda.shared.array(MAX_THREADS, nbtype)
+        part_arg = cuda.shared.array(MAX_THREADS, int32)
+        steps = min(chunk, T - t0)
         for first in range(0, B, groups):
             b = first + cuda.blockIdx.x // split
             length = lengths[b] if b < B else 0
-            for s in range(S):
+            for s in range(steps):
                 step = t0 + s
                 if step < length:
-                    for i in range(tid, K, threads):
+                    for i in range(tid, K, cuda.blockDim.x):
                         prev[i] = exchange_load(history, b, step - 1, i)
                     cuda.syncthreads()
-                    for j in range(first_col + tid, last_col, threads):
+                    row0 = uint32((b * chunk + s) * K * K)
+                    for base in range(first_col, last_col, lanes):
+                        j = base + lane
                         best = NEG_INF
-                        arg = -1
-                        for i in range(K):
-                            cand = prev[i] + trans[b, s, i, j]
-                            if cand > best or arg < 0:
-                                best = cand
-                                arg = i
-                        history[b, step, j] = best + (scores[b, step, j] - shift[b, step])
-                        back[b, step, j] = arg
+                        arg = int32(-1)
+                        if j < last_col and low < high:
+                            offset = row0 + uint32(low * K + j)
+                            best = prev[low] + trans[offset]
+                            arg = int32(low)
+                            i = uint32(low + 1)
+                            while i < stop:  # unsigned 32-bit counters: no wraparound code per access
+                                offset += stride
+                                cand = prev[i] + trans[offset]
+                                if cand > best:
+                                    best = cand
+                                    arg = int32(i)
+                                i += uint32(1)
+                        part_best[tid] = best
+                        part_arg[tid] = arg
+                        cuda.syncthreads()
+                        if mine == 0 and j < last_col:
+                            for q in range(1, parts):  # in order of i: a later part wins only when above
+                                other = part_arg[q * lanes + lane]
+                                if other >= 0 and part_best[q * lanes + lane] > best:
+                                    best = part_best[q * lanes + lane]
+                                    arg = other
+                            history[b, step, j] = best + (scores[b, step, j] - shift[b, step])
+                            back[b, step, j] = arg
+                        cuda.syncthreads()
                 step_barrier(split)
 
     @family.kernel(t.beam + (t.boolean, t.f2, t.f3, t.int32[:, :, ::1], t.i2, t.i2, t.f1, t.f2), threads=64)
