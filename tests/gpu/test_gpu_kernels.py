@@ -236,19 +236,21 @@ def test_readme_gpu_block_runs():
     assert host(namespace["draws"].log_prob).shape == (2, 3)
 
 
-def test_factor_rows_in_several_tiles(monkeypatch):
-    """With two factor rows per shared-memory tile, every kernel walks several tiles per step (and the
-    stochastic Viterbi's second pass stops early once every thread has its pick)."""
+@pytest.mark.parametrize("steps_per_chunk", [1, 2])
+def test_several_chunks_of_steps(monkeypatch, steps_per_chunk):
+    """With transition chunks of one or two steps, every recursion resumes from the previous chunk's
+    state (and the backward pass walks the chunks last first)."""
     from viterbi_numba.gpu import ops as gpu_ops
 
-    monkeypatch.setattr(gpu_ops, "_tile_rows", lambda K, D, itemsize, fixed_items: 2)
-    scores, tokens, E1, E2, lengths = problem(np.float64)
+    scores, tokens, E1, E2, lengths = problem(np.float64, T=6)
+    B, T, K = scores.shape
+    monkeypatch.setattr(gpu_ops, "TRANSITIONS_BUDGET", steps_per_chunk * B * K * K * 8)
     d = dev(scores, tokens, E1, E2)
     np.testing.assert_array_equal(
         host(vn.viterbi_decode(*d, lengths=lengths).beam_idx),
         vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths).beam_idx,
     )
-    uniforms = np.random.default_rng(6).random((2, 3, 5, 2))
+    uniforms = np.random.default_rng(6).random((B, T - 1, K, 2))
     np.testing.assert_array_equal(
         host(vn.stochastic_viterbi(*d, 2, lengths=lengths, uniforms=uniforms).backpointers),
         vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms).backpointers,

@@ -17,25 +17,13 @@ from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticVit
 from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
 from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
+from .kernels.crf import PRODUCT_THREADS, product_tiles
 from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
 COLUMNS_PER_BLOCK = 32  # the fewest columns of a step a recursion block serves when its columns are split
 PARTS = 8  # threads that share one column's predecessors in the Viterbi and forward steps
 ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursion block covers at least
-
-
-def _tile_rows(K: int, D: int, itemsize: int, fixed_items: int) -> int:
-    """Rows of a factor table that fit next to ``fixed_items`` values in a block's shared memory."""
-    free = SHARED_BUDGET - fixed_items * itemsize
-    return int(max(1, min(K, free // (D * itemsize))))
-
-
-def _tiling(K: int, D: int, dtype: np.dtype, fixed_items: int) -> tuple[int, int]:
-    """(rows per tile of factor rows, dynamic shared-memory bytes) for a kernel that also keeps
-    ``fixed_items`` values of ``dtype`` in shared memory."""
-    rows = _tile_rows(K, D, dtype.itemsize, fixed_items)
-    return rows, (fixed_items + rows * D) * dtype.itemsize
 
 
 def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> int:
@@ -120,17 +108,18 @@ class GPUOps:
                 raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
         return Beam(scores_native, tokens_native)
 
-    def _transition_chunks(self, crf: BeamCRF) -> Any:
+    def _transition_chunks(self, crf: BeamCRF, reverse: bool = False) -> Any:
         """Yield (t0, chunk, trans): the transition blocks (B, chunk, K, K), flattened, of the steps t0 ..
         t0 + chunk - 1, computed over the whole card, ``chunk`` steps at a time so that a chunk stays
-        within TRANSITIONS_BUDGET bytes."""
+        within TRANSITIONS_BUDGET bytes; the last chunk first with ``reverse``."""
         lib = self.lib
         B, T, K = crf.scores.shape
         dtype = crf.dtype
         chunk = int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
         trans = lib.empty((B * chunk * K * K,), dtype)[1]
         product = kernels(dtype, rank_for(crf.E1.shape[1])).transitions_kernel
-        for t0 in range(1, T, chunk):
+        starts = range(1, T, chunk)
+        for t0 in reversed(starts) if reverse else starts:
             product[B * chunk * tiles_per_step(K), TRANSITION_THREADS, lib.stream](
                 crf.tokens, crf.E1, crf.E2, crf.lengths, chunk, t0, trans
             )
@@ -337,35 +326,47 @@ class GPUOps:
 
     def _backward(self, state: ForwardState, row_scale: Optional[np.ndarray]) -> tuple[Any, Any, Any]:
         """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without
-        ``row_scale``); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b]."""
+        ``row_scale``); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b].
+
+        Chunk by chunk of steps, last chunk first: the chunk's transition blocks, then xi and the
+        marginals step by step (``backward_steps``, overwriting the blocks with xi), then the rows'
+        gradients of the whole chunk at once (``xi_products``, one launch per side)."""
         lib = self.lib
         crf = state.crf
         B, T, K = crf.scores.shape
-        D = crf.E1.shape[1]
         dtype = crf.dtype
+        compiled = kernels(dtype, rank_for(crf.E1.shape[1]))
         mu = lib.empty((B, T, K), dtype)
         want_rows = row_scale is not None
         grad_E1 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
         grad_E2 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
+        if not B:
+            return (mu, grad_E1, grad_E2) if want_rows else (mu, None, None)
         scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
-        tile_rows, shared = _tiling(K, rank_for(D), dtype, 3 * K)
-        if B:
-            kernels(dtype, rank_for(D)).backward_kernel[B, threads_for(K), lib.stream, shared](
-                crf.tokens,
-                crf.E1,
-                crf.E2,
+        compiled.backward_start[B, threads_for(K), lib.stream](crf.lengths, state.alpha, mu[1])
+        shared = 2 * K * dtype.itemsize
+        layout = self._layout("backward_steps", dtype, B, K, ROUND_LANES, shared)
+        lanes = min(ROUND_LANES, layout.threads)
+        for t0, chunk, xi in self._transition_chunks(crf, reverse=True):
+            compiled.backward_steps[layout.blocks, layout.threads, lib.stream, shared](
+                xi,
+                chunk,
+                t0,
                 crf.lengths,
                 state.inv_temp,
+                layout.split,
+                lanes,
+                want_rows,
                 state.alpha,
                 state.col_max,
                 state.col_sum,
-                tile_rows,
-                scale,
-                want_rows,
                 mu[1],
-                grad_E1[1],
-                grad_E2[1],
             )
+            if want_rows:
+                for side, grad in ((0, grad_E1[1]), (1, grad_E2[1])):
+                    compiled.xi_products[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
+                        xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, scale, side, grad
+                    )
         if not want_rows:
             return mu, None, None
         return mu, grad_E1, grad_E2

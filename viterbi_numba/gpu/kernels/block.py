@@ -283,28 +283,6 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         return -last if last <= 0 else 0
 
     @cuda.jit(device=True)
-    def stage_rows(tile, table, row_ids, start, rows):
-        """tile[r, :RANK] = table[row_ids[start + r], :] (zero past the table's D) for r < rows, loaded by the
-        whole block between two barriers: no thread still reads the previous tile, every thread sees the
-        new one."""
-        D = table.shape[1]
-        cuda.syncthreads()
-        for e in range(cuda.threadIdx.x, rows * RANK, cuda.blockDim.x):
-            r = e // RANK
-            d = e - r * RANK
-            tile[e] = table[row_ids[start + r], d] if d < D else ZERO
-        cuda.syncthreads()
-
-    @cuda.jit(device=True)
-    def dot_tile(tile, r, own):
-        """tile[r, :RANK] . own (a register row), unrolled."""
-        total = ZERO
-        base = r * RANK
-        for d in range(RANK):
-            total += tile[base + d] * own[d]
-        return total
-
-    @cuda.jit(device=True)
     def load_own(own, table, row):
         """own[:RANK] = table[row, :] (zero past the table's D), unrolled so ``own`` stays in registers."""
         D = table.shape[1]
@@ -374,8 +352,6 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         strided_max=strided_max,
         inclusive_scan=inclusive_scan,
         block_pick=block_pick,
-        stage_rows=stage_rows,
-        dot_tile=dot_tile,
         load_own=load_own,
         dot_row=dot_row,
         position_shifts=position_shifts,

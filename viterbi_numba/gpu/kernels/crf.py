@@ -5,10 +5,25 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, int64, uint32
+from numba import config, cuda, int64, uint32
 
 from ... import _portable
 from .block import MAX_THREADS, PAD, Family
+from .transitions import DEPTH
+
+# xi_products: a block of PRODUCT_EDGE^2 threads computes PRODUCT_TILE output rows x the rank, each thread
+# PRODUCT_SUB rows x RANK // PRODUCT_EDGE entries (in the simulator, 2 x 2 threads)
+PRODUCT_EDGE = 2 if config.ENABLE_CUDASIM else 16
+PRODUCT_THREADS = PRODUCT_EDGE * PRODUCT_EDGE
+PRODUCT_SUB = 4
+PRODUCT_TILE = PRODUCT_EDGE * PRODUCT_SUB
+PRODUCT_STRIDE = PRODUCT_TILE + 1  # one word of padding per staged column keeps the stores conflict-free
+PRODUCT_STAGE = DEPTH * PRODUCT_STRIDE
+
+
+def product_tiles(K: int) -> int:
+    """Blocks of ``xi_products`` per step."""
+    return -(-K // PRODUCT_TILE)
 
 
 def build(blk) -> Family:
@@ -21,8 +36,6 @@ def build(blk) -> Family:
     block_sum = blk.block_sum
     strided_max = blk.strided_max
     block_pick = blk.block_pick
-    stage_rows = blk.stage_rows
-    dot_tile = blk.dot_tile
     load_own = blk.load_own
     dot_row = blk.dot_row
     RANK = blk.RANK
@@ -30,6 +43,10 @@ def build(blk) -> Family:
     fast_exp = blk.fast_exp
     step_barrier = blk.step_barrier
     exchange_load = blk.exchange_load
+    ROW_STRIDE = RANK + 1
+    ROW_STAGE = DEPTH * ROW_STRIDE
+    RANK_SUB = max(1, RANK // PRODUCT_EDGE)  # a thread's entries of an output row
+    PRODUCT_OUTPUTS = PRODUCT_SUB * RANK_SUB
     family = Family()
 
     # ---------------------------------------------------------------------------------------------
@@ -240,101 +257,153 @@ def build(blk) -> Family:
                 out_beam_idx[b, t, n] = PAD
                 out_tokens[b, t, n] = PAD
 
-    @family.kernel((t.i3, t.f2, t.f2, t.i1, t.f, t.f3, t.f3, t.f3, t.int64, t.f1, t.boolean, t.f3, t.f2, t.f2))
-    def backward_kernel(
-        tokens,
-        E1,
-        E2,
-        lengths,
-        inv_temp,
-        alpha,
-        col_max,
-        col_sum,
-        tile_rows,
-        row_scale,
-        want_rows,
-        out_marginals,
-        grad_E1,
-        grad_E2,
-    ):
-        """One block per sequence: node marginals and, with ``want_rows``, row_scale[b] times the
-        (table-row) gradient of tau * log Z_tau added atomically into grad_E1/grad_E2 (V, D).
-
-        xi[i, j] = exp(alpha[t-1, i] + trans[i, j] * inv_temp - col_max[t, j]) * mu_t[j] / col_sum[t, j]
-        (as in ``cpu/crf.py``). Pass 1, a thread per predecessor i: mu_{t-1}[i] = sum_j xi
-        and the E1-row gradient sum_j xi E2[tok[t, j]]; pass 2, a thread per j: the E2-row gradient
-        sum_i xi E1[tok[t-1, i]]. Both recompute trans from tiles of factor rows.
-        """
+    @family.kernel((t.i1, t.f3, t.f3))
+    def backward_start(lengths, alpha, marginals):
+        """A block per sequence: marginals[b, length - 1] = softmax(alpha[b, length - 1]), zero after."""
         b = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        T = tokens.shape[1]
-        K = tokens.shape[2]
-        D = E1.shape[1]
+        T = alpha.shape[1]
+        K = alpha.shape[2]
         length = lengths[b]
-        scale = row_scale[b]
-        shared = cuda.shared.array(0, nbtype)
-        ratio = shared[:K]
-        prev = shared[K : 2 * K]
-        top = shared[2 * K : 3 * K]
-        tile = shared[3 * K :]
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
-        own = cuda.local.array(RANK, nbtype)
-        acc = cuda.local.array(RANK, nbtype)
-        mu = out_marginals[b]
         partial = ZERO
-        for j in range(tid, K, threads):
+        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
             partial += math.exp(alpha[b, length - 1, j])
         total = block_sum(partial, scratch)
-        for j in range(tid, K, threads):
-            mu[length - 1, j] = math.exp(alpha[b, length - 1, j]) / total
-        for t in range(length, T):
-            for j in range(tid, K, threads):
-                mu[t, j] = ZERO
-        for t in range(length - 1, 0, -1):
+        for j in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+            marginals[b, length - 1, j] = math.exp(alpha[b, length - 1, j]) / total
+            for step in range(length, T):
+                marginals[b, step, j] = ZERO
+
+    @family.kernel((t.f1, t.int64, t.int64, t.i1, t.f, t.int64, t.int64, t.boolean, t.f3, t.f3, t.f3, t.f3))
+    def backward_steps(xi, chunk, t0, lengths, inv_temp, split, lanes, keep, alpha, col_max, col_sum, marginals):
+        """Steps t = t0 + chunk - 1 down to t0 of the backward pass (``cpu/crf.py``'s counterpart):
+        xi[i, j] = exp(alpha[t - 1, i] + trans[i, j] * inv_temp - col_max[t, j]) * mu_t[j] / col_sum[t, j]
+        and mu_{t-1}[i] = sum_j xi[i, j] into marginals. ``xi`` holds the chunk's transition blocks
+        (flattened) on entry and, with ``keep``, each step's xi on exit (``xi_products`` turns them into
+        the table gradients). The K rows are split over ``split`` blocks of a cooperative grid that meet
+        after every step; ``lanes`` threads share a row, reading consecutive columns."""
+        B, T, K = alpha.shape
+        tid = cuda.threadIdx.x
+        part = cuda.blockIdx.x % split
+        groups = cuda.gridDim.x // split
+        height = (K + split - 1) // split
+        first_row = part * height
+        last_row = min(K, first_row + height)
+        rows_per_round = cuda.blockDim.x // lanes
+        lane = tid % lanes
+        slot = tid // lanes
+        columns = uint32(K)
+        stride = uint32(lanes)
+        shared = cuda.shared.array(0, nbtype)
+        ratio = shared[:K]
+        top = shared[K : 2 * K]
+        sums = cuda.shared.array(MAX_THREADS, nbtype)
+        steps = min(chunk, T - t0)
+        for first in range(0, B, groups):
+            b = first + cuda.blockIdx.x // split
+            length = lengths[b] if b < B else 0
+            for s in range(steps - 1, -1, -1):
+                step = t0 + s
+                if step < length:
+                    for j in range(tid, K, cuda.blockDim.x):
+                        ratio[j] = exchange_load(marginals, b, step, j) / col_sum[b, step, j]
+                        top[j] = col_max[b, step, j]
+                    cuda.syncthreads()
+                    block0 = uint32((b * chunk + s) * K * K)
+                    for base in range(first_row, last_row, rows_per_round):
+                        i = base + slot
+                        partial = ZERO
+                        if i < last_row:
+                            a = alpha[b, step - 1, i]
+                            offset = block0 + uint32(i * K + lane)
+                            j = uint32(lane)
+                            while j < columns:
+                                x = ZERO
+                                if a != NEG_INF:
+                                    x = fast_exp(a + xi[offset] * inv_temp - top[j]) * ratio[j]
+                                if keep:
+                                    xi[offset] = x
+                                partial += x
+                                offset += stride
+                                j += stride
+                        sums[tid] = partial
+                        cuda.syncthreads()
+                        if lane == 0 and i < last_row:
+                            total = ZERO
+                            for q in range(lanes):
+                                total += sums[slot * lanes + q]
+                            marginals[b, step - 1, i] = total
+                        cuda.syncthreads()
+                step_barrier(split)
+
+    @family.kernel((t.f1, t.int64, t.int64, t.i3, t.f2, t.f2, t.i1, t.f1, t.int64, t.f2), threads=PRODUCT_THREADS)
+    def xi_products(xi, chunk, t0, tokens, E1, E2, lengths, scale, side, grad):
+        """The table gradients of a chunk's xi blocks (``backward_steps``), two products per step: side 0
+        adds scale[b] * sum_j xi[i, j] E2[tokens[b, t, j]] to grad (grad_E1) at row tokens[b, t - 1, i];
+        side 1 adds scale[b] * sum_i xi[i, j] E1[tokens[b, t - 1, i]] to grad (grad_E2) at row
+        tokens[b, t, j]. One block per PRODUCT_TILE output rows of a step, each thread a register tile of
+        rows x rank entries; the reduction dimension is staged in shared memory DEPTH at a time. Each sum
+        reaches the table with one atomic add per (row, d), a warp's lanes on consecutive d."""
+        B, _, K = tokens.shape
+        D = E1.shape[1]
+        tiles = (K + PRODUCT_TILE - 1) // PRODUCT_TILE
+        rest = cuda.blockIdx.x
+        tile = rest % tiles
+        rest //= tiles
+        s = rest % chunk
+        b = rest // chunk
+        step = t0 + s
+        if step >= lengths[b]:
+            return  # the whole block leaves together
+        tid = cuda.threadIdx.x
+        tx = tid % PRODUCT_EDGE
+        ty = tid // PRODUCT_EDGE
+        row0 = tile * PRODUCT_TILE
+        block0 = (b * chunk + s) * K * K
+        weights = cuda.shared.array(PRODUCT_STAGE, nbtype)  # weights[dd * PRODUCT_STRIDE + r]
+        rows = cuda.shared.array(ROW_STAGE, nbtype)  # rows[dd * ROW_STRIDE + d]: the other side's table
+        acc = cuda.local.array(PRODUCT_OUTPUTS, nbtype)
+        for e in range(PRODUCT_OUTPUTS):
+            acc[e] = ZERO
+        for k0 in range(0, K, DEPTH):
             cuda.syncthreads()
-            for j in range(tid, K, threads):
-                ratio[j] = mu[t, j] / col_sum[b, t, j]
-                top[j] = col_max[b, t, j]
-                prev[j] = alpha[b, t - 1, j]
-            for side in range(2 if want_rows else 1):
-                # side 0: thread per i over tiles of E2 rows; side 1: thread per j over tiles of E1 rows
-                for base in range(0, K, threads):
-                    mine = base + tid
-                    row_sum = ZERO
-                    if mine < K:
-                        if side == 0:
-                            load_own(own, E1, tokens[b, t - 1, mine])
-                        else:
-                            load_own(own, E2, tokens[b, t, mine])
-                        for d in range(RANK):
-                            acc[d] = ZERO
-                    for start in range(0, K, tile_rows):
-                        rows = min(tile_rows, K - start)
-                        if side == 0:
-                            stage_rows(tile, E2, tokens[b, t], start, rows)
-                        else:
-                            stage_rows(tile, E1, tokens[b, t - 1], start, rows)
-                        if mine < K:
-                            for r in range(rows):
-                                other = start + r
-                                i = mine if side == 0 else other
-                                j = other if side == 0 else mine
-                                if prev[i] != NEG_INF:
-                                    x = math.exp(prev[i] + dot_tile(tile, r, own) * inv_temp - top[j]) * ratio[j]
-                                    row_sum += x
-                                    if want_rows:
-                                        for d in range(RANK):
-                                            acc[d] += x * tile[r * RANK + d]
-                    if mine < K:
-                        if side == 0:
-                            mu[t - 1, mine] = row_sum
-                        if want_rows:
-                            target = grad_E1 if side == 0 else grad_E2
-                            token = tokens[b, t - 1, mine] if side == 0 else tokens[b, t, mine]
-                            for d in range(RANK):
-                                if d < D:
-                                    cuda.atomic.add(target, (token, d), scale * acc[d])
+            for e in range(tid, PRODUCT_TILE * DEPTH, PRODUCT_THREADS):
+                if side == 0:  # xi[row0 + r, k0 + dd]: consecutive threads read consecutive columns
+                    r = e // DEPTH
+                    dd = e - r * DEPTH
+                    i = row0 + r
+                    k = k0 + dd
+                    value = xi[block0 + i * K + k] if i < K and k < K else ZERO
+                else:  # xi[k0 + dd, row0 + r]: consecutive threads read consecutive columns
+                    dd = e // PRODUCT_TILE
+                    r = e - dd * PRODUCT_TILE
+                    k = k0 + dd
+                    j = row0 + r
+                    value = xi[block0 + k * K + j] if j < K and k < K else ZERO
+                weights[dd * PRODUCT_STRIDE + r] = value
+            for e in range(tid, DEPTH * RANK, PRODUCT_THREADS):
+                dd = e // RANK
+                d = e - dd * RANK
+                k = k0 + dd
+                value = ZERO
+                if k < K and d < D:
+                    value = E2[tokens[b, step, k], d] if side == 0 else E1[tokens[b, step - 1, k], d]
+                rows[dd * ROW_STRIDE + d] = value
+            cuda.syncthreads()
+            for dd in range(DEPTH):
+                for r in range(PRODUCT_SUB):
+                    w = weights[dd * PRODUCT_STRIDE + ty + PRODUCT_EDGE * r]
+                    for q in range(RANK_SUB):
+                        acc[r * RANK_SUB + q] += w * rows[dd * ROW_STRIDE + tx + PRODUCT_EDGE * q]
+        factor = scale[b]
+        for r in range(PRODUCT_SUB):
+            own = row0 + ty + PRODUCT_EDGE * r
+            if own < K:
+                token = tokens[b, step - 1, own] if side == 0 else tokens[b, step, own]
+                for q in range(RANK_SUB):
+                    d = tx + PRODUCT_EDGE * q
+                    if d < D:
+                        cuda.atomic.add(grad, (token, d), factor * acc[r * RANK_SUB + q])
 
     @family.kernel((t.i3, t.i3, t.i1, t.f2, t.f2, t.f2, t.f3, t.f2, t.f2))
     def add_paths(beam_idx, tokens, lengths, scale, E1, E2, grad_scores, grad_E1, grad_E2):
