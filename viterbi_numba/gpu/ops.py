@@ -26,6 +26,11 @@ PARTS = 8  # threads that share one column's predecessors in the Viterbi and for
 ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursion block covers at least
 
 
+def _chunk_steps(B: int, T: int, K: int, dtype: np.dtype) -> int:
+    """Steps per chunk of (K, K) blocks (transitions, xi, edge weights): within TRANSITIONS_BUDGET bytes."""
+    return int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
+
+
 def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> int:
     """Blocks of ``kernel`` a cooperative grid can hold at once (the simulator runs one)."""
     if config.ENABLE_CUDASIM:
@@ -115,7 +120,7 @@ class GPUOps:
         lib = self.lib
         B, T, K = crf.scores.shape
         dtype = crf.dtype
-        chunk = int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
+        chunk = _chunk_steps(B, T, K, dtype)
         trans = lib.empty((B * chunk * K * K,), dtype)[1]
         product = kernels(dtype, rank_for(crf.E1.shape[1])).transitions_kernel
         starts = range(1, T, chunk)
@@ -232,28 +237,35 @@ class GPUOps:
         )
 
     def stochastic_viterbi_backward(self, inputs: SamplerGradInputs) -> SamplerGrad:
+        """The chains' recursion (a block per chain) gives grad_scores and each sampled edge's weight; then,
+        chunk by chunk of steps, the edges' (K, K) weight blocks and their table gradients as the same two
+        products per step as the backward pass (``crf.xi_products``)."""
         lib = self.lib
         crf = inputs.crf
         B, T, K, N = inputs.beam_probs.shape
         dtype = crf.dtype
+        compiled = kernels(dtype, rank_for(crf.E1.shape[1]))
         grad_scores = lib.zeros((B, T, K), dtype)
         grad_E1 = lib.zeros(crf.E1.shape, dtype)
         grad_E2 = lib.zeros(crf.E1.shape, dtype)
-        if B * N:
-            kernels(dtype).stochastic_viterbi_backward_kernel[
-                B * N, threads_for(K), lib.stream, 2 * K * dtype.itemsize
-            ](
-                inputs.beam_probs,
-                inputs.backpointers,
-                crf.tokens,
-                crf.E1,
-                crf.E2,
-                crf.lengths,
-                inputs.grad_beam_probs,
-                grad_scores[1],
-                grad_E1[1],
-                grad_E2[1],
+        if not B * N:
+            return SamplerGrad(grad_scores[0], grad_E1[0], grad_E2[0])
+        weights = lib.empty((B, T, K, N), dtype)[1]
+        compiled.stochastic_viterbi_backward_kernel[B * N, threads_for(K), lib.stream, 2 * K * dtype.itemsize](
+            inputs.beam_probs, inputs.backpointers, crf.lengths, inputs.grad_beam_probs, grad_scores[1], weights
+        )
+        chunk = _chunk_steps(B, T, K, dtype)
+        edges = lib.empty((B * chunk * K * K,), dtype)[1]
+        ones = lib.to_device(np.ones(B, dtype))[1]
+        for t0 in range(1, T, chunk):
+            compiled.fill[grid(edges.size), 256, lib.stream](edges, dtype.type(0))
+            compiled.chain_edges[grid(B * chunk * K * N), 256, lib.stream](
+                weights, inputs.backpointers, crf.lengths, chunk, t0, edges
             )
+            for side, grad in ((0, grad_E1[1]), (1, grad_E2[1])):
+                compiled.xi_products[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
+                    edges, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, ones, side, grad
+                )
         return SamplerGrad(grad_scores[0], grad_E1[0], grad_E2[0])
 
     # --- exact inference ----------------------------------------------------------------------------

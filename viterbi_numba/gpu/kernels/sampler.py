@@ -212,19 +212,20 @@ def build(blk) -> Family:
                 path_scores[b, step, j, n] = path_scores[b, length - 1, j, n]
                 backpointers[b, step - 1, j, n] = j
 
-    @family.kernel((t.f4, t.i4, t.i3, t.f2, t.f2, t.i1, t.f4, t.f3, t.f2, t.f2))
+    @family.kernel((t.f4, t.i4, t.i1, t.f4, t.f3, t.f4))
     def stochastic_viterbi_backward_kernel(
-        beam_probs, backpointers, tokens, E1, E2, lengths, grad_beam_probs, out_grad_scores, grad_E1, grad_E2
+        beam_probs, backpointers, lengths, grad_beam_probs, out_grad_scores, out_weights
     ):
-        """One block per (sequence b, chain n): the write-up autograd's gradient (``cpu/decode.py``'s counterpart),
-        added atomically into out_grad_scores (B, T, K) and grad_E1/grad_E2 (V, D), zeroed before."""
+        """One block per (sequence b, chain n): the write-up autograd's gradient (``cpu/decode.py``'s
+        counterpart) through the chain: added atomically into out_grad_scores (B, T, K), zeroed before, and
+        the weight a of each sampled edge (backpointers[b, t - 1, j, n] -> j) in out_weights[b, t, j, n]
+        (t >= 1), which ``chain_edges`` and ``crf.xi_products`` turn into the table gradients."""
         B, T, K, N = beam_probs.shape
         chain = cuda.blockIdx.x
         b = chain // N
         n = chain - b * N
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
-        D = E1.shape[1]
         length = lengths[b]
         shared = cuda.shared.array(0, nbtype)
         upstream = shared[:K]
@@ -248,17 +249,33 @@ def build(blk) -> Family:
                 break
             for j in range(tid, K, threads):
                 a = upstream[j]
+                out_weights[b, t, j, n] = a
                 if a != ZERO:
-                    i = backpointers[b, t - 1, j, n]
-                    cuda.atomic.add(incoming, i, a)
-                    src = tokens[b, t - 1, i]
-                    dst = tokens[b, t, j]
-                    for d in range(D):
-                        cuda.atomic.add(grad_E1, (src, d), a * E2[dst, d])
-                        cuda.atomic.add(grad_E2, (dst, d), a * E1[src, d])
+                    cuda.atomic.add(incoming, backpointers[b, t - 1, j, n], a)
             cuda.syncthreads()
             for j in range(tid, K, threads):
                 upstream[j] = incoming[j]
             cuda.syncthreads()
+
+    @family.kernel((t.f4, t.i4, t.i1, t.int64, t.int64, t.f1))
+    def chain_edges(weights, backpointers, lengths, chunk, t0, edges):
+        """edges (B, chunk, K, K) flattened, zeroed before: edges[b, s, i, j] = the sum over chains n whose
+        backpointers[b, t - 1, j, n] is i of weights[b, t, j, n] at t = t0 + s (a grid-stride loop over
+        (b, s, j, n), atomic adds)."""
+        B, T, K, N = weights.shape
+        total = B * chunk * K * N
+        for e in range(cuda.grid(1), total, cuda.gridsize(1)):
+            n = e % N
+            rest = e // N
+            j = rest % K
+            rest //= K
+            s = rest % chunk
+            b = rest // chunk
+            step = t0 + s
+            if step < lengths[b]:
+                a = weights[b, step, j, n]
+                if a != ZERO:
+                    i = backpointers[b, step - 1, j, n]
+                    cuda.atomic.add(edges, ((b * chunk + s) * K + i) * K + j, a)
 
     return family
