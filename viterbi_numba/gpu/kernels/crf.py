@@ -358,11 +358,14 @@ def build(blk) -> Family:
         tid = cuda.threadIdx.x
         tx = tid % PRODUCT_EDGE
         ty = tid // PRODUCT_EDGE
+        row_base = uint32(ty)
+        col_base = uint32(tx)
         row0 = tile * PRODUCT_TILE
         block0 = (b * chunk + s) * K * K
         weights = cuda.shared.array(PRODUCT_STAGE, nbtype)  # weights[dd * PRODUCT_STRIDE + r]
         rows = cuda.shared.array(ROW_STAGE, nbtype)  # rows[dd * ROW_STRIDE + d]: the other side's table
         acc = cuda.local.array(PRODUCT_OUTPUTS, nbtype)
+        entry = cuda.local.array(RANK_SUB, nbtype)
         for e in range(PRODUCT_OUTPUTS):
             acc[e] = ZERO
         for k0 in range(0, K, DEPTH):
@@ -390,11 +393,17 @@ def build(blk) -> Family:
                     value = E2[tokens[b, step, k], d] if side == 0 else E1[tokens[b, step - 1, k], d]
                 rows[dd * ROW_STRIDE + d] = value
             cuda.syncthreads()
+            weight_at = row_base
+            row_at = col_base
             for dd in range(DEPTH):
+                for q in range(RANK_SUB):  # unsigned running indices: a register plus a constant per load
+                    entry[q] = rows[row_at + uint32(PRODUCT_EDGE * q)]
                 for r in range(PRODUCT_SUB):
-                    w = weights[dd * PRODUCT_STRIDE + ty + PRODUCT_EDGE * r]
+                    w = weights[weight_at + uint32(PRODUCT_EDGE * r)]
                     for q in range(RANK_SUB):
-                        acc[r * RANK_SUB + q] += w * rows[dd * ROW_STRIDE + tx + PRODUCT_EDGE * q]
+                        acc[r * RANK_SUB + q] += w * entry[q]
+                weight_at += uint32(PRODUCT_STRIDE)
+                row_at += uint32(ROW_STRIDE)
         factor = scale[b]
         for r in range(PRODUCT_SUB):
             own = row0 + ty + PRODUCT_EDGE * r

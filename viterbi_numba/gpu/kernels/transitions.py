@@ -11,7 +11,7 @@ and the N chains of a sequence share it.
 
 from __future__ import annotations
 
-from numba import config, cuda, uint64
+from numba import config, cuda, uint32, uint64
 
 from .block import Family
 
@@ -21,7 +21,7 @@ EDGE = 2 if config.ENABLE_CUDASIM else 16
 SUB = 4
 TILE = EDGE * SUB
 THREADS = EDGE * EDGE
-DEPTH = 16  # rank entries staged per pass (every rank of block.RANKS is a multiple)
+DEPTH = 8  # rank entries staged per pass (every rank of block.RANKS is a multiple)
 STRIDE = TILE + 1  # a staged column's length: one word of padding keeps the stores conflict-free
 STAGE = DEPTH * STRIDE  # shared-memory values per staged table
 OUTPUTS = SUB * SUB  # a thread's outputs
@@ -63,6 +63,8 @@ def build(blk) -> Family:
         tid = cuda.threadIdx.x
         tx = tid % EDGE
         ty = tid // EDGE
+        row_base = uint32(ty)
+        col_base = uint32(tx)
         row0 = tile_i * TILE
         col0 = tile_j * TILE
         rows = cuda.shared.array(STAGE, nbtype)  # rows[dd * STRIDE + r]: E1[token of row0 + r]
@@ -84,10 +86,14 @@ def build(blk) -> Family:
                 rows[dd * STRIDE + r] = E1[tokens[b, step - 1, i], d] if i < K and d < D else ZERO
                 cols[dd * STRIDE + r] = E2[tokens[b, step, j], d] if j < K and d < D else ZERO
             cuda.syncthreads()
+            row_at = row_base
+            col_at = col_base
             for dd in range(DEPTH):
-                for q in range(SUB):
-                    a[q] = rows[dd * STRIDE + ty + EDGE * q]
-                    c[q] = cols[dd * STRIDE + tx + EDGE * q]
+                for q in range(SUB):  # unsigned running indices: a register plus a constant per load
+                    a[q] = rows[row_at + uint32(EDGE * q)]
+                    c[q] = cols[col_at + uint32(EDGE * q)]
+                row_at += uint32(STRIDE)
+                col_at += uint32(STRIDE)
                 for r in range(SUB):
                     for q in range(SUB):
                         acc[r * SUB + q] += a[r] * c[q]
