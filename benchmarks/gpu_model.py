@@ -34,23 +34,28 @@ CAPABILITIES = ((8, 0), (9, 0))
 DTYPES = (np.float32, np.float64)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SEED = {"B": 8, "T": 97, "K": 256, "D": 32, "N": 8, "V": 30522, "k": 256}
+SEED = {"B": 8, "T": 97, "K": 256, "D": 32, "N": 8}
 GPUS = {  # multiprocessors, boost clock (GHz), HBM bandwidth (TB/s): vendors' datasheets
     "H100 SXM": (132, 1.98, 3.35),
     "H200": (132, 1.98, 4.8),
 }
-MARKERS = {  # kernel: the SASS instruction whose count is the kernel's work (float32)
-    "transitions_kernel": r"FFMA",
-    "viterbi_steps": r"LDG",
-    "forward_steps": r"LDG",
-    "chains_steps": r"LDG",
-    "sample_kernel": r"FFMA",
-    "backward_kernel": r"FFMA",
-    "topk_kernel": r"LDG",
-    # the kernels before the redesign (one block per sequence or chain, transitions recomputed)
-    "viterbi_kernel": r"FFMA",
-    "forward_kernel": r"FFMA",
-    "stochastic_viterbi_kernel": r"FFMA",
+# The work instruction of each analysed kernel, and whether its work sits in one loop region (a product:
+# the smallest loop holding the most markers, staging included) or in passes (innermost loops).
+MARKERS = {
+    "transitions_kernel": ("FFMA", "region"),
+    "xi_rows": ("FFMA", "region"),
+    "xi_columns": ("FFMA", "region"),
+    "sample_kernel": ("FFMA", "region"),
+    "viterbi_steps": ("LDG", "passes"),
+    "forward_steps": ("LDG", "passes"),
+    "chains_steps": ("LDG", "passes"),
+    "backward_steps": (r"MUFU\.EX2", "passes"),
+    "topk_kernel": ("LDG", "region"),
+    # the kernels before the redesign (one block per sequence or chain, transitions recomputed per pass)
+    "viterbi_kernel": ("FFMA", "passes"),
+    "forward_kernel": ("FFMA", "passes"),
+    "stochastic_viterbi_kernel": ("FFMA", "passes"),
+    "backward_kernel": ("FFMA", "passes"),
 }
 
 
@@ -142,16 +147,21 @@ def instructions(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
     return listing, labels
 
 
-def loops(sass: str) -> list[list[str]]:
-    """The innermost loops (a backward branch and the instructions from its target to it) of a listing."""
+def spans(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """The listing and its loops: (first, last) addresses of each backward branch's body."""
     listing, labels = instructions(sass)
-    spans = []
+    found = []
     for address, text in listing:
         target = _TARGET.search(text)
-        if "BRA" in text.split() or re.search(r"\bBRA\b", text):
-            if target and labels.get(target.group(1), address + 1) <= address:
-                spans.append((labels[target.group(1)], address))
-    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+        if re.search(r"\bBRA\b", text) and target and labels.get(target.group(1), address + 1) <= address:
+            found.append((labels[target.group(1)], address))
+    return listing, found
+
+
+def loops(sass: str) -> list[list[str]]:
+    """The innermost loops of a listing, as their instructions."""
+    listing, found = spans(sass)
+    inner = [s for s in found if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in found)]
     return [[text for address, text in listing if start <= address <= end] for start, end in inner]
 
 
@@ -162,21 +172,35 @@ def opcode(text: str) -> str:
     return parts[0] if parts else ""
 
 
-def hot_loops(sass: str, marker: str) -> list[dict]:
-    """Per innermost loop holding ``marker`` instructions: instructions, markers, local accesses."""
-    found = []
-    for body in loops(sass):
-        ops = [opcode(text) for text in body]
-        markers = sum(1 for op in ops if re.match(marker + r"\b", op))
-        if markers:
-            found.append(
-                {
-                    "instructions": len(ops),
-                    "markers": markers,
-                    "local": sum(1 for op in ops if op.startswith(("LDL", "STL"))),
-                }
-            )
-    return sorted(found, key=lambda loop: -loop["markers"])
+def _summary(body: list[str], marker: str) -> dict:
+    ops = [opcode(text) for text in body]
+    count = lambda prefix: sum(1 for op in ops if re.match(prefix + r"\b", op))  # noqa: E731
+    return {
+        "instructions": len(ops),
+        "markers": count(marker),
+        "local": count("LDL") + count("STL"),
+        "exp": count(r"MUFU\.EX2"),
+        "max": count("FMNMX") + count("DMNMX"),
+        "compare": count("FSETP") + count("DSETP"),
+        "loads": count("LDG"),
+    }
+
+
+def hot_loops(sass: str, marker: str, kind: str = "passes") -> list[dict]:
+    """Loops holding ``marker`` instructions, most markers first: per loop its instructions, markers,
+    local accesses (LDL/STL) and a few instruction classes. ``passes``: the innermost loops; ``region``:
+    the smallest loop holding the most markers (nested staging loops counted once)."""
+    listing, found = spans(sass)
+    if kind == "region":
+        bodies = [[text for address, text in listing if start <= address <= end] for start, end in found]
+        summaries = [_summary(body, marker) for body in bodies]
+        if not summaries:
+            return []
+        most = max(summary["markers"] for summary in summaries)
+        chosen = [summary for summary in summaries if summary["markers"] == most and most]
+        return sorted(chosen, key=lambda summary: summary["instructions"])[:1]
+    found = [_summary(body, marker) for body in loops(sass)]
+    return sorted([summary for summary in found if summary["markers"]], key=lambda summary: -summary["markers"])
 
 
 def local_accesses(sass: str) -> int:
@@ -207,105 +231,184 @@ def compile_all(with_ptxas: bool, names=None, capabilities=CAPABILITIES, dtypes=
 
 
 def analyse(rank: int) -> dict:
-    """Per kernel (float32, sm_90, the seed's rank): resources and hot loops."""
+    """Per kernel (float32, sm_90, compiled at ``rank``): resources and hot loops."""
     out = {}
     for _, _, name, _, usage, sass in compile_all(True, capabilities=((9, 0),), dtypes=(np.float32,), rank=rank):
         entry = dict(usage)
         entry["local_accesses"] = local_accesses(sass) if sass else None
-        entry["hot_loops"] = hot_loops(sass, MARKERS[name]) if sass and name in MARKERS else []
+        marker, kind = MARKERS.get(name, ("FFMA", "passes"))
+        entry["hot_loops"] = hot_loops(sass, marker, kind) if sass and name in MARKERS else []
         out[name] = entry
     return out
 
 
-def _bounds(name: str, entry: dict, gpu: tuple) -> dict | None:
-    """Lower bounds (ms) for one call of kernel ``name`` at the seed's size on ``gpu``."""
-    from viterbi_numba.gpu.kernels.block import TRANSITIONS_BUDGET
+def _main(loops_: list[dict], test) -> float:
+    """Instructions per unit of work of the most unrolled loop that passes ``test`` (0 if none)."""
+    chosen = [loop for loop in loops_ if test(loop)]
+    if not chosen:
+        return 0.0
+    loop = max(chosen, key=lambda loop: loop["markers"])
+    return loop["instructions"] / loop["markers"]
+
+
+def unit_cost(name: str, loops_: list[dict]) -> float:
+    """SASS instructions per unit of work: per multiply-add (products, the old kernels), per transition
+    entry of a step (recursions: the sum over its passes, the chains' crossing pass at half a row)."""
+    if name == "viterbi_steps":
+        return _main(loops_, lambda loop: loop["compare"] and loop["loads"])
+    if name == "forward_steps":
+        return _main(loops_, lambda loop: loop["max"] and not loop["exp"]) + _main(loops_, lambda loop: loop["exp"])
+    if name == "chains_steps":
+        crossing = [loop for loop in loops_ if loop["exp"] and loop["loads"] == 1]
+        summing = [loop for loop in loops_ if loop["exp"] and loop["loads"] > 1]
+        return (
+            _main(loops_, lambda loop: loop["max"] and not loop["exp"])
+            + _main(summing, lambda loop: True)
+            + 0.5 * _main(crossing, lambda loop: True)
+        )
+    return _main(loops_, lambda loop: True)
+
+
+def _layout(units: int, K: int, per_column: int, sms: int):
+    from viterbi_numba.gpu.ops import recursion_layout
+
+    return recursion_layout(units, K, per_column, sms, lambda threads: sms * max(1, 1024 // threads) // 2)
+
+
+def bounds(name: str, cost: float, gpu: tuple) -> dict | None:
+    """Lower bounds (ms) for kernel ``name``'s launches in one call at the seed's size on ``gpu``:
+    issue rate, one thread's serial instructions per step (recursions) and HBM traffic."""
+    from viterbi_numba.gpu.kernels.crf import PRODUCT_TILE, ROW_LANES
+    from viterbi_numba.gpu.kernels.transitions import TILE
+    from viterbi_numba.gpu.ops import PARTS, chains_per_block
 
     B, T, K, N, D = SEED["B"], SEED["T"], SEED["K"], SEED["N"], SEED["D"]
     sms, clock, bandwidth = gpu
-    loops_ = entry["hot_loops"]
-    if not loops_:
-        return None
-    per_trip = loops_[0]["instructions"] / loops_[0]["markers"]  # instructions per unit of work
     steps = T - 1
     cells = B * steps * K * K
-    latency = 0.0
-    memory_bytes = 0.0
+    serial = 0.0  # one thread's instructions per step
+    memory = 0.0  # bytes through HBM
+    barriers = 0
+    if not cost:
+        return None
     if name == "transitions_kernel":
-        rank = 32
-        work, blocks, warps = cells * rank, B * steps * (-(-K // 64)) ** 2, 8
-        memory_bytes = cells * 4  # written once (and read once from L2 when a chunk fits it)
-        del TRANSITIONS_BUDGET
+        work, blocks, warps = cells * D, B * steps * (-(-K // TILE)) ** 2, 8
+    elif name in ("xi_rows", "xi_columns"):
+        work, blocks, warps = cells * D, B * steps * -(-K // PRODUCT_TILE), 8
     elif name in ("viterbi_steps", "forward_steps"):
-        split = min(-(-K // 32), -(-sms // B))
-        work, blocks, warps = cells, B * split, max(1, K // split // 32)
-        latency = steps * K * per_trip / (clock * 1e9) * 1e3  # a thread's column: K trips per step
+        layout = _layout(B, K, PARTS, sms)
+        work, blocks, warps = cells, layout.blocks, layout.threads // 32
+        lanes = layout.threads // layout.parts
+        columns = -(-K // layout.split)
+        serial = -(-columns // lanes) * -(-K // layout.parts) * cost
+        barriers = steps
     elif name == "chains_steps":
-        chains = min(N, 20 * 1024 // (K * 4))
-        split = min(-(-K // 32), -(-sms // (B * -(-N // chains))))
-        work = cells * N * 1.5  # pass 1 over every i, pass 2 to the crossing (K / 2 on average)
-        blocks = B * -(-N // chains) * split
-        warps = max(1, K // split * chains // 32)
-        latency = steps * 1.5 * K * per_trip / (clock * 1e9) * 1e3
+        chains = chains_per_block(K, N, np.dtype(np.float32))
+        layout = _layout(B * -(-N // chains), K, chains, sms)
+        work, blocks, warps = cells * N, layout.blocks, layout.threads // 32
+        pairs = -(-K // layout.split) * chains
+        serial = -(-pairs // layout.threads) * K * cost
+        memory = B * T * K * N * (4 + 4 + 8)  # beam_probs, path_scores, backpointers
+        barriers = steps
+    elif name == "backward_steps":
+        layout = _layout(B, K, ROW_LANES, sms)
+        work, blocks, warps = cells, layout.blocks, layout.threads // 32
+        rows = -(-K // layout.split)
+        serial = -(-rows // (layout.threads // 32)) * -(-K // 32) * cost
+        barriers = steps
+    elif name == "sample_kernel":
+        work, blocks, warps = B * N * steps * K * D, B * N, K // 32
     elif name in ("viterbi_kernel", "forward_kernel"):
         work, blocks, warps = cells * D, B, K // 32
+        serial = K * D * cost
     elif name == "stochastic_viterbi_kernel":
         work, blocks, warps = cells * D * N * 1.5, B * N, K // 32
+        serial = 1.5 * K * D * cost
+    elif name == "backward_kernel":
+        work, blocks, warps = 2 * cells * D, B, K // 32
+        serial = 2 * K * D * cost
     else:
         return None
-    warps_per_sm = warps * max(1, blocks // sms)
     used = min(blocks, sms)
-    warp_instructions = work * per_trip / 32
-    issue = warp_instructions / (used * min(4, warps_per_sm) * clock * 1e9) * 1e3
-    memory = memory_bytes / (bandwidth * 1e12) * 1e3
+    warps_per_sm = warps * max(1, blocks // sms)
+    issue = work * cost / 32 / (used * min(4, warps_per_sm) * clock * 1e9) * 1e3
+    latency = steps * serial / (clock * 1e9) * 1e3
+    hbm = memory / (bandwidth * 1e12) * 1e3
     return {
-        "per_unit": per_trip,
         "blocks": blocks,
         "sm_fraction": used / sms,
         "issue_ms": issue,
         "latency_ms": latency,
-        "memory_ms": memory,
-        "bound_ms": max(issue, latency, memory),
+        "memory_ms": hbm,
+        "bound_ms": max(issue, latency, hbm),
+        "barriers": barriers,
     }
+
+
+CALLS = {  # public call at the seed's size: (its main kernels, the issue's target in ms)
+    "viterbi_decode": (("transitions_kernel", "viterbi_steps"), 0.5),
+    "log_partition (forward)": (("transitions_kernel", "forward_steps"), 0.5),
+    "stochastic_viterbi N=8": (("transitions_kernel", "chains_steps"), 1.0),
+    "crf_sample N=8": (("transitions_kernel", "forward_steps", "sample_kernel"), 0.6),
+    "backward (marginals and table gradients)": (
+        ("transitions_kernel", "backward_steps", "xi_rows", "xi_columns"),
+        2.0,
+    ),
+}
+BEFORE_CALLS = {
+    "viterbi_decode": ("viterbi_kernel",),
+    "log_partition (forward)": ("forward_kernel",),
+    "stochastic_viterbi N=8": ("stochastic_viterbi_kernel",),
+    "crf_sample N=8": ("forward_kernel", "sample_kernel"),
+    "backward (marginals and table gradients)": ("backward_kernel",),
+}
 
 
 def report(after: dict, before: dict | None) -> str:
     lines = [
         "# GPU kernels read without a GPU: hot-loop SASS and lower bounds at the seed's size",
         "",
-        "`python benchmarks/gpu_model.py [--before CHECKOUT]` (no GPU needed; see its docstring for the method).",
-        f"Seed size: B={SEED['B']}, T={SEED['T']}, K={SEED['K']}, D={SEED['D']}, N={SEED['N']}, float32, sm_90.",
-        "Per unit: SASS instructions per unit of work in the hot loop (a multiply-add of a product, or a",
-        "transition entry of a recursion step). Bounds in ms for one call; `bound` is the largest of issue",
-        "rate, one thread's serial work per step (recursions) and HBM traffic. Not counted: launch overhead",
-        "(a few microseconds per launch), the grid barrier after each recursion step (one per step: 96 here),",
-        "and the small start/finish kernels.",
+        "`python benchmarks/gpu_model.py --before CHECKOUT` (no GPU needed; the method is in its docstring).",
+        f"Seed size: B={SEED['B']}, T={SEED['T']}, K={SEED['K']}, D={SEED['D']}, N={SEED['N']}, float32, sm_90;",
+        "H100 SXM / H200: 132 multiprocessors at 1.98 GHz, 4 schedulers each; HBM 3.35 / 4.8 TB/s.",
+        "Per unit: SASS instructions per unit of work in the hot loops (a multiply-add of a product; a",
+        "transition entry of a recursion step, summed over its passes). Bounds in ms for one call: issue",
+        "rate, one thread's serial instructions over all steps (recursions), HBM traffic; `bound` is the",
+        "largest. Not counted: launch overheads (a few microseconds each), the small start/finish kernels,",
+        "and the grid barriers after each recursion step (`barriers`: about 1-2 microseconds each on",
+        "Hopper by NVIDIA's cooperative-groups figures; unmeasured here).",
         "",
     ]
-    for label, table in (("after", after), ("before", before)):
+    tables = (("after", after, {n: c[0] for n, c in CALLS.items()}), ("before", before, BEFORE_CALLS))
+    for label, table, calls in tables:
         if table is None:
             continue
         lines += [
             f"## {label}",
             "",
-            "| kernel | registers | stack (B) | static shared (B) | local accesses | hot-loop instructions / markers | per unit | blocks | SMs used | H100 issue / latency / memory (ms) | H200 bound (ms) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| kernel | registers | stack (B) | local accesses | per unit | blocks | SMs used | "
+            "H100 issue / latency / memory (ms) | H200 bound (ms) | barriers |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        costs = {}
         for name, entry in table.items():
-            loops_ = entry["hot_loops"]
-            shape = ", ".join(f"{loop['instructions']}/{loop['markers']}" for loop in loops_[:2]) or "-"
-            h100 = _bounds(name, entry, GPUS["H100 SXM"])
-            h200 = _bounds(name, entry, GPUS["H200"])
+            cost = unit_cost(name, entry["hot_loops"])
+            costs[name] = cost
+            h100 = bounds(name, cost, GPUS["H100 SXM"])
+            h200 = bounds(name, cost, GPUS["H200"])
             model = (
-                f"{h100['per_unit']:.2f} | {h100['blocks']} | {h100['sm_fraction']:.0%} | "
-                f"{h100['issue_ms']:.3f} / {h100['latency_ms']:.3f} / {h100['memory_ms']:.3f} | {h200['bound_ms']:.3f}"
+                f"{cost:.2f} | {h100['blocks']} | {h100['sm_fraction']:.0%} | "
+                f"{h100['issue_ms']:.3f} / {h100['latency_ms']:.3f} / {h100['memory_ms']:.3f} | "
+                f"{h200['bound_ms']:.3f} | {h100['barriers']}"
                 if h100
-                else "- | - | - | - | -"
+                else "- | - | - | - | - | -"
             )
-            lines.append(
-                f"| {name} | {entry['registers']} | {entry['stack']} | {entry['shared']} | "
-                f"{entry['local_accesses']} | {shape} | {model} |"
-            )
+            lines.append(f"| {name} | {entry['registers']} | {entry['stack']} | {entry['local_accesses']} | {model} |")
+        lines += ["", f"Calls ({label}), H200 bound as the sum of their kernels' bounds:", ""]
+        lines += ["| call | kernels | H200 bound (ms) | target (ms) |", "|---|---|---|---|"]
+        for call, names in calls.items():
+            total = sum((bounds(n, costs.get(n, 0.0), GPUS["H200"]) or {"bound_ms": 0.0})["bound_ms"] for n in names)
+            lines.append(f"| {call} | {', '.join(names)} | {total:.3f} | {CALLS[call][1]} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

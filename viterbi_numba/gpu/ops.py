@@ -17,13 +17,45 @@ from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticVit
 from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
 from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
-from .kernels.crf import PRODUCT_THREADS, product_tiles
+from .kernels.crf import PRODUCT_THREADS, ROW_LANES, product_tiles
 from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
 COLUMNS_PER_BLOCK = 32  # the fewest columns of a step a recursion block serves when its columns are split
 PARTS = 8  # threads that share one column's predecessors in the Viterbi and forward steps
 ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursion block covers at least
+
+
+def topk_region(k: int) -> int:
+    """top-K's sorted region (a power of two, k or more): candidate slots for 4 chunks of the row, so a
+    sort comes only every few chunks' survivors."""
+    region = 4 * block_limits()[1]
+    while region < k:
+        region *= 2
+    return region
+
+
+def chains_per_block(K: int, N: int, dtype: np.dtype) -> int:
+    """The chains one ``chains_steps`` block serves: as many as keep their K previous scores in half the
+    shared-memory budget."""
+    return int(max(1, min(N, (SHARED_BUDGET // 2) // (K * dtype.itemsize), MAX_THREADS)))
+
+
+def dynamic_shared(name: str, K: int, dtype: Any, N: int = 1, k: int = 1) -> int:
+    """Bytes of dynamic shared memory a launch of kernel ``name`` asks for (beam K, N samples, top-k)."""
+    itemsize = np.dtype(dtype).itemsize
+    values = {
+        "viterbi_steps": K,
+        "forward_steps": K,
+        "forward_finish": K,
+        "chains_steps": K * chains_per_block(K, N, np.dtype(dtype)),
+        "sample_kernel": 2 * K,
+        "backward_steps": 2 * K,
+        "stochastic_viterbi_backward_kernel": 2 * K,
+    }
+    if name == "topk_kernel":
+        return 2 * topk_region(k) * (itemsize + 8)  # keys and int64 ids
+    return values.get(name, 0) * itemsize
 
 
 def _chunk_steps(B: int, T: int, K: int, dtype: np.dtype) -> int:
@@ -99,10 +131,8 @@ class GPUOps:
         tokens_native, tokens = lib.empty((B, T, k), np.int64)
         _, bad_rows = lib.zeros((B, T), np.int64)
         threads = block_limits()[1]
-        region = 4 * threads  # candidate slots for 4 chunks of the row: a sort only every few chunks' survivors
-        while region < k:
-            region *= 2
-        shared = 2 * region * (emissions.dtype.itemsize + 8)
+        region = topk_region(k)
+        shared = dynamic_shared("topk_kernel", emissions.shape[2], emissions.dtype, k=k)
         if B * T:
             kernels(emissions.dtype).topk_kernel[B * T, threads, lib.stream, shared](
                 emissions, k, region, forced, force_tokens is not None, scores, tokens, bad_rows
@@ -152,7 +182,7 @@ class GPUOps:
         if not B:
             return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
         compiled.viterbi_start[B, threads_for(K), lib.stream](crf.scores, crf.lengths, shift, cum_shift, history)
-        shared = K * dtype.itemsize
+        shared = dynamic_shared("viterbi_steps", K, dtype)
         layout = self._layout("viterbi_steps", dtype, B, K, PARTS, shared)
         for t0, chunk, trans in self._transition_chunks(crf):
             compiled.viterbi_steps[layout.blocks, layout.threads, lib.stream, shared](
@@ -195,9 +225,8 @@ class GPUOps:
             compiled.chains_start[B, threads_for(K * N), lib.stream](
                 crf.scores, crf.lengths, shift, cum_shift, beam_probs[1], path_scores[1]
             )
-            # a block's chains: as many as keep their K previous scores in half the shared budget
-            chains = int(max(1, min(N, (SHARED_BUDGET // 2) // (K * dtype.itemsize), MAX_THREADS)))
-            shared = K * chains * dtype.itemsize
+            chains = chains_per_block(K, N, dtype)
+            shared = dynamic_shared("chains_steps", K, dtype, N)
             layout = self._layout("chains_steps", dtype, B * -(-N // chains), K, chains, shared)
             for t0, chunk, trans in self._transition_chunks(crf):
                 compiled.chains_steps[layout.blocks, layout.threads, lib.stream, shared](
@@ -251,7 +280,8 @@ class GPUOps:
         if not B * N:
             return SamplerGrad(grad_scores[0], grad_E1[0], grad_E2[0])
         weights = lib.empty((B, T, K, N), dtype)[1]
-        compiled.stochastic_viterbi_backward_kernel[B * N, threads_for(K), lib.stream, 2 * K * dtype.itemsize](
+        shared = dynamic_shared("stochastic_viterbi_backward_kernel", K, dtype)
+        compiled.stochastic_viterbi_backward_kernel[B * N, threads_for(K), lib.stream, shared](
             inputs.beam_probs, inputs.backpointers, crf.lengths, inputs.grad_beam_probs, grad_scores[1], weights
         )
         chunk = _chunk_steps(B, T, K, dtype)
@@ -262,9 +292,9 @@ class GPUOps:
             compiled.chain_edges[grid(B * chunk * K * N), 256, lib.stream](
                 weights, inputs.backpointers, crf.lengths, chunk, t0, edges
             )
-            for side, grad in ((0, grad_E1[1]), (1, grad_E2[1])):
-                compiled.xi_products[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
-                    edges, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, ones, side, grad
+            for product, grad in ((compiled.xi_rows, grad_E1[1]), (compiled.xi_columns, grad_E2[1])):
+                product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
+                    edges, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, ones, grad
                 )
         return SamplerGrad(grad_scores[0], grad_E1[0], grad_E2[0])
 
@@ -280,7 +310,7 @@ class GPUOps:
         if B:
             threads = threads_for(K)
             compiled.forward_start[B, threads, lib.stream](crf.scores, crf.lengths, inv_temp, shift, raw, norm)
-            shared = K * dtype.itemsize
+            shared = dynamic_shared("forward_steps", K, dtype)
             layout = self._layout("forward_steps", dtype, B, K, PARTS, shared)
             for t0, chunk, trans in self._transition_chunks(crf):
                 compiled.forward_steps[layout.blocks, layout.threads, lib.stream, shared](
@@ -316,7 +346,7 @@ class GPUOps:
         log_prob = lib.empty((B, num_samples), dtype)
         if B:
             kernels(dtype, rank_for(D)).sample_kernel[
-                B * num_samples, threads_for(K), lib.stream, 2 * K * dtype.itemsize
+                B * num_samples, threads_for(K), lib.stream, dynamic_shared("sample_kernel", K, dtype)
             ](
                 crf.scores,
                 crf.tokens,
@@ -356,9 +386,8 @@ class GPUOps:
             return (mu, grad_E1, grad_E2) if want_rows else (mu, None, None)
         scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
         compiled.backward_start[B, threads_for(K), lib.stream](crf.lengths, state.alpha, mu[1])
-        shared = 2 * K * dtype.itemsize
-        layout = self._layout("backward_steps", dtype, B, K, ROUND_LANES, shared)
-        lanes = min(ROUND_LANES, layout.threads)
+        shared = dynamic_shared("backward_steps", K, dtype)
+        layout = self._layout("backward_steps", dtype, B, K, ROW_LANES, shared)
         for t0, chunk, xi in self._transition_chunks(crf, reverse=True):
             compiled.backward_steps[layout.blocks, layout.threads, lib.stream, shared](
                 xi,
@@ -367,7 +396,6 @@ class GPUOps:
                 crf.lengths,
                 state.inv_temp,
                 layout.split,
-                lanes,
                 want_rows,
                 state.alpha,
                 state.col_max,
@@ -375,9 +403,9 @@ class GPUOps:
                 mu[1],
             )
             if want_rows:
-                for side, grad in ((0, grad_E1[1]), (1, grad_E2[1])):
-                    compiled.xi_products[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
-                        xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, scale, side, grad
+                for product, grad in ((compiled.xi_rows, grad_E1[1]), (compiled.xi_columns, grad_E2[1])):
+                    product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
+                        xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, scale, grad
                     )
         if not want_rows:
             return mu, None, None

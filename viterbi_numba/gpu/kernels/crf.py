@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from numba import config, cuda, int64, uint32
 
 from ... import _portable
 from .block import MAX_THREADS, PAD, Family
-from .transitions import DEPTH
 
-# xi_products: a block of PRODUCT_EDGE^2 threads computes PRODUCT_TILE output rows x the rank, each thread
+# xi_rows, xi_columns: a block of PRODUCT_EDGE^2 threads computes PRODUCT_TILE output rows x the rank, each thread
 # PRODUCT_SUB rows x RANK // PRODUCT_EDGE entries (in the simulator, 2 x 2 threads)
 PRODUCT_EDGE = 2 if config.ENABLE_CUDASIM else 16
 PRODUCT_THREADS = PRODUCT_EDGE * PRODUCT_EDGE
 PRODUCT_SUB = 4
 PRODUCT_TILE = PRODUCT_EDGE * PRODUCT_SUB
 PRODUCT_STRIDE = PRODUCT_TILE + 1  # one word of padding per staged column keeps the stores conflict-free
-PRODUCT_STAGE = DEPTH * PRODUCT_STRIDE
+PRODUCT_DEPTH = 16  # reduction entries staged per pass
+PRODUCT_STAGE = PRODUCT_DEPTH * PRODUCT_STRIDE
+ROW_LANES = 2 if config.ENABLE_CUDASIM else 32  # backward_steps: threads sharing a row (a warp)
 
 
 def product_tiles(K: int) -> int:
@@ -44,7 +46,7 @@ def build(blk) -> Family:
     step_barrier = blk.step_barrier
     exchange_load = blk.exchange_load
     ROW_STRIDE = RANK + 1
-    ROW_STAGE = DEPTH * ROW_STRIDE
+    ROW_STAGE = PRODUCT_DEPTH * ROW_STRIDE
     RANK_SUB = max(1, RANK // PRODUCT_EDGE)  # a thread's entries of an output row
     PRODUCT_OUTPUTS = PRODUCT_SUB * RANK_SUB
     family = Family()
@@ -274,14 +276,14 @@ def build(blk) -> Family:
             for step in range(length, T):
                 marginals[b, step, j] = ZERO
 
-    @family.kernel((t.f1, t.int64, t.int64, t.i1, t.f, t.int64, t.int64, t.boolean, t.f3, t.f3, t.f3, t.f3))
-    def backward_steps(xi, chunk, t0, lengths, inv_temp, split, lanes, keep, alpha, col_max, col_sum, marginals):
+    @family.kernel((t.f1, t.int64, t.int64, t.i1, t.f, t.int64, t.boolean, t.f3, t.f3, t.f3, t.f3))
+    def backward_steps(xi, chunk, t0, lengths, inv_temp, split, keep, alpha, col_max, col_sum, marginals):
         """Steps t = t0 + chunk - 1 down to t0 of the backward pass (``cpu/crf.py``'s counterpart):
         xi[i, j] = exp(alpha[t - 1, i] + trans[i, j] * inv_temp - col_max[t, j]) * mu_t[j] / col_sum[t, j]
         and mu_{t-1}[i] = sum_j xi[i, j] into marginals. ``xi`` holds the chunk's transition blocks
         (flattened) on entry and, with ``keep``, each step's xi on exit (``xi_products`` turns them into
         the table gradients). The K rows are split over ``split`` blocks of a cooperative grid that meet
-        after every step; ``lanes`` threads share a row, reading consecutive columns."""
+        after every step; ROW_LANES threads (a warp) share a row, reading consecutive columns."""
         B, T, K = alpha.shape
         tid = cuda.threadIdx.x
         part = cuda.blockIdx.x % split
@@ -289,11 +291,10 @@ def build(blk) -> Family:
         height = (K + split - 1) // split
         first_row = part * height
         last_row = min(K, first_row + height)
-        rows_per_round = cuda.blockDim.x // lanes
-        lane = tid % lanes
-        slot = tid // lanes
+        rows_per_round = cuda.blockDim.x // ROW_LANES
+        lane = tid % ROW_LANES
+        slot = tid // ROW_LANES
         columns = uint32(K)
-        stride = uint32(lanes)
         shared = cuda.shared.array(0, nbtype)
         ratio = shared[:K]
         top = shared[K : 2 * K]
@@ -317,102 +318,116 @@ def build(blk) -> Family:
                             a = alpha[b, step - 1, i]
                             offset = block0 + uint32(i * K + lane)
                             j = uint32(lane)
-                            while j < columns:
-                                x = ZERO
-                                if a != NEG_INF:
+                            if a == NEG_INF:  # a predecessor no path reaches: a row of zeros
+                                while keep and j < columns:
+                                    xi[offset] = ZERO
+                                    offset += uint32(ROW_LANES)
+                                    j += uint32(ROW_LANES)
+                            else:  # a constant stride, so the loop unrolls
+                                while j < columns:
                                     x = fast_exp(a + xi[offset] * inv_temp - top[j]) * ratio[j]
-                                if keep:
-                                    xi[offset] = x
-                                partial += x
-                                offset += stride
-                                j += stride
+                                    if keep:
+                                        xi[offset] = x
+                                    partial += x
+                                    offset += uint32(ROW_LANES)
+                                    j += uint32(ROW_LANES)
                         sums[tid] = partial
                         cuda.syncthreads()
                         if lane == 0 and i < last_row:
                             total = ZERO
-                            for q in range(lanes):
-                                total += sums[slot * lanes + q]
+                            for q in range(ROW_LANES):
+                                total += sums[slot * ROW_LANES + q]
                             marginals[b, step - 1, i] = total
                         cuda.syncthreads()
                 step_barrier(split)
 
-    @family.kernel((t.f1, t.int64, t.int64, t.i3, t.f2, t.f2, t.i1, t.f1, t.int64, t.f2), threads=PRODUCT_THREADS)
-    def xi_products(xi, chunk, t0, tokens, E1, E2, lengths, scale, side, grad):
-        """The table gradients of a chunk's xi blocks (``backward_steps``), two products per step: side 0
-        adds scale[b] * sum_j xi[i, j] E2[tokens[b, t, j]] to grad (grad_E1) at row tokens[b, t - 1, i];
-        side 1 adds scale[b] * sum_i xi[i, j] E1[tokens[b, t - 1, i]] to grad (grad_E2) at row
-        tokens[b, t, j]. One block per PRODUCT_TILE output rows of a step, each thread a register tile of
-        rows x rank entries; the reduction dimension is staged in shared memory DEPTH at a time. Each sum
-        reaches the table with one atomic add per (row, d), a warp's lanes on consecutive d."""
-        B, _, K = tokens.shape
-        D = E1.shape[1]
-        tiles = (K + PRODUCT_TILE - 1) // PRODUCT_TILE
-        rest = cuda.blockIdx.x
-        tile = rest % tiles
-        rest //= tiles
-        s = rest % chunk
-        b = rest // chunk
-        step = t0 + s
-        if step >= lengths[b]:
-            return  # the whole block leaves together
-        tid = cuda.threadIdx.x
-        tx = tid % PRODUCT_EDGE
-        ty = tid // PRODUCT_EDGE
-        row_base = uint32(ty)
-        col_base = uint32(tx)
-        row0 = tile * PRODUCT_TILE
-        block0 = (b * chunk + s) * K * K
-        weights = cuda.shared.array(PRODUCT_STAGE, nbtype)  # weights[dd * PRODUCT_STRIDE + r]
-        rows = cuda.shared.array(ROW_STAGE, nbtype)  # rows[dd * ROW_STRIDE + d]: the other side's table
-        acc = cuda.local.array(PRODUCT_OUTPUTS, nbtype)
-        entry = cuda.local.array(RANK_SUB, nbtype)
-        for e in range(PRODUCT_OUTPUTS):
-            acc[e] = ZERO
-        for k0 in range(0, K, DEPTH):
-            cuda.syncthreads()
-            for e in range(tid, PRODUCT_TILE * DEPTH, PRODUCT_THREADS):
-                if side == 0:  # xi[row0 + r, k0 + dd]: consecutive threads read consecutive columns
-                    r = e // DEPTH
-                    dd = e - r * DEPTH
-                    i = row0 + r
+    def products(side: int, name: str) -> Any:
+        """A kernel for one side of the table gradients (``side`` is fixed at compile time)."""
+
+        def kernel(xi, chunk, t0, tokens, E1, E2, lengths, scale, grad):
+            """The table gradients of a chunk's (K, K) weight blocks (xi from ``backward_steps``, or the
+            sampler's edge weights), two products per step: ``xi_rows`` adds scale[b] * sum_j xi[i, j]
+            E2[tokens[b, t, j]] to grad (grad_E1) at row tokens[b, t - 1, i]; ``xi_columns`` adds
+            scale[b] * sum_i xi[i, j] E1[tokens[b, t - 1, i]] to grad (grad_E2) at row tokens[b, t, j].
+            One block per PRODUCT_TILE output rows of a step, each thread a register tile of rows x rank
+            entries; the reduction dimension is staged in shared memory PRODUCT_DEPTH at a time. Each
+            sum reaches the table with one atomic add per (row, d), a warp's lanes on consecutive d."""
+            B, _, K = tokens.shape
+            D = E1.shape[1]
+            tiles = (K + PRODUCT_TILE - 1) // PRODUCT_TILE
+            rest = cuda.blockIdx.x
+            tile = rest % tiles
+            rest //= tiles
+            s = rest % chunk
+            b = rest // chunk
+            step = t0 + s
+            if step >= lengths[b]:
+                return  # the whole block leaves together
+            tid = cuda.threadIdx.x
+            tx = tid % PRODUCT_EDGE
+            ty = tid // PRODUCT_EDGE
+            row_base = uint32(ty)
+            col_base = uint32(tx)
+            row0 = tile * PRODUCT_TILE
+            block0 = (b * chunk + s) * K * K
+            weights = cuda.shared.array(PRODUCT_STAGE, nbtype)  # weights[dd * PRODUCT_STRIDE + r]
+            rows = cuda.shared.array(ROW_STAGE, nbtype)  # rows[dd * ROW_STRIDE + d]: the other side's table
+            acc = cuda.local.array(PRODUCT_OUTPUTS, nbtype)
+            entry = cuda.local.array(RANK_SUB, nbtype)
+            for e in range(PRODUCT_OUTPUTS):
+                acc[e] = ZERO
+            for k0 in range(0, K, PRODUCT_DEPTH):
+                cuda.syncthreads()
+                for e in range(tid, PRODUCT_TILE * PRODUCT_DEPTH, PRODUCT_THREADS):
+                    if side == 0:  # xi[row0 + r, k0 + dd]: consecutive threads read consecutive columns
+                        r = e // PRODUCT_DEPTH
+                        dd = e - r * PRODUCT_DEPTH
+                        i = row0 + r
+                        k = k0 + dd
+                        value = xi[block0 + i * K + k] if i < K and k < K else ZERO
+                    else:  # xi[k0 + dd, row0 + r]: consecutive threads read consecutive columns
+                        dd = e // PRODUCT_TILE
+                        r = e - dd * PRODUCT_TILE
+                        k = k0 + dd
+                        j = row0 + r
+                        value = xi[block0 + k * K + j] if j < K and k < K else ZERO
+                    weights[dd * PRODUCT_STRIDE + r] = value
+                for e in range(tid, PRODUCT_DEPTH * RANK, PRODUCT_THREADS):
+                    dd = e // RANK
+                    d = e - dd * RANK
                     k = k0 + dd
-                    value = xi[block0 + i * K + k] if i < K and k < K else ZERO
-                else:  # xi[k0 + dd, row0 + r]: consecutive threads read consecutive columns
-                    dd = e // PRODUCT_TILE
-                    r = e - dd * PRODUCT_TILE
-                    k = k0 + dd
-                    j = row0 + r
-                    value = xi[block0 + k * K + j] if j < K and k < K else ZERO
-                weights[dd * PRODUCT_STRIDE + r] = value
-            for e in range(tid, DEPTH * RANK, PRODUCT_THREADS):
-                dd = e // RANK
-                d = e - dd * RANK
-                k = k0 + dd
-                value = ZERO
-                if k < K and d < D:
-                    value = E2[tokens[b, step, k], d] if side == 0 else E1[tokens[b, step - 1, k], d]
-                rows[dd * ROW_STRIDE + d] = value
-            cuda.syncthreads()
-            weight_at = row_base
-            row_at = col_base
-            for dd in range(DEPTH):
-                for q in range(RANK_SUB):  # unsigned running indices: a register plus a constant per load
-                    entry[q] = rows[row_at + uint32(PRODUCT_EDGE * q)]
-                for r in range(PRODUCT_SUB):
-                    w = weights[weight_at + uint32(PRODUCT_EDGE * r)]
+                    value = ZERO
+                    if k < K and d < D:
+                        value = E2[tokens[b, step, k], d] if side == 0 else E1[tokens[b, step - 1, k], d]
+                    rows[dd * ROW_STRIDE + d] = value
+                cuda.syncthreads()
+                weight_at = row_base
+                row_at = col_base
+                for _ in range(PRODUCT_DEPTH):
+                    for q in range(RANK_SUB):  # unsigned running indices: a register plus a constant per load
+                        entry[q] = rows[row_at + uint32(PRODUCT_EDGE * q)]
+                    for r in range(PRODUCT_SUB):
+                        w = weights[weight_at + uint32(PRODUCT_EDGE * r)]
+                        for q in range(RANK_SUB):
+                            acc[r * RANK_SUB + q] += w * entry[q]
+                    weight_at += uint32(PRODUCT_STRIDE)
+                    row_at += uint32(ROW_STRIDE)
+            factor = scale[b]
+            for r in range(PRODUCT_SUB):
+                own = row0 + ty + PRODUCT_EDGE * r
+                if own < K:
+                    token = tokens[b, step - 1, own] if side == 0 else tokens[b, step, own]
                     for q in range(RANK_SUB):
-                        acc[r * RANK_SUB + q] += w * entry[q]
-                weight_at += uint32(PRODUCT_STRIDE)
-                row_at += uint32(ROW_STRIDE)
-        factor = scale[b]
-        for r in range(PRODUCT_SUB):
-            own = row0 + ty + PRODUCT_EDGE * r
-            if own < K:
-                token = tokens[b, step - 1, own] if side == 0 else tokens[b, step, own]
-                for q in range(RANK_SUB):
-                    d = tx + PRODUCT_EDGE * q
-                    if d < D:
-                        cuda.atomic.add(grad, (token, d), factor * acc[r * RANK_SUB + q])
+                        d = tx + PRODUCT_EDGE * q
+                        if d < D:
+                            cuda.atomic.add(grad, (token, d), factor * acc[r * RANK_SUB + q])
+
+        kernel.__name__ = name
+        signature = (t.f1, t.int64, t.int64, t.i3, t.f2, t.f2, t.i1, t.f1, t.f2)
+        return family.kernel(signature, threads=PRODUCT_THREADS)(kernel)
+
+    products(0, "xi_rows")
+    products(1, "xi_columns")
 
     @family.kernel((t.i3, t.i3, t.i1, t.f2, t.f2, t.f2, t.f3, t.f2, t.f2))
     def add_paths(beam_idx, tokens, lengths, scale, E1, E2, grad_scores, grad_E1, grad_E2):

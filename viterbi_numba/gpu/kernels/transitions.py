@@ -88,7 +88,7 @@ def build(blk) -> Family:
             cuda.syncthreads()
             row_at = row_base
             col_at = col_base
-            for dd in range(DEPTH):
+            for _ in range(DEPTH):
                 for q in range(SUB):  # unsigned running indices: a register plus a constant per load
                     a[q] = rows[row_at + uint32(EDGE * q)]
                     c[q] = cols[col_at + uint32(EDGE * q)]
