@@ -303,3 +303,49 @@ def test_minus_infinity_beam_slots(dtype):
         host(vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms).beam_idx),
         vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, uniforms=uniforms).beam_idx,
     )
+
+
+ON_CARD = os.environ.get("NUMBA_ENABLE_CUDASIM") != "1"
+# Beams that cross warps (33, 257), fill whole warps (64) and reach the limit (1024), on a card; the
+# simulator, which runs each thread as a Python thread, takes the smallest (it has no warps anyway).
+BEAMS = [33, 64, 257, 1024] if ON_CARD else [33]
+# Rows that make top-K flush its candidate slots many times, with k up to the limit.
+TOPK = [(2000, 5), (4000, 257), (30522, 1024)] if ON_CARD else [(300, 5)]
+
+
+@pytest.mark.parametrize("K", BEAMS)
+def test_large_beams_match_cpu(K):
+    """Every cross-warp path of the recursions, the split columns and the top-K merge at real sizes."""
+    dtype = np.float32
+    rng = np.random.default_rng(K)
+    T = 6 if ON_CARD else 3
+    scores, tokens, E1, E2 = make_problem(rng, 2, T, K, D=32 if ON_CARD else 4, dtype=dtype)
+    lengths = np.array([T, T - 1])
+    d = dev(scores, tokens, E1, E2)
+    gpu = vn.viterbi_decode(*d, lengths=lengths)
+    cpu = vn.viterbi_decode(scores, tokens, E1, E2, lengths=lengths)
+    np.testing.assert_array_equal(host(gpu.beam_idx), cpu.beam_idx)
+    close(vn.log_partition(*d, lengths=lengths), vn.log_partition(scores, tokens, E1, E2, lengths=lengths), dtype, 10)
+    close(vn.marginals(*d, lengths=lengths), vn.marginals(scores, tokens, E1, E2, lengths=lengths), dtype)
+    uniforms = rng.random((2, T - 1, K, 2))
+    gpu_sample = vn.stochastic_viterbi(*d, 2, lengths=lengths, uniforms=uniforms)
+    cpu_sample = vn.stochastic_viterbi(scores, tokens, E1, E2, 2, lengths=lengths, uniforms=uniforms)
+    # float32 sums in another order: a draw within rounding of a CDF boundary may differ (design §6)
+    assert np.mean(host(gpu_sample.backpointers) == cpu_sample.backpointers) > 0.99
+    gpu_grad = vn.log_partition_grad(*d, 1.0, lengths)
+    cpu_grad = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
+    for name in ("grad_scores", "grad_E1", "grad_E2"):
+        close(getattr(gpu_grad, name), getattr(cpu_grad, name), dtype, 10)
+
+
+@pytest.mark.parametrize("V, k", TOPK)
+def test_topk_of_long_rows_matches_cpu(V, k):
+    rng = np.random.default_rng(V)
+    emissions = rng.standard_normal((2, 3, V)).astype(np.float32)
+    emissions[0, 0, :100] = emissions[0, 0, 0]  # ties across chunks
+    forced = rng.integers(0, V, size=(2, 3))
+    for force in (None, forced):
+        gpu = vn.topk_beam(*dev(emissions), k, None if force is None else dev(force)[0])
+        cpu = vn.topk_beam(emissions, k, force)
+        np.testing.assert_array_equal(host(gpu.tokens), cpu.tokens)
+        np.testing.assert_array_equal(host(gpu.scores), cpu.scores)

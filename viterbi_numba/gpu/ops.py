@@ -21,7 +21,7 @@ from .kernels.crf import PRODUCT_THREADS, ROW_LANES, product_tiles
 from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
-COLUMNS_PER_BLOCK = 32  # the fewest columns of a step a recursion block serves when its columns are split
+PAIRS_PER_BLOCK = 128  # the fewest (column, thread) pairs of a split recursion block: a warp per scheduler
 PARTS = 8  # threads that share one column's predecessors in the Viterbi and forward steps
 ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursion block covers at least
 
@@ -83,12 +83,12 @@ class Recursion(NamedTuple):
 
 
 def recursion_layout(units: int, K: int, per_column: int, sms: int, capacity: Any) -> Recursion:
-    """Split each unit's K columns over enough blocks to give every multiprocessor one (at least
-    COLUMNS_PER_BLOCK columns a block), with ``per_column`` threads per column; ``capacity(threads)`` is
+    """Split each unit's K columns over enough blocks to give every multiprocessor one (each block at
+    least PAIRS_PER_BLOCK threads' work), with ``per_column`` threads per column; ``capacity(threads)`` is
     how many blocks fit the grid at once. ``parts``: the threads per column when they share its
     predecessors, keeping a warp's lanes on consecutive columns (in the simulator, whose blocks have at
     most 4 threads, on 2 columns, so that parts > 1 runs there too; the chains' kernel ignores it)."""
-    split = max(1, min(-(-K // COLUMNS_PER_BLOCK), -(-sms // max(units, 1))))
+    split = max(1, min(K, -(-K * per_column // PAIRS_PER_BLOCK), -(-sms // max(units, 1))))
     threads = threads_for(-(-K // split) * per_column)
     most = max(1, capacity(threads))
     split = min(split, most)

@@ -283,15 +283,8 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         return -last if last <= 0 else 0
 
     @cuda.jit(device=True)
-    def load_own(own, table, row):
-        """own[:RANK] = table[row, :] (zero past the table's D), unrolled so ``own`` stays in registers."""
-        D = table.shape[1]
-        for d in range(RANK):
-            own[d] = table[row, d] if d < D else ZERO
-
-    @cuda.jit(device=True)
     def dot_row(table, row, own):
-        """table[row, :] . own (a register row of RANK entries, zero past the table's D), unrolled."""
+        """table[row, :] . own (RANK entries in registers or shared memory, zero past the table's D), unrolled."""
         D = table.shape[1]
         total = ZERO
         for d in range(RANK):
@@ -352,7 +345,6 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         strided_max=strided_max,
         inclusive_scan=inclusive_scan,
         block_pick=block_pick,
-        load_own=load_own,
         dot_row=dot_row,
         position_shifts=position_shifts,
         step_barrier=step_barrier,

@@ -38,7 +38,6 @@ def build(blk) -> Family:
     block_sum = blk.block_sum
     strided_max = blk.strided_max
     block_pick = blk.block_pick
-    load_own = blk.load_own
     dot_row = blk.dot_row
     RANK = blk.RANK
     compensated_add = blk.compensated_add
@@ -220,7 +219,7 @@ def build(blk) -> Family:
         shared = cuda.shared.array(0, nbtype)
         logits = shared[:K]
         weights = shared[K : 2 * K]
-        row = cuda.local.array(RANK, nbtype)
+        row = cuda.shared.array(RANK, nbtype)  # the chosen state's E2 row, read by every thread
         scratch = cuda.shared.array(MAX_THREADS, nbtype)
         int_scratch = cuda.shared.array(MAX_THREADS, int64)
         if use_uniforms:
@@ -236,7 +235,9 @@ def build(blk) -> Family:
         for t in range(length - 1, 0, -1):
             if tid == 0:
                 out_beam_idx[b, t, n] = y
-            load_own(row, E2, tokens[b, t, y])
+            for d in range(tid, RANK, threads):
+                row[d] = E2[tokens[b, t, y], d] if d < E2.shape[1] else ZERO
+            cuda.syncthreads()
             for i in range(tid, K, threads):
                 logits[i] = alpha[b, t - 1, i] + dot_row(E1, tokens[b, t - 1, i], row) * inv_temp
             cuda.syncthreads()
