@@ -92,6 +92,7 @@ def recursion_layout(units: int, K: int, per_column: int, sms: int, capacity: An
     threads = threads_for(-(-K // split) * per_column)
     most = max(1, capacity(threads))
     split = min(split, most)
+    split = -(-K // -(-K // split))  # no part without a column
     lanes = min(-(-K // split), ROUND_LANES, threads)
     parts = max(1, min(per_column, threads // lanes))
     return Recursion(split, min(units, most // split) * split, threads, parts)
