@@ -92,3 +92,11 @@ def test_the_seed_size_uses_the_whole_card():
     assert layout.blocks >= 0.9 * 132
     assert -(-256 // layout.split) * 8 >= PAIRS_PER_BLOCK
     assert recursion_layout(8, 256, 8, 1, lambda threads: 1).blocks == 1  # the simulator: one block
+
+
+def test_an_old_driver_is_told_which_extra_to_install():
+    from viterbi_numba.gpu.arrays import cuda_version_problem
+
+    assert cuda_version_problem((13, 0), 13) is None and cuda_version_problem((12, 8), 12) is None
+    message = cuda_version_problem((12, 4), 13)
+    assert "CUDA 12.4" in message and "CUDA 13 toolkit" in message and "viterbi-numba[cuda12]" in message

@@ -7,6 +7,7 @@ CuPy in, CuPy out; otherwise numba device arrays) and the kernels run on that li
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Optional
 
 import numpy as np
@@ -28,11 +29,46 @@ def cuda_module() -> Any:
             "pass NumPy arrays for the CPU kernels, or install numba-cuda with a CUDA driver "
             "(pip install 'viterbi-numba[cuda]')"
         )
+    _check_cuda_versions(cuda)
     return cuda
 
 
+def cuda_version_problem(driver: tuple[int, int], toolkit: int) -> Optional[str]:
+    """What is wrong when the driver's CUDA version (major, minor) is older than the toolkit's major
+    version that numba-cuda compiles with, else None."""
+    if driver[0] >= toolkit:
+        return None
+    extra = f"cuda{driver[0]}" if driver[0] in (12, 13) else "cuda12"
+    return (
+        f"the CUDA driver here supports CUDA {driver[0]}.{driver[1]}, but numba-cuda compiles with the CUDA "
+        f"{toolkit} toolkit, which needs a newer driver: install the matching extra "
+        f"(pip install 'viterbi-numba[{extra}]') or update the driver"
+    )
+
+
+@cache
+def _check_cuda_versions(cuda: Any) -> None:
+    """Once per process: the driver is new enough for numba-cuda's toolkit (else the first launch fails
+    with a linker error that does not say why)."""
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        return
+    try:
+        from cuda import bindings
+
+        toolkit = int(bindings.__version__.split(".")[0])
+        driver = tuple(cuda.cudadrv.driver.driver.get_version())
+    except Exception:  # pragma: no cover - an unusual installation: let numba-cuda speak for itself
+        return
+    problem = cuda_version_problem((int(driver[0]), int(driver[1])), toolkit)
+    if problem:
+        raise RuntimeError(problem)
+
+
 def require_gpu() -> None:
-    """Raise a RuntimeError saying why, unless GPU kernels can run here."""
+    """Raise a RuntimeError saying why, unless GPU kernels can run here (numba-cuda, a usable GPU, a
+    driver as new as the CUDA toolkit numba-cuda compiles with)."""
     cuda_module()
     from .kernels import kernels
 
