@@ -18,6 +18,7 @@ from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
 from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
 from .kernels.crf import PRODUCT_THREADS, ROW_LANES, product_tiles
+from .kernels.topk import LOADS
 from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
@@ -27,9 +28,9 @@ ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursi
 
 
 def topk_region(k: int) -> int:
-    """top-K's sorted region (a power of two, k or more): candidate slots for 4 chunks of the row, so a
-    sort comes only every few chunks' survivors."""
-    region = 4 * block_limits()[1]
+    """top-K's sorted region (a power of two, k or more): candidate slots for two chunks of the row
+    (``topk.LOADS`` entries per thread each), so a sort comes only every few chunks' survivors."""
+    region = 2 * LOADS * block_limits()[1]
     while region < k:
         region *= 2
     return region

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from numba import cuda, int64
+from numba import config, cuda, int64, uint32
 
-from .block import Family
+from .block import FULL_MASK, Family
 
 _FAR_ID = 1 << 62  # an id that ranks below every real token in top-K's sentinel slots
+LOADS = 2  # row entries a thread loads per chunk before comparing them (the region holds two chunks)
 
 
 def build(blk) -> Family:
@@ -46,6 +47,29 @@ def build(blk) -> Family:
                 stride //= 2
             width *= 2
 
+    if config.ENABLE_CUDASIM:  # no warp votes in the simulator: an atomic per candidate
+
+        @cuda.jit(device=True)
+        def reserve_slot(count, take):
+            return cuda.atomic.add(count, 0, 1) if take else 0
+    else:
+
+        @cuda.jit(device=True)
+        def reserve_slot(count, take):
+            """A candidate slot for each lane that takes one, compacted by a warp vote: one atomic add
+            per warp (by its first taking lane), each lane's offset the takers below it. Every lane of
+            the warp must call it."""
+            mask = cuda.ballot_sync(FULL_MASK, take)
+            if mask == 0:
+                return 0
+            lane = cuda.laneid
+            leader = cuda.ffs(mask) - 1
+            first = 0
+            if lane == leader:
+                first = cuda.atomic.add(count, 0, cuda.popc(mask))
+            first = cuda.shfl_sync(FULL_MASK, first, leader)
+            return first + cuda.popc(mask & ((uint32(1) << uint32(lane)) - uint32(1)))
+
     @family.kernel((t.f3, t.int64, t.int64, t.i2, t.boolean, t.f3, t.i3, t.i2))
     def topk_kernel(emissions, k, region, force_tokens, use_force, out_scores, out_tokens, bad_rows):
         """One block per (b, t) row: the k best (score, id), best first, ties to the lower id.
@@ -82,8 +106,9 @@ def build(blk) -> Family:
         threshold_key = NEG_INF
         threshold_id = _FAR_ID
         row_values = emissions[b, t]
-        for base in range(0, V, threads):
-            flush = count[0] + threads > region  # the next chunk might not fit: keep the best half
+        values = cuda.local.array(LOADS, nbtype)
+        for base in range(0, V, threads * LOADS):
+            flush = count[0] + threads * LOADS > region  # the next chunk might not fit: keep the best half
             cuda.syncthreads()  # every thread has read count before any adds to it
             if flush:
                 bitonic_sort(keys, ids, size)
@@ -96,13 +121,17 @@ def build(blk) -> Family:
                 threshold_key = keys[k - 1]
                 threshold_id = ids[k - 1]
                 cuda.syncthreads()
-            u = base + tid
-            if u < V:
-                x = row_values[u]
-                if not x < POS_INF:
+            for q in range(LOADS):  # LOADS loads in flight before the first use
+                u = base + q * threads + tid
+                values[q] = row_values[u] if u < V else NEG_INF
+            for q in range(LOADS):
+                u = base + q * threads + tid
+                x = values[q]
+                if u < V and not x < POS_INF:
                     count[1] = 1
-                if u != forced and ranks_above(x, u, threshold_key, threshold_id):
-                    slot = cuda.atomic.add(count, 0, 1)
+                take = u < V and u != forced and ranks_above(x, u, threshold_key, threshold_id)
+                slot = reserve_slot(count, take)
+                if take:
                     keys[region + slot] = x
                     ids[region + slot] = u
             cuda.syncthreads()
