@@ -3,15 +3,16 @@
 Imported only when a GPU array is passed; importing needs numba-cuda but no GPU. ``kernels(dtype)``
 compiles lazily, once per float dtype, so every float constant in a float32 kernel is a float32.
 
-Launch shape (docs/design.md §7): the recursions (Viterbi, forward, stochastic Viterbi) run chunk by chunk
-of steps. ``transitions_kernel`` first computes the chunk's (K, K) transition blocks over the whole card
-(a register-tiled batched product, rank fixed at compile time); the recursion kernel then does K^2 work
-per step, its columns split over several blocks of a cooperative grid that meet at a grid barrier after
-each step, and the chains of a sequence share each block. FFBS, the backward pass and the sampler's
-backward keep one block per sequence or chain, computing their transitions from factor rows held in
-registers. Results equal the CPU kernels' up to float rounding: the same Philox numbers drive the same
-inverse-CDF rule (float32 kernels use the uniform's top 24 bits), but sums are added in another order, so
-a draw whose target lies within rounding of a CDF boundary may pick the neighbouring slot
+Launch shape (docs/design.md §8): the recursions (Viterbi, forward, stochastic Viterbi, backward) run
+chunk by chunk of steps. ``transitions_kernel`` first computes the chunk's (K, K) transition blocks over
+the whole card (a register-tiled batched product, rank fixed at compile time); the recursion kernel
+then does K^2 work per step, its columns split over several blocks of a cooperative grid that meet at a
+grid barrier after each step, and the chains of a sequence share each block. The backward pass turns
+each chunk's blocks into xi, then into the table gradients with two products per step (``xi_rows``,
+``xi_columns``). FFBS keeps a block per chain, computing its few transitions from factor rows. Results
+equal the CPU kernels' up to float rounding: the same Philox numbers drive the same inverse-CDF rule
+(float32 kernels use the uniform's top 24 bits and the hardware exp), but sums are added in another
+order, so a draw whose target lies within rounding of a CDF boundary may pick the neighbouring slot
 (docs/design.md §6).
 """
 
