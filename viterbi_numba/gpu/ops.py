@@ -75,7 +75,7 @@ class Recursion(NamedTuple):
     """How a recursion's steps are laid out: ``split`` blocks share each unit's columns (a sequence, or a
     group of a sequence's chains), ``blocks`` blocks in the cooperative grid (a multiple of split; units
     beyond blocks // split are served in rounds), ``threads`` per block, and ``parts`` threads share each
-    column's predecessors (``pairs`` = 1 for the chains' kernel, whose threads run over (column, chain))."""
+    column's predecessors (Viterbi and forward; the chains' threads run over (column, chain) instead)."""
 
     split: int
     blocks: int
@@ -275,7 +275,8 @@ class GPUOps:
         crf = inputs.crf
         B, T, K, N = inputs.beam_probs.shape
         dtype = crf.dtype
-        compiled = kernels(dtype, rank_for(crf.E1.shape[1]))
+        compiled = kernels(dtype)
+        products = kernels(dtype, rank_for(crf.E1.shape[1]))  # the only kernels here that read factor rows
         grad_scores = lib.zeros((B, T, K), dtype)
         grad_E1 = lib.zeros(crf.E1.shape, dtype)
         grad_E2 = lib.zeros(crf.E1.shape, dtype)
@@ -294,7 +295,7 @@ class GPUOps:
             compiled.chain_edges[grid(B * chunk * K * N), 256, lib.stream](
                 weights, inputs.backpointers, crf.lengths, chunk, t0, edges
             )
-            for product, grad in ((compiled.xi_rows, grad_E1[1]), (compiled.xi_columns, grad_E2[1])):
+            for product, grad in ((products.xi_rows, grad_E1[1]), (products.xi_columns, grad_E2[1])):
                 product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
                     edges, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, ones, grad
                 )
@@ -379,7 +380,8 @@ class GPUOps:
         crf = state.crf
         B, T, K = crf.scores.shape
         dtype = crf.dtype
-        compiled = kernels(dtype, rank_for(crf.E1.shape[1]))
+        compiled = kernels(dtype)
+        products = kernels(dtype, rank_for(crf.E1.shape[1]))  # the only kernels here that read factor rows
         mu = lib.empty((B, T, K), dtype)
         want_rows = row_scale is not None
         grad_E1 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
@@ -405,7 +407,7 @@ class GPUOps:
                 mu[1],
             )
             if want_rows:
-                for product, grad in ((compiled.xi_rows, grad_E1[1]), (compiled.xi_columns, grad_E2[1])):
+                for product, grad in ((products.xi_rows, grad_E1[1]), (products.xi_columns, grad_E2[1])):
                     product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
                         xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, scale, grad
                     )
