@@ -185,8 +185,9 @@ def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> np.ndarray:
     return host
 
 
-def tables(arrays: Arrays, E1: Any, E2: Any, checks: Checks) -> tuple[Any, Any]:
-    """E1, E2 (V, D) of one shape, non-empty, finite (the finiteness is checked by ``checks``)."""
+def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[Any, Any]:
+    """E1, E2 (V, D) of one shape, non-empty, finite (the finiteness is checked by ``checks``; only the
+    shapes without them)."""
     E1 = arrays.float_array(E1, "E1", 2)
     E2 = arrays.float_array(E2, "E2", 2)
     if E1.shape != E2.shape:
@@ -195,8 +196,9 @@ def tables(arrays: Arrays, E1: Any, E2: Any, checks: Checks) -> tuple[Any, Any]:
         raise ValueError(f"E1 and E2 must be non-empty (V, D), got {E1.shape}")
     if arrays.max_rank is not None and E1.shape[1] > arrays.max_rank:
         raise ValueError(f"E1, E2: the GPU kernels take D <= {arrays.max_rank}, got D = {E1.shape[1]}")
-    for name, table in (("E1", E1), ("E2", E2)):
-        checks.finite(table, lambda host, name=name: finite_values(host, name))
+    if checks is not None:
+        for name, table in (("E1", E1), ("E2", E2)):
+            checks.finite(table, lambda host, name=name: finite_values(host, name))
     return E1, E2
 
 
@@ -357,16 +359,15 @@ def sampler_grad(
 
 def likelihood(arrays: Arrays, emissions: Any, targets: Any, E1: Any, E2: Any) -> tuple[Any, Any]:
     """Checks of :func:`~viterbi_numba.log_likelihood`'s inputs before the beam is built: (emissions,
-    targets as int64). The targets' values are checked with the beam (:func:`topk_inputs`), the tables
-    again with the beam's CRF (:func:`beam_crf`)."""
+    targets as int64). Only shapes here: the targets' values are checked with the beam
+    (:func:`topk_inputs`, before top-K reads them), the tables' values once, with the beam's CRF
+    (:func:`beam_crf`), so the GPU reads its flags back once fewer."""
     emissions = arrays.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     if T == 0:
         raise ValueError(f"emissions must have at least one position (T >= 1), got shape {emissions.shape}")
     targets = arrays.int_array(targets, "targets", (B, T))
-    checks = arrays.checks()
-    E1, _ = tables(arrays, E1, E2, checks)
+    E1, _ = tables(arrays, E1, E2, None)
     if E1.shape[0] != V:
         raise ValueError(f"E1 and E2 must have V = {V} rows (emissions.shape[2]), got {E1.shape[0]}")
-    checks.run()
     return emissions, targets

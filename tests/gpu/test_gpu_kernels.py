@@ -349,3 +349,36 @@ def test_topk_of_long_rows_matches_cpu(V, k):
         cpu = vn.topk_beam(emissions, k, force)
         np.testing.assert_array_equal(host(gpu.tokens), cpu.tokens)
         np.testing.assert_array_equal(host(gpu.scores), cpu.scores)
+
+
+def test_blocking_read_backs_per_call(monkeypatch):
+    """Each GPU call's blocking read-backs (``Library.to_host``), counted with a mock: one for the value
+    checks' flags. The extras still there: log_likelihood checks the targets before top-K reads them and
+    reads top-K's NaN flag before the beam's checks (3), a path input is masked on the host (+1), and
+    lengths given on the device are read back for their checks (+1)."""
+    from viterbi_numba.gpu import arrays
+
+    counted = []
+    to_host = arrays.Library.to_host
+    monkeypatch.setattr(arrays.Library, "to_host", lambda self, view: counted.append(1) or to_host(self, view))
+    scores, tokens, E1, E2, lengths = problem(np.float32)
+    d = dev(scores, tokens, E1, E2)
+    rng = np.random.default_rng(4)
+    emissions, targets = dev(rng.standard_normal((2, 4, 9)).astype(np.float32), rng.integers(0, 9, (2, 4)))
+    tables = dev(rng.standard_normal((9, 3)).astype(np.float32), rng.standard_normal((9, 3)).astype(np.float32))
+    calls = {
+        "topk_beam": (lambda: vn.topk_beam(emissions, 3), 1),
+        "viterbi_decode": (lambda: vn.viterbi_decode(*d, lengths=lengths), 1),
+        "viterbi_decode, device lengths": (lambda: vn.viterbi_decode(*d, lengths=dev(lengths)[0]), 2),
+        "stochastic_viterbi": (lambda: vn.stochastic_viterbi(*d, 2, lengths=lengths, seed=1), 1),
+        "crf_sample": (lambda: vn.crf_sample(*d, 2, lengths=lengths, seed=1), 1),
+        "log_partition": (lambda: vn.log_partition(*d, lengths=lengths), 1),
+        "marginals": (lambda: vn.marginals(*d, lengths=lengths), 1),
+        "log_partition_grad": (lambda: vn.log_partition_grad(*d, 1.0, lengths), 1),
+        "sequence_score": (lambda: vn.sequence_score(*d, dev(np.zeros((2, 4, 1), np.int64))[0], lengths), 2),
+        "log_likelihood": (lambda: vn.log_likelihood(emissions, targets, *tables, 3), 3),
+    }
+    for name, (call, expected) in calls.items():
+        counted.clear()
+        call()
+        assert len(counted) == expected, (name, len(counted))
