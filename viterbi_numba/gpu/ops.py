@@ -162,12 +162,16 @@ class GPUOps:
             )
             yield t0, chunk, trans
 
-    def _layout(self, name: str, dtype: np.dtype, units: int, K: int, pairs: int, shared: int) -> Recursion:
+    def _recursion(self, name: str, dtype: np.dtype, units: int, K: int, per_column: int, N: int = 1) -> tuple:
+        """(launch, layout) of recursion kernel ``name`` for ``units`` units of K columns: ``launch`` is the
+        kernel configured for its cooperative grid (``recursion_layout``) and dynamic shared memory."""
         kernel = getattr(kernels(dtype), name)
+        shared = dynamic_shared(name, K, dtype, N)
         signature = kernels(dtype).signatures[name]
-        return recursion_layout(
-            units, K, pairs, multiprocessors(), lambda threads: _co_resident(kernel, signature, threads, shared)
+        layout = recursion_layout(
+            units, K, per_column, multiprocessors(), lambda threads: _co_resident(kernel, signature, threads, shared)
         )
+        return kernel[layout.blocks, layout.threads, self.lib.stream, shared], layout
 
     def viterbi_decode(self, crf: BeamCRF, fairseq_steps: bool) -> ViterbiResult:
         lib = self.lib
@@ -184,12 +188,9 @@ class GPUOps:
         if not B:
             return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
         compiled.viterbi_start[B, threads_for(K), lib.stream](crf.scores, crf.lengths, shift, cum_shift, history)
-        shared = dynamic_shared("viterbi_steps", K, dtype)
-        layout = self._layout("viterbi_steps", dtype, B, K, PARTS, shared)
+        steps, layout = self._recursion("viterbi_steps", dtype, B, K, PARTS)
         for t0, chunk, trans in self._transition_chunks(crf):
-            compiled.viterbi_steps[layout.blocks, layout.threads, lib.stream, shared](
-                trans, chunk, t0, crf.scores, shift, crf.lengths, layout.split, layout.parts, history, back
-            )
+            steps(trans, chunk, t0, crf.scores, shift, crf.lengths, layout.split, layout.parts, history, back)
         compiled.viterbi_finish[grid(B, 64), 64, lib.stream](
             crf.scores,
             crf.tokens,
@@ -228,10 +229,9 @@ class GPUOps:
                 crf.scores, crf.lengths, shift, cum_shift, beam_probs[1], path_scores[1]
             )
             chains = chains_per_block(K, N, dtype)
-            shared = dynamic_shared("chains_steps", K, dtype, N)
-            layout = self._layout("chains_steps", dtype, B * -(-N // chains), K, chains, shared)
+            steps, layout = self._recursion("chains_steps", dtype, B * -(-N // chains), K, chains, N)
             for t0, chunk, trans in self._transition_chunks(crf):
-                compiled.chains_steps[layout.blocks, layout.threads, lib.stream, shared](
+                steps(
                     trans,
                     chunk,
                     t0,
@@ -313,10 +313,9 @@ class GPUOps:
         if B:
             threads = threads_for(K)
             compiled.forward_start[B, threads, lib.stream](crf.scores, crf.lengths, inv_temp, shift, raw, norm)
-            shared = dynamic_shared("forward_steps", K, dtype)
-            layout = self._layout("forward_steps", dtype, B, K, PARTS, shared)
+            steps, layout = self._recursion("forward_steps", dtype, B, K, PARTS)
             for t0, chunk, trans in self._transition_chunks(crf):
-                compiled.forward_steps[layout.blocks, layout.threads, lib.stream, shared](
+                steps(
                     trans,
                     chunk,
                     t0,
@@ -332,7 +331,7 @@ class GPUOps:
                     col_sum,
                     norm,
                 )
-            compiled.forward_finish[B, threads, lib.stream, shared](
+            compiled.forward_finish[B, threads, lib.stream, dynamic_shared("forward_finish", K, dtype)](
                 crf.lengths, inv_temp, shift, raw, alpha, norm, log_z[1]
             )
         return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum)
@@ -390,10 +389,9 @@ class GPUOps:
             return (mu, grad_E1, grad_E2) if want_rows else (mu, None, None)
         scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
         compiled.backward_start[B, threads_for(K), lib.stream](crf.lengths, state.alpha, mu[1])
-        shared = dynamic_shared("backward_steps", K, dtype)
-        layout = self._layout("backward_steps", dtype, B, K, ROW_LANES, shared)
+        steps, layout = self._recursion("backward_steps", dtype, B, K, ROW_LANES)
         for t0, chunk, xi in self._transition_chunks(crf, reverse=True):
-            compiled.backward_steps[layout.blocks, layout.threads, lib.stream, shared](
+            steps(
                 xi,
                 chunk,
                 t0,

@@ -201,6 +201,24 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
             return cuda.ldcg(values, (int64(b), int64(t), int64(i), int64(n)))
 
     @cuda.jit(device=True)
+    def split_span(K, split):
+        """This block's share of a unit's K columns (rows) split over ``split`` blocks of the grid:
+        (units the grid serves at once, first column, one past the last)."""
+        width = (K + split - 1) // split
+        first = (cuda.blockIdx.x % split) * width
+        return cuda.gridDim.x // split, first, min(K, first + width)
+
+    @cuda.jit(device=True)
+    def predecessor_share(K, parts):
+        """When ``parts`` threads share each column's K predecessors: (columns per round, this thread's
+        column lane, its part, its predecessors low .. high)."""
+        lanes = cuda.blockDim.x // parts
+        mine = cuda.threadIdx.x // lanes
+        piece = (K + parts - 1) // parts
+        low = min(K, mine * piece)
+        return lanes, cuda.threadIdx.x % lanes, mine, low, min(K, low + piece)
+
+    @cuda.jit(device=True)
     def combine(a, b, op):
         """op 0: max, 1: sum, 2: min."""
         if op == 0:
@@ -349,6 +367,8 @@ def build(dtype: Any, rank: int = 0) -> SimpleNamespace:
         position_shifts=position_shifts,
         step_barrier=step_barrier,
         exchange_load=exchange_load,
+        split_span=split_span,
+        predecessor_share=predecessor_share,
         exchange_load4=exchange_load4,
         RANK=RANK,
     )

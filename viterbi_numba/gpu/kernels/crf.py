@@ -44,6 +44,8 @@ def build(blk) -> Family:
     fast_exp = blk.fast_exp
     step_barrier = blk.step_barrier
     exchange_load = blk.exchange_load
+    split_span = blk.split_span
+    predecessor_share = blk.predecessor_share
     ROW_STRIDE = RANK + 1
     ROW_STAGE = PRODUCT_DEPTH * ROW_STRIDE
     RANK_SUB = max(1, RANK // PRODUCT_EDGE)  # a thread's entries of an output row
@@ -104,17 +106,8 @@ def build(blk) -> Family:
         predecessors over ``parts`` threads, as in ``viterbi_steps``; dynamic shared memory: K values."""
         B, T, K = scores.shape
         tid = cuda.threadIdx.x
-        part = cuda.blockIdx.x % split
-        groups = cuda.gridDim.x // split
-        width = (K + split - 1) // split
-        first_col = part * width
-        last_col = min(K, first_col + width)
-        lanes = cuda.blockDim.x // parts
-        piece = (K + parts - 1) // parts
-        lane = tid % lanes
-        mine = tid // lanes
-        low = min(K, mine * piece)
-        high = min(K, low + piece)
+        groups, first_col, last_col = split_span(K, split)
+        lanes, lane, mine, low, high = predecessor_share(K, parts)
         stop = uint32(high)
         stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
         prev = cuda.shared.array(0, nbtype)
@@ -128,7 +121,7 @@ def build(blk) -> Family:
             for s in range(steps):
                 step = t0 + s
                 if step < length:
-                    normalise_step(raw, b, step - 1, inv_temp, shift, prev, scratch, norm, part == 0)
+                    normalise_step(raw, b, step - 1, inv_temp, shift, prev, scratch, norm, first_col == 0)
                     for j in range(first_col + tid, last_col, cuda.blockDim.x):
                         alpha[b, step - 1, j] = prev[j]
                     row0 = uint32((b * chunk + s) * K * K)
@@ -287,11 +280,7 @@ def build(blk) -> Family:
         after every step; ROW_LANES threads (a warp) share a row, reading consecutive columns."""
         B, T, K = alpha.shape
         tid = cuda.threadIdx.x
-        part = cuda.blockIdx.x % split
-        groups = cuda.gridDim.x // split
-        height = (K + split - 1) // split
-        first_row = part * height
-        last_row = min(K, first_row + height)
+        groups, first_row, last_row = split_span(K, split)
         rows_per_round = cuda.blockDim.x // ROW_LANES
         lane = tid % ROW_LANES
         slot = tid // ROW_LANES

@@ -22,6 +22,7 @@ def build(blk) -> Family:
     position_shifts = blk.position_shifts
     step_barrier = blk.step_barrier
     exchange_load4 = blk.exchange_load4
+    split_span = blk.split_span
     fast_exp = blk.fast_exp
     backtrace = blk.backtrace
     family = Family()
@@ -83,11 +84,7 @@ def build(blk) -> Family:
         threads = cuda.blockDim.x
         NC = chains_per_block
         chain_groups = (N + NC - 1) // NC
-        part = cuda.blockIdx.x % split
-        units = cuda.gridDim.x // split
-        width = (K + split - 1) // split
-        first_col = part * width
-        last_col = min(K, first_col + width)
+        units, first_col, last_col = split_span(K, split)
         stop = uint32(K)
         stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
         chains_stride = uint32(NC)

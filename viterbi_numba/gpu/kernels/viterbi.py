@@ -27,6 +27,8 @@ def build(blk) -> Family:
     fairseq_step_scores = blk.fairseq_step_scores
     step_barrier = blk.step_barrier
     exchange_load = blk.exchange_load
+    split_span = blk.split_span
+    predecessor_share = blk.predecessor_share
     family = Family()
 
     @family.kernel((t.f3, t.i1, t.f2, t.f2, t.f3))
@@ -52,17 +54,8 @@ def build(blk) -> Family:
         """
         B, T, K = scores.shape
         tid = cuda.threadIdx.x
-        part = cuda.blockIdx.x % split
-        groups = cuda.gridDim.x // split
-        width = (K + split - 1) // split
-        first_col = part * width
-        last_col = min(K, first_col + width)
-        lanes = cuda.blockDim.x // parts  # columns per round
-        piece = (K + parts - 1) // parts  # predecessors per thread
-        lane = tid % lanes
-        mine = tid // lanes
-        low = min(K, mine * piece)
-        high = min(K, low + piece)
+        groups, first_col, last_col = split_span(K, split)
+        lanes, lane, mine, low, high = predecessor_share(K, parts)
         stop = uint32(high)
         stride = uint32(K)  # a chunk holds fewer than 2**32 values (TRANSITIONS_BUDGET)
         prev = cuda.shared.array(0, nbtype)
