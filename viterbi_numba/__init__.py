@@ -11,8 +11,10 @@ Array API (NumPy or GPU arrays in, the same kind out; docs/design.md is the spec
   :func:`sequence_score`, and the gradients :func:`log_partition_grad`, :func:`log_likelihood_grad`.
 * :func:`crf_forward`, :func:`log_likelihood_forward` — a forward pass kept for sampling and the
   backward pass (what autograd wrappers use).
+* :func:`skip_gpu_checks` — GPU calls that never wait for the GPU (for CUDA graph capture).
 """
 
+from ._validate import skip_gpu_checks
 from .crf import (
     CRFForward,
     LikelihoodForward,
@@ -60,6 +62,7 @@ __all__ = [
     "log_partition_grad",
     "marginals",
     "sequence_score",
+    "skip_gpu_checks",
     "stochastic_viterbi",
     "stochastic_viterbi_backward",
     "topk_beam",

@@ -6,31 +6,65 @@ dtype, contiguous, int64 ids, lengths on the device) in the NamedTuples below. E
 ``TypeError`` or ``ValueError`` that names the argument.
 
 The value rules (``*_values`` functions) are written once, for NumPy arrays. The CPU backend applies
-them directly; the GPU backend screens device arrays with small kernels and, only when one flags a
-failure, applies the same rule to a host copy, so the message is word for word the CPU's.
+them directly; the GPU backend screens device arrays with small kernels that write one flag array per
+call, which is read back once, when the call's kernels are queued (``gpu/checks.py``); only when a flag
+is set is the same rule applied to a host copy, so the message is word for word the CPU's. The screens
+also hand the kernels clamped copies of every index array, so a kernel never reads out of bounds even
+before the flags are read, or when they are not (:func:`skip_gpu_checks`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import secrets
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-__all__ = ["BeamCRF", "Draws"]
+__all__ = ["BeamCRF", "Draws", "skip_gpu_checks"]
+
+_READ_GPU_FLAGS = contextvars.ContextVar("viterbi_numba_read_gpu_flags", default=True)
+
+
+@contextlib.contextmanager
+def skip_gpu_checks() -> Iterator[None]:
+    """Inside this context, GPU calls never wait for the GPU: the value checks still run on the device
+    but their flags are not read back, so a call makes no blocking transfer and can be captured in a
+    CUDA graph (give its small inputs, such as ``lengths``, on the device too). Invalid values (NaN,
+    ids or lengths out of range) then give unspecified results instead of a ValueError; the kernels
+    still never read out of bounds, as they index with clamped copies. Shape and type errors are raised
+    as always, and host arrays are checked as always."""
+    token = _READ_GPU_FLAGS.set(False)
+    try:
+        yield
+    finally:
+        _READ_GPU_FLAGS.reset(token)
+
+
+def read_gpu_flags() -> bool:
+    """False inside :func:`skip_gpu_checks`."""
+    return _READ_GPU_FLAGS.get()
 
 
 class Checks(Protocol):
-    """A backend's value checks: each takes the rule that words the error (see the module docstring)."""
+    """A backend's value checks: each takes the rule that words the error from host copies of the
+    arrays it is given (see the module docstring); those returning an array return what the kernels
+    must read instead of the input (contiguous, in the backend's dtype, and on the GPU clamped to the
+    valid range)."""
 
     def finite(self, values: Any, rule: Any) -> None: ...
 
-    def in_range(self, values: Any, low: int, high: int, rule: Any) -> None: ...
+    def finite_cast(self, values: Any, dtype: np.dtype, rule: Any) -> Any: ...
 
-    def beam(self, scores: Any, rule: Any) -> None: ...
+    def in_range(self, values: Any, low: int, high: int, rule: Any) -> Any: ...
 
-    def run(self) -> None: ...
+    def unit_interval(self, values: Any, dtype: np.dtype, rule: Any) -> Any: ...
+
+    def beam(self, scores: Any, lengths: Any, rule: Any) -> None: ...
+
+    def paths(self, paths: Any, lengths: Any, beam: int, rule: Any) -> Any: ...
 
 
 class Arrays(Protocol):
@@ -45,9 +79,9 @@ class Arrays(Protocol):
 
     def cast(self, array: Any, dtype: np.dtype, name: str) -> Any: ...
 
-    def to_host(self, value: Any, name: str) -> np.ndarray: ...
+    def small_array(self, value: Any, name: str) -> Any: ...
 
-    def from_host(self, array: np.ndarray) -> Any: ...
+    def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Any: ...
 
     def checks(self) -> Checks: ...
 
@@ -60,7 +94,6 @@ class BeamCRF(NamedTuple):
     E1: Any  # (V, D)
     E2: Any  # (V, D)
     lengths: Any  # (B,) on the backend's device
-    lengths_host: np.ndarray  # (B,)
 
     @property
     def dtype(self) -> np.dtype:
@@ -68,10 +101,11 @@ class BeamCRF(NamedTuple):
 
 
 class Draws(NamedTuple):
-    """Where a sampler's uniforms come from: ``uniforms`` (host float64) when replayed, else ``seed``."""
+    """Where a sampler's uniforms come from: ``uniforms`` when replayed (the backend's array: float64 on
+    the CPU, the compute dtype on the GPU), else ``seed``."""
 
     seed: int  # 64 bits; 0 (unused) when replaying
-    uniforms: Optional[np.ndarray]
+    uniforms: Any
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +182,12 @@ def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens") -> Non
         )
 
 
+def emission_values(emissions: np.ndarray) -> None:
+    if np.isnan(emissions).any() or np.isposinf(emissions).any():
+        b, t = np.argwhere(~(np.isfinite(emissions) | np.isneginf(emissions)))[0][:2]
+        raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
+
+
 def beam_score_values(scores: np.ndarray, lengths: np.ndarray, name: str = "scores") -> None:
     """No NaN or +inf anywhere; no position before a sequence's length whose whole beam is -inf."""
     if np.isnan(scores).any() or np.isposinf(scores).any():
@@ -165,6 +205,18 @@ def slot_values(slots: np.ndarray, beam: int, name: str) -> None:
         raise ValueError(f"{name} must be beam slots in [0, {beam})")
 
 
+def path_values(paths: np.ndarray, lengths: np.ndarray, beam: int) -> None:
+    """Beam paths (B, T, N): slots in [0, beam) before each sequence's length (anything after it)."""
+    inside = np.arange(paths.shape[1])[None, :, None] < lengths[:, None, None]
+    if (inside & ((paths < 0) | (paths >= beam))).any():
+        raise ValueError(f"beam_idx must be beam slots in [0, {beam}) before each sequence's length")
+
+
+def unit_values(uniforms: np.ndarray) -> None:
+    if uniforms.size and not ((uniforms >= 0) & (uniforms < 1)).all():
+        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
+
+
 def length_values(lengths: np.ndarray, steps: int) -> None:
     if lengths.size and (lengths.min() < 1 or lengths.max() > steps):
         raise ValueError(f"lengths must lie in [1, {steps}] (T), got values from {lengths.min()} to {lengths.max()}")
@@ -173,16 +225,14 @@ def length_values(lengths: np.ndarray, steps: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # the validators the public functions call
 # --------------------------------------------------------------------------------------------------
-def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> np.ndarray:
-    """``lengths`` (B,) as host int64 in [1, T]; None means every sequence is T long."""
+def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> Any:
+    """``lengths`` (B,) as int64 in [1, T] on the backend's device; None means every sequence is T long."""
     if value is None:
-        return np.full(batch, steps, dtype=np.int64)
-    host = int_dtype(np.asarray(arrays.to_host(value, "lengths")), "lengths")
-    if host.shape != (batch,):
-        raise ValueError(f"lengths must have shape {(batch,)}, got {host.shape}")
-    host = np.ascontiguousarray(host, dtype=np.int64)
-    length_values(host, steps)
-    return host
+        return arrays.full((batch,), steps, np.int64)
+    values = int_dtype(arrays.small_array(value, "lengths"), "lengths")
+    if values.shape != (batch,):
+        raise ValueError(f"lengths must have shape {(batch,)}, got {values.shape}")
+    return arrays.checks().in_range(values, 1, steps + 1, lambda host: length_values(host, steps))
 
 
 def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[Any, Any]:
@@ -202,8 +252,11 @@ def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[
     return E1, E2
 
 
-def beam_crf(arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any) -> BeamCRF:
-    """The inputs of every operation on a given beam (docs/design.md §1)."""
+def beam_crf(
+    arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any, tokens_checked: bool = False
+) -> BeamCRF:
+    """The inputs of every operation on a given beam (docs/design.md §1); ``tokens_checked``: the tokens
+    are top-K's own output, in range already."""
     scores = arrays.float_array(scores, "scores", 3)
     B, T, K = scores.shape
     if T == 0:
@@ -216,18 +269,17 @@ def beam_crf(arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths
     checks = arrays.checks()
     E1, E2 = tables(arrays, E1, E2, checks)
     vocab = E1.shape[0]
-    checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
-    lengths_host = lengths(arrays, lengths_value, B, T)
-    checks.beam(scores, lambda host: beam_score_values(host, lengths_host))
-    checks.run()
+    if not tokens_checked:
+        tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+    lengths_array = lengths(arrays, lengths_value, B, T)
+    checks.beam(scores, lengths_array, beam_score_values)
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     return BeamCRF(
         arrays.cast(scores, dtype, "scores"),
         tokens,
         arrays.cast(E1, dtype, "E1"),
         arrays.cast(E2, dtype, "E2"),
-        arrays.from_host(lengths_host),
-        lengths_host,
+        lengths_array,
     )
 
 
@@ -245,26 +297,24 @@ def topk_inputs(
     forced = None
     if force_tokens is not None:
         forced = arrays.int_array(force_tokens, force_name, (B, T))
-        checks = arrays.checks()
-        checks.in_range(forced, 0, V, lambda host: token_id_values(host, V, force_name))
-        checks.run()
+        forced = arrays.checks().in_range(forced, 0, V, lambda host: token_id_values(host, V, force_name))
     return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), k, forced
 
 
-def draws(arrays: Arrays, seed_value: Any, uniforms: Any, shape: tuple[int, ...], layout: str) -> Draws:
+def draws(
+    arrays: Arrays, seed_value: Any, uniforms: Any, shape: tuple[int, ...], layout: str, dtype: np.dtype
+) -> Draws:
     """A sampler's randomness: replayed ``uniforms`` of exactly ``shape`` (named ``layout`` in errors),
-    values in [0, 1), or a seed (a fresh 64-bit one when both are None)."""
+    values in [0, 1), or a seed (a fresh 64-bit one when both are None); ``dtype``: the compute dtype."""
     seed_value = seed(seed_value)
     if uniforms is None:
         return Draws(secrets.randbits(64) if seed_value is None else seed_value, None)
     if seed_value is not None:
         raise ValueError("give either seed or uniforms, not both")
-    host = float_dtype(np.asarray(arrays.to_host(uniforms, "uniforms")), "uniforms", len(shape))
-    if host.shape != tuple(shape):
-        raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {host.shape}")
-    if host.size and not ((host >= 0) & (host < 1)).all():
-        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
-    return Draws(0, np.ascontiguousarray(host, dtype=np.float64))
+    values = float_dtype(arrays.small_array(uniforms, "uniforms"), "uniforms", len(shape))
+    if values.shape != tuple(shape):
+        raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {values.shape}")
+    return Draws(0, arrays.checks().unit_interval(values, dtype, unit_values))
 
 
 def batch_size(value: Any) -> int:
@@ -273,33 +323,32 @@ def batch_size(value: Any) -> int:
     return int(shape[0] if shape is not None else np.shape(value)[0])
 
 
-def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name: str = "grad_output") -> np.ndarray:
-    """Per-sequence (B,) or per-path (B, N) weights as finite host values of ``dtype`` (all 1 when None)."""
+def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name: str = "grad_output") -> Any:
+    """Per-sequence (B,) or per-path (B, N) finite weights in ``dtype`` on the backend's device (all 1
+    when None)."""
     if value is None:
-        return np.ones(shape, dtype=dtype)
-    host = float_dtype(np.asarray(arrays.to_host(value, name)), name, len(shape))
-    if host.shape != tuple(shape):
+        return arrays.full(shape, 1.0, dtype)
+    values = float_dtype(arrays.small_array(value, name), name, len(shape))
+    if values.shape != tuple(shape):
         layout = "(B,)" if len(shape) == 1 else "(B, N)"
-        raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {host.shape}")
-    finite_values(host, name)
-    return np.ascontiguousarray(host, dtype=dtype)
+        raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {values.shape}")
+    return arrays.checks().finite_cast(values, np.dtype(dtype), lambda host: finite_values(host, name))
 
 
 def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
     """Beam paths (B, T) or (B, T, N) as (B, T, N) int64 with 0 at and after each length; single?"""
     B, T, K = crf.scores.shape
-    host = np.asarray(arrays.to_host(beam_idx, "beam_idx"))
-    if host.ndim not in (2, 3):
-        raise ValueError(f"beam_idx must have shape (B, T) or (B, T, N), got {host.shape}")
-    single = host.ndim == 2
-    int_dtype(host, "beam_idx")
-    if host.shape[:2] != (B, T):
-        raise ValueError(f"beam_idx must have shape {(B, T) if single else (B, T, host.shape[2])}, got {host.shape}")
-    host = host.astype(np.int64).reshape(B, T, -1)
-    inside = np.arange(T)[None, :, None] < crf.lengths_host[:, None, None]
-    if (inside & ((host < 0) | (host >= K))).any():
-        raise ValueError(f"beam_idx must be beam slots in [0, {K}) before each sequence's length")
-    return arrays.from_host(np.ascontiguousarray(np.where(inside, host, 0))), single
+    values = arrays.small_array(beam_idx, "beam_idx")
+    if values.ndim not in (2, 3):
+        raise ValueError(f"beam_idx must have shape (B, T) or (B, T, N), got {values.shape}")
+    single = values.ndim == 2
+    int_dtype(values, "beam_idx")
+    if values.shape[:2] != (B, T):
+        raise ValueError(
+            f"beam_idx must have shape {(B, T) if single else (B, T, values.shape[2])}, got {values.shape}"
+        )
+    values = values.reshape(B, T, 1) if single else values
+    return arrays.checks().paths(values, crf.lengths, K, lambda host, lengths: path_values(host, lengths, K)), single
 
 
 class SamplerGradInputs(NamedTuple):
@@ -334,20 +383,17 @@ def sampler_grad(
     tokens = arrays.int_array(tokens, "tokens", (B, T, K))
     checks = arrays.checks()
     checks.finite(grads, lambda host: finite_values(host, "grad_beam_probs"))
-    checks.in_range(backpointers, 0, K, lambda host: slot_values(host, K, "sample.backpointers"))
+    backpointers = checks.in_range(backpointers, 0, K, lambda host: slot_values(host, K, "sample.backpointers"))
     E1, E2 = tables(arrays, E1, E2, checks)
     vocab = E1.shape[0]
-    checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
-    lengths_host = lengths(arrays, lengths_value, B, T)
-    checks.run()
+    tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
     shape = (B, T, K, N)
     crf = BeamCRF(
         beam_probs,
         tokens,
         arrays.cast(E1, dtype, "E1"),
         arrays.cast(E2, dtype, "E2"),
-        arrays.from_host(lengths_host),
-        lengths_host,
+        lengths(arrays, lengths_value, B, T),
     )
     return SamplerGradInputs(
         crf,

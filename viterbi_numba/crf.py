@@ -63,19 +63,22 @@ class CRFForward:
         self, num_samples: int = 1, *, seed: Optional[int] = None, uniforms: Optional[ArrayLike] = None
     ) -> CRFSample:
         """``num_samples`` exact samples by backward sampling from this forward pass (as :func:`crf_sample`)."""
+        ops = self._ops.new_call()
         num_samples = _validate.positive_int(num_samples, "num_samples")
         B, T, _ = self.batch_shape
-        draws = _validate.draws(self._ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)")
-        return self._ops.crf_sample(self._state, num_samples, draws)
+        draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", self._state.crf.dtype)
+        return ops.finish(ops.crf_sample(self._state, num_samples, draws))
 
     def marginals(self) -> Any:
         """Node marginals p_tau(y_t = k) (B, T, K); 0 at padded positions."""
-        return self._ops.marginals(self._state)
+        ops = self._ops.new_call()
+        return ops.finish(ops.marginals(self._state))
 
     def log_partition_grad(self, grad_output: Optional[ArrayLike] = None) -> PartitionGrad:
         """log Z_tau and the gradients of ``sum_b grad_output[b] * log Z_tau[b]`` (as :func:`log_partition_grad`)."""
-        weights = _validate.weights(self._ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
-        return self._ops.log_partition_grad(self._state, weights)
+        ops = self._ops.new_call()
+        weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
+        return ops.finish(ops.log_partition_grad(self._state, weights))
 
     def paths_grad(self, beam_idx: ArrayLike, weights: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """Gradients of ``sum_{b,n} weights[b, n] * log p_tau(y_bn)`` for beam paths y.
@@ -93,10 +96,11 @@ class CRFForward:
             (grad_scores (B, T, K), grad_E1 (V, D), grad_E2 (V, D)), where
             ``log p_tau(y) = S(y) / tau - log Z_tau``.
         """
-        paths, single = _validate.paths(self._ops.arrays, self._state.crf, beam_idx)
+        ops = self._ops.new_call()
+        paths, single = _validate.paths(ops.arrays, self._state.crf, beam_idx)
         shape = (self.batch_shape[0],) if single else (self.batch_shape[0], paths.shape[2])
-        host = _validate.weights(self._ops.arrays, weights, shape, self._state.crf.dtype, "weights")
-        return self._ops.paths_grad(self._state, paths, host.reshape(shape[0], -1))
+        path_weights = _validate.weights(ops.arrays, weights, shape, self._state.crf.dtype, "weights")
+        return ops.finish(ops.paths_grad(self._state, paths, path_weights.reshape(shape[0], paths.shape[2])))
 
 
 class LikelihoodForward:
@@ -122,9 +126,13 @@ class LikelihoodForward:
 
     def grad(self, grad_output: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """(grad_scores (B, T, K), grad_E1, grad_E2) of ``sum_b grad_output[b] * log_likelihood[b]``."""
-        ops, state = self.forward._ops, self.forward._state
-        weights = _validate.weights(ops.arrays, grad_output, (self.beam_scores.shape[0],), state.crf.dtype)
-        return ops.paths_grad(state, self._slots, weights[:, None])
+        ops = self.forward._ops.new_call()
+        return ops.finish(self._grad(ops, grad_output))
+
+    def _grad(self, ops: Any, grad_output: Optional[ArrayLike]) -> tuple[Any, Any, Any]:
+        B = self.beam_scores.shape[0]
+        weights = _validate.weights(ops.arrays, grad_output, (B,), self.forward._state.crf.dtype)
+        return ops.paths_grad(self.forward._state, self._slots, weights.reshape(B, 1))
 
 
 def crf_forward(
@@ -150,7 +158,7 @@ def crf_forward(
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    return CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
+    return CRFForward(ops, ops.finish(ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype))))
 
 
 def log_partition(
@@ -214,9 +222,9 @@ def crf_sample(
     num_samples = _validate.positive_int(num_samples, "num_samples")
     inv_temp = _validate.inv_temperature(temperature, crf.dtype)
     B, T, _ = crf.scores.shape
-    draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)")
+    draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", crf.dtype)
     state: Any = ops.crf_forward(crf, inv_temp)
-    return ops.crf_sample(state, num_samples, draws)
+    return ops.finish(ops.crf_sample(state, num_samples, draws))
 
 
 def marginals(
@@ -272,7 +280,7 @@ def log_partition_grad(
     inv_temp = _validate.inv_temperature(temperature, crf.dtype)
     weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype)
     state: Any = ops.crf_forward(crf, inv_temp)
-    return ops.log_partition_grad(state, weights)
+    return ops.finish(ops.log_partition_grad(state, weights))
 
 
 def sequence_score(
@@ -301,7 +309,7 @@ def sequence_score(
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2, beam_idx=beam_idx)
     crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
     paths, single = _validate.paths(ops.arrays, crf, beam_idx)
-    out = ops.sequence_score(crf, paths)
+    out = ops.finish(ops.sequence_score(crf, paths))
     return out.reshape(out.shape[0]) if single else out
 
 
@@ -326,10 +334,16 @@ def log_likelihood_forward(
     LikelihoodForward
     """
     ops = backend_of(emissions=emissions, targets=targets, E1=E1, E2=E2)
+    return ops.finish(_likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature))
+
+
+def _likelihood_forward(
+    ops: Any, emissions: Any, targets: Any, E1: Any, E2: Any, k: Any, lengths: Any, temperature: Any
+) -> LikelihoodForward:
     emissions, targets = _validate.likelihood(ops.arrays, emissions, targets, E1, E2)
     emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, targets, "targets")
     beam = ops.topk_beam(emissions, k, forced)
-    crf = _validate.beam_crf(ops.arrays, beam.scores, beam.tokens, E1, E2, lengths)
+    crf = _validate.beam_crf(ops.arrays, beam.scores, beam.tokens, E1, E2, lengths, tokens_checked=True)
     forward = CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
     slots = ops.target_slots(crf, forced)
     log_likelihood = ops.path_log_prob(forward._state, slots).reshape(crf.scores.shape[0])
@@ -396,7 +410,6 @@ def log_likelihood_grad(
     """
     ops = backend_of(emissions=emissions, targets=targets, E1=E1, E2=E2)
     _validate.weights(ops.arrays, grad_output, (_validate.batch_size(emissions),), "float64")  # before any work
-    likelihood = log_likelihood_forward(emissions, targets, E1, E2, k, lengths, temperature)
-    return LikelihoodGrad(
-        likelihood.log_likelihood, likelihood.beam_scores, likelihood.beam_tokens, *likelihood.grad(grad_output)
-    )
+    likelihood = _likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature)
+    grads = likelihood._grad(ops, grad_output)
+    return ops.finish(LikelihoodGrad(likelihood.log_likelihood, likelihood.beam_scores, likelihood.beam_tokens, *grads))

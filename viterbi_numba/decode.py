@@ -55,7 +55,7 @@ def topk_beam(emissions: ArrayLike, k: int, force_tokens: Optional[ArrayLike] = 
     """
     ops = backend_of(emissions=emissions, force_tokens=force_tokens)
     emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, force_tokens)
-    return ops.topk_beam(emissions, k, forced)
+    return ops.finish(ops.topk_beam(emissions, k, forced))
 
 
 def viterbi_decode(
@@ -95,7 +95,7 @@ def viterbi_decode(
         raise ValueError(f"step_scores must be 'increments' or 'fairseq', got {step_scores!r}")
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    return ops.viterbi_decode(crf, step_scores == "fairseq")
+    return ops.finish(ops.viterbi_decode(crf, step_scores == "fairseq"))
 
 
 def stochastic_viterbi(
@@ -141,8 +141,9 @@ def stochastic_viterbi(
     N = 1 if single else _validate.positive_int(num_samples, "num_samples")
     inv_temp = _validate.inv_temperature(temperature, crf.dtype)
     layout = "(B, T-1, K)" if single else "(B, T-1, K, N)"
-    draws = _validate.draws(ops.arrays, seed, uniforms, (B, T - 1, K) if single else (B, T - 1, K, N), layout)
-    out = ops.stochastic_viterbi(crf, N, inv_temp, draws)
+    shape = (B, T - 1, K) if single else (B, T - 1, K, N)
+    draws = _validate.draws(ops.arrays, seed, uniforms, shape, layout, crf.dtype)
+    out = ops.finish(ops.stochastic_viterbi(crf, N, inv_temp, draws))
     if single:
         return StochasticViterbiResult(
             out.beam_probs.reshape(B, T, K),
@@ -193,4 +194,4 @@ def stochastic_viterbi_backward(
         }
     )
     inputs = _validate.sampler_grad(ops.arrays, grad_beam_probs, sample, tokens, E1, E2, lengths)
-    return ops.stochastic_viterbi_backward(inputs)
+    return ops.finish(ops.stochastic_viterbi_backward(inputs))

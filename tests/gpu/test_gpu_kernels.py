@@ -218,6 +218,61 @@ def test_gpu_inputs_are_validated_like_cpu_inputs():
         vn.viterbi_decode(scores, tokens, E1, E2, lengths=dev(lengths)[0])
 
 
+def test_small_inputs_on_the_device_are_checked_there():
+    """lengths, paths, weights and uniforms given on the device: the same errors as the CPU's."""
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    d = dev(scores, tokens, E1, E2)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 4\] \(T\), got values from 0 to 2"):
+        vn.viterbi_decode(*d, lengths=dev(np.array([0, 2]))[0])
+    paths = np.zeros((2, 4, 2), np.int64)
+    paths[0, 3, 1] = 5
+    with pytest.raises(ValueError, match=r"beam_idx must be beam slots in \[0, 5\) before each sequence's length"):
+        vn.sequence_score(*d, dev(paths)[0], lengths)
+    paths[0, 3, 1], paths[1, 3, 1] = 0, 7  # after sequence 1's length: ignored
+    np.testing.assert_allclose(
+        host(vn.sequence_score(*d, dev(paths)[0], lengths)), vn.sequence_score(scores, tokens, E1, E2, paths, lengths)
+    )
+    with pytest.raises(ValueError, match="grad_output contains NaN or inf"):
+        vn.log_partition_grad(*d, 1.0, lengths, dev(np.array([1.0, np.nan]))[0])
+    with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+        vn.crf_sample(*d, 2, lengths=lengths, uniforms=dev(np.full((2, 4, 2), 1.0))[0])
+    with pytest.raises(TypeError, match="lengths must be an integer array"):
+        vn.viterbi_decode(*d, lengths=dev(np.array([1.0, 2.0]))[0])
+
+
+def test_kernels_stay_in_bounds_on_unchecked_bad_indices():
+    """Inside skip_gpu_checks() nothing is raised for bad values, and the kernels index with clamped
+    copies: out-of-range tokens, lengths, forced tokens, paths and back-pointers run in the simulator
+    (which raises on any out-of-bounds access) and give indices in range."""
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    bad_tokens = tokens.copy()
+    bad_tokens[0, 1, 2], bad_tokens[1, 0, 0] = 10_000, -3
+    d = dev(scores, bad_tokens, E1, E2)
+    bad_lengths = dev(np.array([0, 9]))[0]
+    paths = dev(np.full((2, 4, 2), 99, np.int64))[0]
+    with vn.skip_gpu_checks():
+        best = vn.viterbi_decode(*d, lengths=bad_lengths)
+        forward = vn.crf_forward(*d, lengths=bad_lengths)
+        draws = forward.sample(2, seed=1)
+        forward.paths_grad(paths)
+        vn.log_partition_grad(*d, 1.0, bad_lengths)
+        vn.sequence_score(*d, paths, bad_lengths)
+        sample = vn.stochastic_viterbi(*d, 2, lengths=bad_lengths, seed=2)
+        bad_back = host(sample.backpointers)
+        bad_back[0, 0, 0, 0] = 50
+        sample = sample._replace(backpointers=dev(bad_back)[0])
+        vn.stochastic_viterbi_backward(dev(np.ones((2, 4, 5, 2)))[0], sample, *d[1:], lengths=bad_lengths)
+        emissions = dev(np.random.default_rng(5).standard_normal((2, 4, 9)))[0]
+        beam = vn.topk_beam(emissions, 3, dev(np.full((2, 4), 40))[0])
+        vn.log_likelihood_grad(emissions, dev(np.full((2, 4), -1))[0], *dev(E1[:9], E2[:9]), 3, bad_lengths)
+    for indices, high in ((best.beam_idx, 5), (draws.beam_idx, 5), (beam.tokens, 9)):
+        values = host(indices)
+        assert ((values == vn.PAD) | ((values >= 0) & (values < high))).all()
+    assert (host(best.beam_idx)[0, 1:] == vn.PAD).all()  # length 0 read as 1
+    with pytest.raises(ValueError, match="tokens must be token ids"):  # the checks are back outside the context
+        vn.viterbi_decode(*d, lengths=bad_lengths)
+
+
 def test_results_are_device_arrays():
     scores, tokens, E1, E2, lengths = problem(np.float32)
     result = vn.viterbi_decode(*dev(scores, tokens, E1, E2), lengths=lengths)
@@ -352,33 +407,53 @@ def test_topk_of_long_rows_matches_cpu(V, k):
 
 
 def test_blocking_read_backs_per_call(monkeypatch):
-    """Each GPU call's blocking read-backs (``Library.to_host``), counted with a mock: one for the value
-    checks' flags. The extras still there: log_likelihood checks the targets before top-K reads them and
-    reads top-K's NaN flag before the beam's checks (3), a path input is masked on the host (+1), and
-    lengths given on the device are read back for their checks (+1)."""
+    """Each GPU call's blocking read-backs (``Library.to_host``), counted with a mock: one, for the flags
+    of all its value checks, whatever its small inputs (lengths, paths, weights, uniforms) and wherever
+    they are; none inside ``skip_gpu_checks()``, where no host memory is copied in either
+    (``Library.to_device`` and numba's ``to_device``, counted too) when every input is on the device."""
+    from numba import cuda
+
     from viterbi_numba.gpu import arrays
 
-    counted = []
-    to_host = arrays.Library.to_host
+    counted, uploads = [], []
+    to_host, to_device, cuda_to_device = arrays.Library.to_host, arrays.Library.to_device, cuda.to_device
     monkeypatch.setattr(arrays.Library, "to_host", lambda self, view: counted.append(1) or to_host(self, view))
+    monkeypatch.setattr(arrays.Library, "to_device", lambda self, a: uploads.append(1) or to_device(self, a))
+    monkeypatch.setattr(cuda, "to_device", lambda *a, **kw: uploads.append(1) or cuda_to_device(*a, **kw))
     scores, tokens, E1, E2, lengths = problem(np.float32)
     d = dev(scores, tokens, E1, E2)
+    on_device = dev(lengths)[0]
     rng = np.random.default_rng(4)
     emissions, targets = dev(rng.standard_normal((2, 4, 9)).astype(np.float32), rng.integers(0, 9, (2, 4)))
     tables = dev(rng.standard_normal((9, 3)).astype(np.float32), rng.standard_normal((9, 3)).astype(np.float32))
+    paths = dev(np.zeros((2, 4, 3), np.int64))[0]
+    weights, sequence_weights = dev(np.ones((2, 3), np.float32), np.array([1.0, -2.0], np.float32))
+    uniforms = dev(rng.random((2, 4, 3)))[0]  # float64, cast on the device
+    forward = vn.crf_forward(*d, lengths=on_device)
+    likelihood = vn.log_likelihood_forward(emissions, targets, *tables, 3, on_device)
     calls = {
-        "topk_beam": (lambda: vn.topk_beam(emissions, 3), 1),
-        "viterbi_decode": (lambda: vn.viterbi_decode(*d, lengths=lengths), 1),
-        "viterbi_decode, device lengths": (lambda: vn.viterbi_decode(*d, lengths=dev(lengths)[0]), 2),
-        "stochastic_viterbi": (lambda: vn.stochastic_viterbi(*d, 2, lengths=lengths, seed=1), 1),
-        "crf_sample": (lambda: vn.crf_sample(*d, 2, lengths=lengths, seed=1), 1),
-        "log_partition": (lambda: vn.log_partition(*d, lengths=lengths), 1),
-        "marginals": (lambda: vn.marginals(*d, lengths=lengths), 1),
-        "log_partition_grad": (lambda: vn.log_partition_grad(*d, 1.0, lengths), 1),
-        "sequence_score": (lambda: vn.sequence_score(*d, dev(np.zeros((2, 4, 1), np.int64))[0], lengths), 2),
-        "log_likelihood": (lambda: vn.log_likelihood(emissions, targets, *tables, 3), 3),
+        "topk_beam": lambda lengths: vn.topk_beam(emissions, 3, targets),
+        "viterbi_decode": lambda lengths: vn.viterbi_decode(*d, lengths=lengths),
+        "stochastic_viterbi": lambda lengths: vn.stochastic_viterbi(*d, 2, lengths=lengths, seed=1),
+        "crf_sample": lambda lengths: vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms),
+        "log_partition": lambda lengths: vn.log_partition(*d, lengths=lengths),
+        "marginals": lambda lengths: vn.marginals(*d, lengths=lengths),
+        "log_partition_grad": lambda lengths: vn.log_partition_grad(*d, 1.0, lengths, sequence_weights),
+        "sequence_score": lambda lengths: vn.sequence_score(*d, paths, lengths),
+        "log_likelihood": lambda lengths: vn.log_likelihood(emissions, targets, *tables, 3, lengths),
+        "log_likelihood_grad": lambda lengths: vn.log_likelihood_grad(emissions, targets, *tables, 3, lengths),
+        "CRFForward.paths_grad": lambda lengths: forward.paths_grad(paths, weights),
+        "CRFForward.sample": lambda lengths: forward.sample(2, seed=3),
+        "LikelihoodForward.grad": lambda lengths: likelihood.grad(sequence_weights),
     }
-    for name, (call, expected) in calls.items():
+    for given in (lengths, on_device):
+        for name, call in calls.items():
+            counted.clear()
+            call(given)
+            assert len(counted) == (0 if name == "CRFForward.sample" else 1), (name, len(counted))
+    for name, call in calls.items():
         counted.clear()
-        call()
-        assert len(counted) == expected, (name, len(counted))
+        uploads.clear()
+        with vn.skip_gpu_checks():
+            call(on_device)
+        assert (len(counted), len(uploads)) == (0, 0), name

@@ -35,14 +35,25 @@ class HostChecks:
     def finite(self, values: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
         rule(values)
 
-    def in_range(self, values: np.ndarray, low: int, high: int, rule: Callable[[np.ndarray], None]) -> None:
+    def finite_cast(self, values: np.ndarray, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> np.ndarray:
         rule(values)
+        return np.ascontiguousarray(values, dtype=dtype)
 
-    def beam(self, scores: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
-        rule(scores)
+    def in_range(self, values: np.ndarray, low: int, high: int, rule: Callable[[np.ndarray], None]) -> np.ndarray:
+        rule(values)
+        return np.ascontiguousarray(values, dtype=np.int64)
 
-    def run(self) -> None:
-        pass
+    def unit_interval(self, values: np.ndarray, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> np.ndarray:
+        rule(values)
+        return np.ascontiguousarray(values, dtype=np.float64)  # the CPU kernels draw from float64 uniforms
+
+    def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[..., None]) -> None:
+        rule(scores, lengths)
+
+    def paths(self, paths: np.ndarray, lengths: np.ndarray, beam: int, rule: Callable[..., None]) -> np.ndarray:
+        rule(paths, lengths)
+        inside = np.arange(paths.shape[1])[None, :, None] < lengths[:, None, None]
+        return np.ascontiguousarray(np.where(inside, paths, 0), dtype=np.int64)
 
 
 class HostArrays:
@@ -70,11 +81,11 @@ class HostArrays:
     def cast(self, array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=dtype)
 
-    def to_host(self, value: Any, name: str) -> np.ndarray:
+    def small_array(self, value: Any, name: str) -> np.ndarray:
         return self._host(value, name)
 
-    def from_host(self, array: np.ndarray) -> np.ndarray:
-        return array
+    def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> np.ndarray:
+        return np.full(shape, value, dtype=dtype)
 
     def checks(self) -> Checks:
         return HostChecks()
@@ -144,6 +155,14 @@ class CPUOps:
     """The CPU backend's operations (docs/design.md §2 defines each)."""
 
     arrays: Arrays = HostArrays()
+
+    def new_call(self) -> CPUOps:
+        """The ops for another call on the same arrays (each GPU call has its own checks; here, itself)."""
+        return self
+
+    def finish(self, result: Any) -> Any:
+        """``result``, once the call's value checks have passed (on the CPU they already have)."""
+        return result
 
     # --- decoding ---------------------------------------------------------------------------------
     def topk_beam(self, emissions: np.ndarray, k: int, force_tokens: Any) -> Beam:

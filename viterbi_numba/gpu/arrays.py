@@ -143,14 +143,19 @@ class Library:
             return native
         return self.cuda.as_cuda_array(native, sync=False)
 
-    def zeros(self, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+    def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> tuple[Any, Any]:
+        """(native, view) of a new array holding ``value`` everywhere, filled on the device (no host
+        memory is copied, so it can be captured in a CUDA graph)."""
         native, view = self.empty(shape, dtype)
         if view.size:
             from .kernels import kernels
 
             flat = view.reshape(view.size)
-            kernels(np.float64).fill[grid(view.size), 256, self.stream](flat, flat.dtype.type(0))
+            kernels(np.float64).fill[grid(view.size), 256, self.stream](flat, flat.dtype.type(value))
         return native, view
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+        return self.full(shape, 0, dtype)
 
     def to_device(self, host: np.ndarray) -> tuple[Any, Any]:
         native, view = self.empty(host.shape, host.dtype)
@@ -186,6 +191,7 @@ class DeviceArrays:
         from .kernels.block import MAX_D, MAX_K
 
         self.lib = Library(sample)
+        self._checks: Any = None
         self.max_beam: Optional[int] = MAX_K
         self.max_rank: Optional[int] = MAX_D
 
@@ -247,14 +253,33 @@ class DeviceArrays:
             )
         return array
 
-    def to_host(self, value: Any, name: str) -> np.ndarray:
-        """A host copy of a small input given on the device or the host (lengths, weights, uniforms)."""
-        return self.lib.to_host(self.lib.view(value)) if is_gpu_array(value) else np.asarray(value)
+    def small_array(self, value: Any, name: str) -> Any:
+        """A device view of a small input (lengths, weights, uniforms, paths) given on the device, or a
+        device copy of one given on the host (not read back either way; the checks screen it there)."""
+        if is_gpu_array(value):
+            return self.view(value, name)
+        host = np.asarray(value)
+        if np.issubdtype(host.dtype, np.floating):
+            host = host.astype(np.float64)
+        elif np.issubdtype(host.dtype, np.integer):
+            host = host.astype(np.int64)
+        elif host.dtype != np.bool_:  # the validators name the argument and its dtype
+            return host
+        return self.lib.cuda.to_device(np.ascontiguousarray(host), stream=self.lib.stream)
 
-    def from_host(self, array: np.ndarray) -> Any:
-        return self.lib.to_device(array)[1]
+    def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Any:
+        return self.lib.full(shape, value, dtype)[1]
 
     def checks(self) -> Any:
-        from .checks import DeviceChecks
+        """This call's value checks (one flag array, read back by ``finish``)."""
+        if self._checks is None:
+            from .checks import DeviceChecks
 
-        return DeviceChecks(self.lib)
+            self._checks = DeviceChecks(self.lib)
+        return self._checks
+
+    def verify(self) -> None:
+        """End of a call: read its checks' flags back once and raise the first failure (``checks.py``)."""
+        checks, self._checks = self._checks, None
+        if checks is not None:
+            checks.verify()

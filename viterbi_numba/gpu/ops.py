@@ -2,7 +2,10 @@
 
 :class:`GPUOps` has the same methods, with the same signatures, as ``cpu.ops.CPUOps``; one is made per
 call for the caller's array library (``gpu/arrays.py``), which allocates every result and gives the
-stream. Nothing here validates or synchronises with the host, except top-K's NaN flag.
+stream. Nothing here validates or waits for the GPU: top-K flags NaN in the call's checks, which
+``finish`` reads back once, at the end of the call, with every other check's flag. No host memory is
+copied to the device either, so a call on device inputs inside ``skip_gpu_checks()`` can be captured in
+a CUDA graph.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 from numba import config
 
-from .._validate import BeamCRF, Draws, SamplerGradInputs
+from .._validate import BeamCRF, Draws, SamplerGradInputs, emission_values
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
 from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
@@ -118,31 +121,50 @@ class GPUOps:
         self.arrays = DeviceArrays(sample)
         self.lib = self.arrays.lib
 
+    def new_call(self) -> GPUOps:
+        """The ops for another call on the same arrays, with checks of its own."""
+        return GPUOps(self.lib.sample)
+
+    def finish(self, result: Any) -> Any:
+        """``result``, once the call's value checks have passed: their flags are read back here, once,
+        after every kernel of the call is queued (not inside ``skip_gpu_checks()``)."""
+        self.arrays.verify()
+        return result
+
     def _replay(self, draws: Draws, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """Device uniforms of ``shape`` in the compute dtype, or a 1-element stand-in when drawing by seed."""
         if draws.uniforms is None:
-            return self.lib.to_device(np.zeros((1,) * len(shape), dtype=dtype))[1]
-        return self.lib.to_device(draws.uniforms.reshape(shape).astype(dtype))[1]
+            return self.lib.zeros((1,) * len(shape), dtype)[1]
+        return draws.uniforms.reshape(shape)
+
+    def _weight_scale(self, weights: Any, inv_temp: Any, sign: float) -> tuple[Any, Any]:
+        """(weights * inv_temp (B, N), sign * its row sums (B,)) for device weights (B, N)."""
+        B, N = weights.shape
+        scale = self.lib.empty((B, N), weights.dtype)[1]
+        rows = self.lib.empty((B,), weights.dtype)[1]
+        if B:
+            kernels(weights.dtype).weight_scale[grid(B, 64), 64, self.lib.stream](
+                weights, inv_temp, weights.dtype.type(sign), scale, rows
+            )
+        return scale, rows
 
     # --- decoding ---------------------------------------------------------------------------------
     def topk_beam(self, emissions: Any, k: int, force_tokens: Any) -> Beam:
         lib = self.lib
         B, T, _ = emissions.shape
-        forced = lib.to_device(np.zeros((1, 1), dtype=np.int64))[1] if force_tokens is None else force_tokens
+        forced = lib.zeros((1, 1), np.int64)[1] if force_tokens is None else force_tokens
         scores_native, scores = lib.empty((B, T, k), emissions.dtype)
         tokens_native, tokens = lib.empty((B, T, k), np.int64)
-        _, bad_rows = lib.zeros((B, T), np.int64)
+        checks = self.arrays.checks()
+        flags, slot = checks.slot(emission_values, emissions)
         threads = block_limits()[1]
         region = topk_region(k)
         shared = dynamic_shared("topk_kernel", emissions.shape[2], emissions.dtype, k=k)
         if B * T:
             kernels(emissions.dtype).topk_kernel[B * T, threads, lib.stream, shared](
-                emissions, k, region, forced, force_tokens is not None, scores, tokens, bad_rows
+                emissions, k, region, forced, force_tokens is not None, scores, tokens, flags, slot
             )
-            bad = lib.to_host(bad_rows)
-            if bad.any():
-                b, t = np.argwhere(bad)[0]
-                raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
+        checks.settle()
         return Beam(scores_native, tokens_native)
 
     def _transition_chunks(self, crf: BeamCRF, reverse: bool = False) -> Any:
@@ -289,7 +311,7 @@ class GPUOps:
         )
         chunk = _chunk_steps(B, T, K, dtype)
         edges = lib.empty((B * chunk * K * K,), dtype)[1]
-        ones = lib.to_device(np.ones(B, dtype))[1]
+        ones = lib.full((B,), 1, dtype)[1]
         for t0 in range(1, T, chunk):
             compiled.fill[grid(edges.size), 256, lib.stream](edges, dtype.type(0))
             compiled.chain_edges[grid(B * chunk * K * N), 256, lib.stream](
@@ -368,9 +390,9 @@ class GPUOps:
             )
         return CRFSample(beam_idx[0], path_tokens[0], log_prob[0])
 
-    def _backward(self, state: ForwardState, row_scale: Optional[np.ndarray]) -> tuple[Any, Any, Any]:
-        """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without
-        ``row_scale``); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b].
+    def _backward(self, state: ForwardState, row_scale: Optional[Any]) -> tuple[Any, Any, Any]:
+        """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without the device
+        ``row_scale`` (B,)); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b].
 
         Chunk by chunk of steps, last chunk first: the chunk's transition blocks, then xi and the
         marginals step by step (``backward_steps``, overwriting the blocks with xi), then the rows'
@@ -387,7 +409,6 @@ class GPUOps:
         grad_E2 = lib.zeros(crf.E1.shape if want_rows else (1, 1), dtype)
         if not B:
             return (mu, grad_E1, grad_E2) if want_rows else (mu, None, None)
-        scale = lib.to_device(np.ones(B, dtype) if row_scale is None else row_scale.astype(dtype))[1]
         compiled.backward_start[B, threads_for(K), lib.stream](crf.lengths, state.alpha, mu[1])
         steps, layout = self._recursion("backward_steps", dtype, B, K, ROW_LANES)
         for t0, chunk, xi in self._transition_chunks(crf, reverse=True):
@@ -407,50 +428,40 @@ class GPUOps:
             if want_rows:
                 for product, grad in ((products.xi_rows, grad_E1[1]), (products.xi_columns, grad_E2[1])):
                     product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
-                        xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, scale, grad
+                        xi, chunk, t0, crf.tokens, crf.E1, crf.E2, crf.lengths, row_scale, grad
                     )
         if not want_rows:
             return mu, None, None
         return mu, grad_E1, grad_E2
 
-    def _scale_rows(self, values: Any, scale: np.ndarray) -> Any:
-        """values (B, T, K) times scale[b], as a new native array."""
+    def _scale_rows(self, values: Any, scale: Any) -> Any:
+        """values (B, T, K) times the device scale[b], as a new native array."""
         out = self.lib.empty(values.shape, values.dtype)
         if values.size:
-            kernels(values.dtype).scale_rows[grid(values.size), 256, self.lib.stream](
-                values, self.lib.to_device(np.asarray(scale, values.dtype))[1], out[1]
-            )
+            kernels(values.dtype).scale_rows[grid(values.size), 256, self.lib.stream](values, scale, out[1])
         return out
 
     def marginals(self, state: ForwardState) -> Any:
         return self._backward(state, None)[0][0]
 
-    def log_partition_grad(self, state: ForwardState, weights: np.ndarray) -> PartitionGrad:
-        scale = weights * state.inv_temp
+    def log_partition_grad(self, state: ForwardState, weights: Any) -> PartitionGrad:
+        B = weights.shape[0]
+        _, scale = self._weight_scale(weights.reshape(B, 1), state.inv_temp, 1.0)
         mu, grad_E1, grad_E2 = self._backward(state, scale)
         return PartitionGrad(state.log_z, mu[0], self._scale_rows(mu[1], scale)[0], grad_E1[0], grad_E2[0])
 
-    def paths_grad(self, state: ForwardState, paths: Any, weights: np.ndarray) -> tuple[Any, Any, Any]:
+    def paths_grad(self, state: ForwardState, paths: Any, weights: Any) -> tuple[Any, Any, Any]:
         """(grad_scores, grad_E1, grad_E2) of sum_{b,n} weights[b, n] * (S(y_bn) / tau - log Z_tau[b]) for
-        device beam paths (B, T, N) and host weights (B, N)."""
+        device beam paths (B, T, N) and device weights (B, N)."""
         lib = self.lib
         crf = state.crf
-        dtype = crf.dtype
-        scale = (np.asarray(weights) * state.inv_temp).astype(dtype)  # (B, N)
-        mu, grad_E1, grad_E2 = self._backward(state, -scale.sum(axis=1))
-        grad_scores = self._scale_rows(mu[1], -scale.sum(axis=1))
+        scale, rows = self._weight_scale(weights, state.inv_temp, -1.0)  # rows: -sum_n scale[b, n]
+        mu, grad_E1, grad_E2 = self._backward(state, rows)
+        grad_scores = self._scale_rows(mu[1], rows)
         B, T, N = paths.shape
         if B * N:
-            kernels(dtype).add_paths[grid(B * N, 64), 64, lib.stream](
-                paths,
-                crf.tokens,
-                crf.lengths,
-                lib.to_device(scale)[1],
-                crf.E1,
-                crf.E2,
-                grad_scores[1],
-                grad_E1[1],
-                grad_E2[1],
+            kernels(crf.dtype).add_paths[grid(B * N, 64), 64, lib.stream](
+                paths, crf.tokens, crf.lengths, scale, crf.E1, crf.E2, grad_scores[1], grad_E1[1], grad_E2[1]
             )
         return grad_scores[0], grad_E1[0], grad_E2[0]
 

@@ -33,7 +33,6 @@ TRANSITIONS_BUDGET = 32 * 1024 * 1024  # bytes of (K, K) blocks per chunk of ste
 MAX_K = 1024  # largest beam (top-K keeps 2 * max(K, 4 * threads) entries in shared memory)
 SHARED_BUDGET = 40 * 1024  # dynamic shared memory per block, bytes (below the 48 KiB default limit)
 FULL_MASK = 0xFFFFFFFF  # every lane of a warp takes part in the shuffles
-FIRST_ROW = 8  # check_beam's per-row flags start here (slots before it: the other checks)
 
 portable = _portable.build(cuda.jit(device=True))
 

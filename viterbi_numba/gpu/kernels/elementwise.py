@@ -1,11 +1,12 @@
-"""GPU kernels of the host path: the value checks behind ``gpu/checks.py``, fills and small per-element
-steps of exact inference (one thread per element or row)."""
+"""GPU kernels of the host path: the value checks behind ``gpu/checks.py`` (screens that set a slot of
+the call's flag array, most writing a clamped or cast copy), fills and small per-element steps of
+exact inference (one thread per element or row)."""
 
 from __future__ import annotations
 
-from numba import cuda
+from numba import cuda, int32, int64
 
-from .block import FIRST_ROW, Family
+from .block import Family
 
 
 def build(blk) -> Family:
@@ -13,25 +14,33 @@ def build(blk) -> Family:
     t = blk.types
     NEG_INF = blk.NEG_INF
     POS_INF = blk.POS_INF
+    ZERO = blk.ZERO
     family = Family()
 
-    @family.kernel((t.f3, t.int32[::1]))
-    def check_beam(scores, flags):
-        """One block per (b, t): flags[0] = 1 on NaN/+inf in scores; flags[FIRST_ROW + b * T + t] = 1
-        where the beam holds a score above -inf."""
+    @family.kernel((t.f3, t.i1, t.int32[::1], t.int64))
+    def check_beam(scores, lengths, flags, slot):
+        """One block per (b, t): flags[slot] = 1 on NaN/+inf in scores, or when t is before the
+        sequence's length and no slot of the beam is above -inf."""
         row = cuda.blockIdx.x
         T = scores.shape[1]
         b = row // T
         t = row - b * T
+        live = cuda.shared.array(1, int32)
+        if cuda.threadIdx.x == 0:
+            live[0] = 0
+        cuda.syncthreads()
         alive = 0
         for k in range(cuda.threadIdx.x, scores.shape[2], cuda.blockDim.x):
             x = scores[b, t, k]
             if not x < POS_INF:
-                cuda.atomic.max(flags, 0, 1)
+                cuda.atomic.max(flags, slot, 1)
             if x > NEG_INF:
                 alive = 1
         if alive == 1:
-            cuda.atomic.max(flags, FIRST_ROW + row, 1)
+            cuda.atomic.max(live, 0, 1)
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0 and live[0] == 0 and t < lengths[b]:
+            cuda.atomic.max(flags, slot, 1)
 
     @family.kernel((t.f1, t.int32[::1], t.int64))
     def check_finite(values, flags, slot):
@@ -40,15 +49,69 @@ def build(blk) -> Family:
             if not (values[e] < POS_INF and values[e] > NEG_INF):
                 cuda.atomic.max(flags, slot, 1)
 
-    @family.kernel((t.i1, t.int64, t.int64, t.int32[::1], t.int64))
-    def check_range(values, low, high, flags, slot):
-        """flags[slot] = 1 if the 1-D integer array ``values`` holds a value outside [low, high)."""
+    @family.kernel((t.f1, t.f1, t.int32[::1], t.int64))
+    def finite_copy(values, out, flags, slot):
+        """out = values in this dtype (``values`` of any float dtype); flags[slot] = 1 on NaN or inf."""
         for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
-            if values[e] < low or values[e] >= high:
+            x = values[e]
+            if not (x < POS_INF and x > NEG_INF):
+                cuda.atomic.max(flags, slot, 1)
+            out[e] = x
+
+    @family.kernel((t.f1, t.f1, t.int32[::1], t.int64))
+    def unit_copy(values, out, flags, slot):
+        """out = values in this dtype (``values`` of any float dtype), 0 where a value is outside [0, 1)
+        (NaN too), which flags[slot] = 1 reports."""
+        for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
+            u = values[e]
+            if u >= 0 and u < 1:
+                out[e] = u
+            else:
+                out[e] = 0
                 cuda.atomic.max(flags, slot, 1)
 
+    @family.kernel((t.i1, t.int64, t.int64, t.i1, t.int32[::1], t.int64))
+    def clamp_range(values, low, high, out, flags, slot):
+        """out = the 1-D integer array ``values`` clamped to [low, high - 1], as int64; flags[slot] = 1
+        where a value lies outside [low, high)."""
+        for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
+            v = int64(values[e])
+            if v < low or v >= high:
+                cuda.atomic.max(flags, slot, 1)
+                v = low if v < low else high - 1
+            out[e] = v
+
+    @family.kernel((t.i3, t.i1, t.int64, t.i3, t.int32[::1], t.int64))
+    def mask_paths(paths, lengths, beam, out, flags, slot):
+        """out[b, t, n] = paths[b, t, n] before lengths[b] (clamped to [0, beam), flags[slot] = 1 where it
+        was outside), 0 at and after it."""
+        B, T, N = paths.shape
+        for e in range(cuda.grid(1), B * T * N, cuda.gridsize(1)):
+            b = e // (T * N)
+            rest = e - b * T * N
+            t = rest // N
+            n = rest - t * N
+            v = int64(0)
+            if t < lengths[b]:
+                v = int64(paths[b, t, n])
+                if v < 0 or v >= beam:
+                    cuda.atomic.max(flags, slot, 1)
+                    v = 0 if v < 0 else beam - 1
+            out[b, t, n] = v
+
+    @family.kernel((t.f2, t.f, t.f, t.f2, t.f1))
+    def weight_scale(weights, inv_temp, sign, scale, rows):
+        """scale[b, n] = weights[b, n] * inv_temp and rows[b] = sign * sum_n scale[b, n] (a thread per b)."""
+        b = cuda.grid(1)
+        if b < weights.shape[0]:
+            total = ZERO
+            for n in range(weights.shape[1]):
+                scale[b, n] = weights[b, n] * inv_temp
+                total += scale[b, n]
+            rows[b] = sign * total
+
     @family.kernel((t.f1, t.f))
-    def fill(values, value):
+    def fill(values, value):  # also launched on int arrays (numba compiles that variant on first use)
         """values[:] = value for a 1-D array."""
         for e in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
             values[e] = value

@@ -70,15 +70,17 @@ def build(blk) -> Family:
             first = cuda.shfl_sync(FULL_MASK, first, leader)
             return first + cuda.popc(mask & ((uint32(1) << uint32(lane)) - uint32(1)))
 
-    @family.kernel((t.f3, t.int64, t.int64, t.i2, t.boolean, t.f3, t.i3, t.i2))
-    def topk_kernel(emissions, k, region, force_tokens, use_force, out_scores, out_tokens, bad_rows):
+    @family.kernel((t.f3, t.int64, t.int64, t.i2, t.boolean, t.f3, t.i3, t.int32[::1], t.int64))
+    def topk_kernel(emissions, k, region, force_tokens, use_force, out_scores, out_tokens, flags, slot):
         """One block per (b, t) row: the k best (score, id), best first, ties to the lower id.
 
         Shared memory holds the best ``region`` entries so far (sorted, ``region`` a power of two >= k
         and >= 4 block sizes) followed by ``region`` candidate slots. A row entry becomes a candidate
         only if it ranks above the current k-th best; when the candidate slots could overflow, the
         2 * region entries are sorted (bitonic) and the best half kept. A forced token enters first
-        with score +inf, so it is always kept, and takes its own score at the end.
+        with score +inf, so it is always kept, and takes its own score at the end. NaN or +inf in the
+        row sets flags[slot]; the ids written are in [0, V) whatever the row holds (a row with NaN
+        may leave slots unfilled, which then read id 0).
         """
         row = cuda.blockIdx.x
         T = emissions.shape[1]
@@ -137,12 +139,13 @@ def build(blk) -> Family:
             cuda.syncthreads()
         bitonic_sort(keys, ids, size)
         if tid == 0:
-            bad_rows[b, t] = count[1]
+            if count[1] != 0:
+                cuda.atomic.max(flags, slot, 1)
             if forced >= 0:  # the forced token sits first with +inf: move it to its own score's place
                 place_forced(keys, ids, k, row_values[forced], forced)
         cuda.syncthreads()
-        for slot in range(tid, k, threads):
-            out_scores[b, t, slot] = keys[slot]
-            out_tokens[b, t, slot] = ids[slot]
+        for i in range(tid, k, threads):
+            out_scores[b, t, i] = keys[i]
+            out_tokens[b, t, i] = ids[i] if ids[i] < V else 0
 
     return family
