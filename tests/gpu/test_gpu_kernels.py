@@ -406,6 +406,27 @@ def test_topk_of_long_rows_matches_cpu(V, k):
         np.testing.assert_array_equal(host(gpu.scores), cpu.scores)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_select_handles_ties_signed_zeros_and_infinities(dtype):
+    """Rows that stress the radix select: all equal (every digit ties, so the ids decide), -0.0 beside
+    +0.0 (equal scores), mostly -inf, values one ulp apart, and k = V."""
+    V = 100
+    rng = np.random.default_rng(7)
+    rows = np.zeros((2, 4, V), dtype)
+    rows[0, 1] = np.where(rng.random(V) < 0.5, -0.0, 0.0)
+    rows[0, 2] = -np.inf
+    rows[0, 2, rng.choice(V, 5, replace=False)] = rng.standard_normal(5)
+    rows[0, 3] = np.nextafter(dtype(1), dtype(2), dtype=dtype) * (rng.random(V) < 0.5) + dtype(1)
+    rows[1] = rng.integers(-2, 3, (4, V)).astype(dtype) * dtype(0.5)
+    rows[1, 3] = rng.standard_normal(V)
+    forced = rng.integers(0, V, (2, 4))
+    for k, force in ((1, None), (17, None), (17, forced), (V, forced)):
+        gpu = vn.topk_beam(*dev(rows), k, None if force is None else dev(force)[0])
+        cpu = vn.topk_beam(rows, k, force)
+        np.testing.assert_array_equal(host(gpu.tokens), cpu.tokens, err_msg=f"k={k}")
+        np.testing.assert_array_equal(host(gpu.scores), cpu.scores)
+
+
 def test_blocking_read_backs_per_call(monkeypatch):
     """Each GPU call's blocking read-backs (``Library.to_host``), counted with a mock: one, for the flags
     of all its value checks, whatever its small inputs (lengths, paths, weights, uniforms) and wherever

@@ -21,7 +21,7 @@ from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
 from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
 from .kernels.crf import PRODUCT_THREADS, ROW_LANES, product_tiles
-from .kernels.topk import LOADS
+from .kernels.topk import ENTRIES, LOADS
 from .kernels.transitions import THREADS as TRANSITION_THREADS
 from .kernels.transitions import tiles_per_step
 
@@ -31,8 +31,8 @@ ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursi
 
 
 def topk_region(k: int) -> int:
-    """top-K's sorted region (a power of two, k or more): candidate slots for two chunks of the row
-    (``topk.LOADS`` entries per thread each), so a sort comes only every few chunks' survivors."""
+    """top-K's kept region (a power of two, k or more), as many candidate slots after it: two chunks of
+    the row (``topk.LOADS`` entries per thread each), so a select comes only every few chunks' survivors."""
     region = 2 * LOADS * block_limits()[1]
     while region < k:
         region *= 2
@@ -159,6 +159,7 @@ class GPUOps:
         flags, slot = checks.slot(emission_values, emissions)
         threads = block_limits()[1]
         region = topk_region(k)
+        assert 2 * region <= ENTRIES * threads, "top-K's buffer must fit ENTRIES per thread"
         shared = dynamic_shared("topk_kernel", emissions.shape[2], emissions.dtype, k=k)
         if B * T:
             kernels(emissions.dtype).topk_kernel[B * T, threads, lib.stream, shared](
