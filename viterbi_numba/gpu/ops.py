@@ -31,8 +31,9 @@ ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursi
 
 
 def topk_region(k: int) -> int:
-    """top-K's kept region (a power of two, k or more), as many candidate slots after it: two chunks of
-    the row (``topk.LOADS`` entries per thread each), so a select comes only every few chunks' survivors."""
+    """Half of top-K's buffer (a power of two, k or more): the buffer holds the k kept and, after them,
+    the candidates of at least three chunks of the row (``topk.LOADS`` entries per thread each), so a
+    select comes only every few chunks' survivors."""
     region = 2 * LOADS * block_limits()[1]
     while region < k:
         region *= 2

@@ -49,7 +49,14 @@ def kernels(dtype: Any, rank: int = block.RANKS[0]) -> SimpleNamespace:
 
 
 def compile_ptx(name: str, dtype: Any, cc: tuple[int, int], rank: int = block.RANKS[0]) -> str:
-    """PTX of kernel ``name`` for ``dtype`` and compute capability ``cc``, without a GPU.
+    """PTX of kernel ``name`` for ``dtype`` and compute capability ``cc``, without a GPU."""
+    compiled = kernels(dtype, rank)
+    return compile_function_ptx(getattr(compiled, name).py_func, compiled.signatures[name], cc, compiled.threads[name])
+
+
+def compile_function_ptx(function: Any, signature: tuple, cc: tuple[int, int], threads: int) -> str:
+    """PTX of the Python kernel ``function`` at ``signature`` for compute capability ``cc`` with launch
+    bounds ``threads``, without a GPU.
 
     numba-cuda 0.30 asks the current device for its compute capability when it compiles a kernel's
     device functions, which fails where there is no GPU; during this call that question is answered
@@ -57,16 +64,10 @@ def compile_ptx(name: str, dtype: Any, cc: tuple[int, int], rank: int = block.RA
     """
     from numba.cuda import dispatcher
 
-    compiled = kernels(dtype, rank)
     asked = dispatcher.get_current_device
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
     try:
-        ptx, _ = cuda.compile_ptx(
-            getattr(compiled, name).py_func,
-            compiled.signatures[name],
-            cc=cc,
-            launch_bounds=compiled.threads[name],
-        )
+        ptx, _ = cuda.compile_ptx(function, signature, cc=cc, launch_bounds=threads)
     finally:
         dispatcher.get_current_device = asked
     return ptx

@@ -6,10 +6,14 @@ compacted by a vote. When the candidate half could overflow, a radix select (8-b
 order-preserving key, most significant first, then of the id so that ties go to the lower id) finds
 the k-th best of everything held and keeps only the entries at or above it, unsorted; only the k kept
 at the end are sorted. A select costs a few histogram passes over the buffer, where the sort it
-replaces had log2(2 region)^2 / 2 compare-exchange stages.
+replaces had log2(2 region)^2 / 2 compare-exchange stages. ``family.devices`` holds the three phases
+(``admit_chunk``, ``keep_best``, ``bitonic_sort``), which ``benchmarks/gpu_model.py`` compiles alone to
+count their instructions.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 from numba import config, cuda, int32, int64, uint32, uint64
@@ -18,7 +22,7 @@ from .block import FULL_MASK, Family
 
 _FAR_ID = 1 << 62  # the id of an empty slot: it ranks below every real token
 _RID_TOP = (1 << 31) - 1  # ids are below it (V < 2**31 - 1); rid = _RID_TOP - id ranks lower ids higher
-LOADS = 2  # row entries a thread loads per chunk before comparing them (the region holds two chunks)
+LOADS = 2  # row entries a thread loads per chunk before comparing them
 BINS = 256  # values of an 8-bit digit
 ENTRIES = 512 if config.ENABLE_CUDASIM else 8  # buffer entries per thread at most (see gpu/ops.py)
 _UNROLL = not config.ENABLE_CUDASIM  # loops over a thread's entries: ENTRIES long on a GPU (unrolled)
@@ -97,14 +101,18 @@ def build(blk) -> Family:
 
     @cuda.jit(device=True)
     def bitonic_sort(keys, ids, size):
-        """Sort keys/ids[:size] (shared, size a power of two) best first by ``ranks_above``."""
-        tid = cuda.threadIdx.x
-        width = 2
-        while width <= size:
-            stride = width // 2
+        """Sort keys/ids[:size] (shared, size a power of two) best first by ``ranks_above``. Unsigned
+        indices and while loops: no wraparound code, no 64-bit division for a strided loop's trips."""
+        tid = uint32(cuda.threadIdx.x)
+        threads = uint32(cuda.blockDim.x)
+        count = uint32(size)
+        width = uint32(2)
+        while width <= count:
+            stride = width >> uint32(1)
             while stride > 0:
-                for i in range(tid, size, cuda.blockDim.x):
-                    partner = i ^ stride
+                i = tid
+                while i < count:
+                    partner = uint32(i ^ stride)
                     if partner > i:
                         best_first = (i & width) == 0
                         swap = ranks_above(keys[partner], ids[partner], keys[i], ids[i])
@@ -117,15 +125,16 @@ def build(blk) -> Family:
                             idx = ids[i]
                             ids[i] = ids[partner]
                             ids[partner] = idx
+                    i = uint32(i + threads)
                 cuda.syncthreads()
-                stride //= 2
-            width *= 2
+                stride >>= uint32(1)
+            width <<= uint32(1)
 
     if config.ENABLE_CUDASIM:  # no warp votes in the simulator: an atomic per entry, one thread chooses
 
         @cuda.jit(device=True)
         def reserve_slot(count, take):
-            return cuda.atomic.add(count, 0, 1) if take else 0
+            return uint32(cuda.atomic.add(count, 0, 1)) if take else uint32(0)
 
         @cuda.jit(device=True)
         def histogram_add(hist, digit):
@@ -149,16 +158,16 @@ def build(blk) -> Family:
         def reserve_slot(count, take):
             """A slot for each lane that takes one, compacted by a warp vote: one atomic add per warp (by
             its first taking lane), each lane's offset the takers below it. Every lane must call it."""
-            mask = cuda.ballot_sync(FULL_MASK, take)
+            mask = uint32(cuda.ballot_sync(FULL_MASK, take))
             if mask == 0:
-                return 0
-            lane = cuda.laneid
-            leader = cuda.ffs(mask) - 1
-            first = 0
+                return uint32(0)
+            lane = uint32(cuda.laneid)
+            leader = uint32(uint32(cuda.ffs(mask)) - uint32(1))
+            first = int32(0)
             if lane == leader:
-                first = cuda.atomic.add(count, 0, cuda.popc(mask))
+                first = cuda.atomic.add(count, 0, int32(cuda.popc(mask)))
             first = cuda.shfl_sync(FULL_MASK, first, leader)
-            return first + cuda.popc(mask & ((uint32(1) << uint32(lane)) - uint32(1)))
+            return uint32(uint32(first) + uint32(cuda.popc(uint32(mask & uint32((uint32(1) << lane) - uint32(1))))))
 
         @cuda.jit(device=True)
         def histogram_add(hist, digit):
@@ -166,7 +175,7 @@ def build(blk) -> Family:
             (the leading digits of a row's scores are few). Every lane must call it."""
             peers = cuda.match_any_sync(int32(-1), digit)
             if digit >= 0 and int32(cuda.laneid) == int32(cuda.ffs(peers)) - int32(1):
-                cuda.atomic.add(hist, digit, cuda.popc(peers))
+                cuda.atomic.add(hist, uint32(digit), cuda.popc(peers))
 
         @cuda.jit(device=True)
         def choose_digit(hist, need, state):
@@ -207,16 +216,16 @@ def build(blk) -> Family:
         Each thread holds its entries (and their order keys) in registers for the whole select
         (``ENTRIES`` bounds their number: gpu/ops.py checks it), then empties their slots and writes
         those kept into [0, kept), compacted by a warp vote."""
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        per_thread = size // threads
+        tid = uint32(cuda.threadIdx.x)
+        threads = uint32(cuda.blockDim.x)
+        per_thread = uint32(size) // threads
         loop = ENTRIES if _UNROLL else per_thread  # a constant trip count on a GPU (q < per_thread is uniform)
         held_keys = cuda.local.array(ENTRIES, nbtype)
         held_ids = cuda.local.array(ENTRIES, int64)
         orders = cuda.local.array(ENTRIES, key_type)
         rids = cuda.local.array(ENTRIES, uint32)
         for q in range(loop):
-            i = tid + q * threads
+            i = uint32(tid + uint32(q) * threads)
             held_keys[q] = keys[i] if q < per_thread else NEG_INF
             held_ids[q] = ids[i] if q < per_thread else _FAR_ID
             orders[q] = order_key(held_keys[q])
@@ -262,8 +271,9 @@ def build(blk) -> Family:
             kept_count[0] = 0
         for q in range(loop):
             if q < per_thread:
-                keys[tid + q * threads] = NEG_INF
-                ids[tid + q * threads] = _FAR_ID
+                i = uint32(tid + uint32(q) * threads)
+                keys[i] = NEG_INF
+                ids[i] = _FAR_ID
         cuda.syncthreads()
         for q in range(loop):
             take = rids[q] != 0
@@ -285,14 +295,42 @@ def build(blk) -> Family:
             return key_value(high), int64(_FAR_ID)
         return key_value(high), int64(_RID_TOP) - int64(low)  # the key, and the id's highest completion
 
+    @cuda.jit(device=True)
+    def admit_chunk(row_values, base, forced, threshold_key, threshold_id, keys, ids, first, state):
+        """The row's entries base .. base + LOADS * threads - 1: LOADS loads per thread in flight before
+        the first use; those above the threshold become candidates (slots from ``first`` on), compacted
+        by a warp vote. Every thread must call it."""
+        tid = uint32(cuda.threadIdx.x)
+        threads = uint32(cuda.blockDim.x)
+        V = uint32(row_values.shape[0])
+        values = cuda.local.array(LOADS, nbtype)
+        for q in range(LOADS):
+            u = uint32(uint32(base) + uint32(q) * threads + tid)  # numba widens sums; 32 bits suffice
+            values[q] = row_values[u] if u < V else NEG_INF
+        candidates = state[_CANDIDATES:]  # reserve_slot counts at index 0
+        for q in range(LOADS):
+            u = uint32(uint32(base) + uint32(q) * threads + tid)
+            token = int64(u)
+            x = values[q]
+            if u < V and not x < POS_INF:
+                state[_NAN] = 1
+            take = u < V and token != forced and ranks_above(x, token, threshold_key, threshold_id)
+            place = reserve_slot(candidates, take)
+            if take:
+                at = uint32(uint32(first) + place)
+                keys[at] = x
+                ids[at] = token
+
+    family.devices = SimpleNamespace(admit_chunk=admit_chunk, keep_best=keep_best, bitonic_sort=bitonic_sort)
+
     @family.kernel((t.f3, t.int64, t.int64, t.i2, t.boolean, t.f3, t.i3, t.int32[::1], t.int64))
     def topk_kernel(emissions, k, region, force_tokens, use_force, out_scores, out_tokens, flags, slot):
         """One block per (b, t) row: the k best (score, id), best first, ties to the lower id.
 
-        Shared memory holds ``region`` slots of kept entries (``region`` a power of two >= k) followed by
-        ``region`` candidate slots. A row entry becomes a candidate only if it ranks above the current
-        threshold; when the candidate slots could overflow, ``keep_best`` keeps the k best of both
-        halves in the first. A forced token enters first with score +inf, so it is always kept, and
+        Shared memory holds 2 * ``region`` slots (``region`` a power of two >= k): the kept entries in
+        the first k, candidates after them. A row entry becomes a candidate only if it ranks above the
+        current threshold; when the candidate slots could overflow, ``keep_best`` keeps the k best of
+        all in the first k. A forced token enters first with score +inf, so it is always kept, and
         takes its own score at the end. NaN or +inf in the row sets flags[slot]; the ids written are in
         [0, V) whatever the row holds (a row with NaN may leave slots unfilled, which then read id 0).
         """
@@ -309,45 +347,32 @@ def build(blk) -> Family:
         state = cuda.shared.array(6, int32)
         hist = cuda.shared.array(BINS, int32)
         kept_count = cuda.shared.array(1, int32)
-        candidates = state[_CANDIDATES:]  # reserve_slot counts at index 0
         for i in range(tid, size, threads):
             keys[i] = NEG_INF
             ids[i] = _FAR_ID
         forced = force_tokens[b, t] if use_force else -1
+        cuda.syncthreads()  # the empty slots are written before the forced token takes one
         if tid == 0:
             state[_KEPT] = 0
             state[_CANDIDATES] = 0
             state[_NAN] = 0
             if forced >= 0:
-                keys[region] = POS_INF
-                ids[region] = forced
+                keys[k] = POS_INF
+                ids[k] = forced
                 state[_CANDIDATES] = 1
         cuda.syncthreads()
         threshold_key = NEG_INF
         threshold_id = int64(_FAR_ID)
         row_values = emissions[b, t]
-        values = cuda.local.array(LOADS, nbtype)
         chunk = threads * LOADS
         for base in range(0, V + chunk, chunk):  # one more trip for the final select (one inlined copy)
-            flush = base >= V or state[_CANDIDATES] + chunk > region  # or the next chunk might not fit
+            flush = base >= V or state[_CANDIDATES] + chunk > size - k  # or the next chunk might not fit
             cuda.syncthreads()  # every thread has read the count before any adds to it
             if flush:
                 threshold_key, threshold_id = keep_best(keys, ids, size, k, state, hist, kept_count)
             if base >= V:
                 break
-            for q in range(LOADS):  # LOADS loads in flight before the first use
-                u = base + q * threads + tid
-                values[q] = row_values[u] if u < V else NEG_INF
-            for q in range(LOADS):
-                u = base + q * threads + tid
-                x = values[q]
-                if u < V and not x < POS_INF:
-                    state[_NAN] = 1
-                take = u < V and u != forced and ranks_above(x, u, threshold_key, threshold_id)
-                place = reserve_slot(candidates, take)
-                if take:
-                    keys[region + place] = x
-                    ids[region + place] = u
+            admit_chunk(row_values, base, forced, threshold_key, threshold_id, keys, ids, k, state)
             cuda.syncthreads()
         width = 1
         while width < k:
