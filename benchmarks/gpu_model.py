@@ -433,34 +433,41 @@ def topk_phases(cc: tuple[int, int] = (9, 0)) -> dict:
     return out
 
 
-def _order_keys(values: np.ndarray) -> np.ndarray:
-    bits = values.astype(np.float32).view(np.uint32).astype(np.int64)
-    return np.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-
-
-def _select_passes(values: np.ndarray, ids: np.ndarray, k: int) -> int:
-    """Histogram passes keep_best makes to find the k-th best of these entries (8-bit digits of the key,
-    then of 2**31 - 1 - id, stopping when the chosen digit's entries are exactly those still needed)."""
-    composite = (_order_keys(values) << 31) | ((1 << 31) - 1 - ids)
-    need, matching = k, composite
+def _keep_best(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[int, float, int]:
+    """keep_best's histogram passes over these entries (more than k), and the threshold it returns: the
+    composite (order key of the value, 2**31 - 1 - id) read in 8-bit digits from the top, stopping when
+    the chosen digit's entries are exactly those still needed; the threshold is the lowest completion of
+    the digits chosen (any id while only key digits are chosen)."""
+    bits = (values.astype(np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)  # -0.0 -> +0.0
+    keys = np.where(bits & np.uint64(0x80000000), ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
+    composite = (keys << np.uint64(32)) | ((1 << 31) - 1 - ids).astype(np.uint64)
+    need, high, mask, passes = k, np.uint64(0), np.uint64(0), 0
     for p in range(8):
-        digits = (matching >> (55 - 8 * p)) & 0xFF
+        shift = np.uint64(56 - 8 * p)
+        digits = ((composite[(composite & mask) == high] >> shift) & np.uint64(0xFF)).astype(np.int64)
         counts = np.bincount(digits, minlength=256)
-        above = np.cumsum(counts[::-1])  # entries with digit >= 255 - i
-        chosen = 255 - int(np.searchsorted(above, need))
-        need -= int(above[255 - chosen] - counts[chosen])
+        above = np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])  # entries with a higher digit
+        chosen = int(np.nonzero((above < need) & (above + counts >= need))[0][0])
+        need -= int(above[chosen])
+        high |= np.uint64(chosen) << shift
+        mask |= np.uint64(0xFF) << shift
+        passes = p + 1
         if counts[chosen] == need:
-            return p + 1
-        matching = matching[digits == chosen]
-    return 8
+            break
+    key_bits = int(high >> np.uint64(32))
+    key_bits = key_bits ^ 0x80000000 if key_bits & 0x80000000 else ~key_bits & 0xFFFFFFFF
+    key = float(np.array([key_bits], np.uint32).view(np.float32)[0])
+    key = key if key >= -np.inf else -np.inf  # a NaN pattern below -inf's key
+    token = (1 << 62) if passes <= 4 else (1 << 31) - 1 - int(high & np.uint64(0xFFFFFFFF))
+    return passes, key, token
 
 
 def topk_trips(rows: int = 32, k: int = 256, seed: int = 0) -> dict:
-    """Mean trips per row of each phase, over rows of N(0, 1) float32 scores of TOPK_V tokens: the
-    kernel's admission (above the threshold) and flush (when the next chunk might overflow the
-    candidates' room) rules, with the radix select's passes (this design: the k kept, then 2 region - k
-    candidate slots) or a sort of the whole buffer at each flush (the design before it: region kept,
-    region candidate slots)."""
+    """Mean trips per row of each phase, over rows of N(0, 1) float32 scores of TOPK_V tokens, by the
+    kernel's rules: an entry is admitted when it ranks above the threshold, a flush comes when the next
+    chunk might overflow the candidates' room; this design: the k kept, then 2 region - k candidate
+    slots, keep_best's passes and conservative threshold; the design before it: region kept, region
+    candidate slots, a sort of the whole buffer and the exact k-th best as threshold."""
     from viterbi_numba.gpu.kernels import block
     from viterbi_numba.gpu.kernels.topk import LOADS
     from viterbi_numba.gpu.ops import topk_region
@@ -471,31 +478,30 @@ def topk_trips(rows: int = 32, k: int = 256, seed: int = 0) -> dict:
     out = {"chunks": -(-TOPK_V // chunk), "selects": 0.0, "passes": 0.0, "sorts": 0.0}
     for _ in range(rows):
         row = rng.standard_normal(TOPK_V).astype(np.float32)
-        order = np.lexsort((np.arange(TOPK_V), -row))
-        rank = np.empty(TOPK_V, np.int64)
-        rank[order] = np.arange(TOPK_V)  # 0 = best
         for design in ("select", "sort"):
             held = np.empty(0, np.int64)
-            candidates, threshold = 0, TOPK_V  # threshold: the rank an entry must beat
+            candidates, key, token = 0, -np.inf, 1 << 62
+            room = 2 * region - k if design == "select" else region
             for base in range(0, TOPK_V + chunk, chunk):
-                room = 2 * region - k if design == "select" else region
                 if base >= TOPK_V or candidates + chunk > room:
+                    order = held[np.lexsort((held, -row[held]))]
                     if design == "select":
                         out["selects"] += 1 / rows
                         if held.size > k:
-                            out["passes"] += _select_passes(row[held], held, k) / rows
-                        held = held[np.argsort(rank[held])][:k]
+                            passes, key, token = _keep_best(row[held], held, k)
+                            out["passes"] += passes / rows
+                        held = order[:k]
                     else:
                         out["sorts"] += 1 / rows
-                        held = held[np.argsort(rank[held])][:region]
-                    threshold = rank[held].max() if held.size >= k else TOPK_V
-                    if design == "sort" and held.size >= k:
-                        threshold = np.sort(rank[held])[k - 1]
+                        held = order[:region]
+                        if held.size >= k:
+                            key, token = float(row[held[k - 1]]), int(held[k - 1])
                     candidates = 0
                     if base >= TOPK_V:
                         break
                 admitted = np.arange(base, min(base + chunk, TOPK_V))
-                admitted = admitted[rank[admitted] < threshold]
+                values = row[admitted]
+                admitted = admitted[(values > key) | ((values == key) & (admitted < token))]
                 held = np.concatenate([held, admitted])
                 candidates += admitted.size
     return out

@@ -35,7 +35,8 @@ def skip_gpu_checks() -> Iterator[None]:
     CUDA graph (give its small inputs, such as ``lengths``, on the device too). Invalid values (NaN,
     ids or lengths out of range) then give unspecified results instead of a ValueError; the kernels
     still never read out of bounds, as they index with clamped copies. Shape and type errors are raised
-    as always, and host arrays are checked as always."""
+    as always; so are value errors of CPU calls (a small host array given with GPU arrays is checked on
+    the GPU, so not here)."""
     token = _READ_GPU_FLAGS.set(False)
     try:
         yield
@@ -315,12 +316,6 @@ def draws(
     if values.shape != tuple(shape):
         raise ValueError(f"uniforms must have shape {tuple(shape)} {layout}, got {values.shape}")
     return Draws(0, arrays.checks().unit_interval(values, dtype, unit_values))
-
-
-def batch_size(value: Any) -> int:
-    """The leading dimension of an array of any kind (read before the array is validated)."""
-    shape = getattr(value, "shape", None)
-    return int(shape[0] if shape is not None else np.shape(value)[0])
 
 
 def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name: str = "grad_output") -> Any:

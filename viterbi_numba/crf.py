@@ -63,22 +63,25 @@ class CRFForward:
         self, num_samples: int = 1, *, seed: Optional[int] = None, uniforms: Optional[ArrayLike] = None
     ) -> CRFSample:
         """``num_samples`` exact samples by backward sampling from this forward pass (as :func:`crf_sample`)."""
-        ops = self._ops.new_call()
-        num_samples = _validate.positive_int(num_samples, "num_samples")
-        B, T, _ = self.batch_shape
-        draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", self._state.crf.dtype)
-        return ops.finish(ops.crf_sample(self._state, num_samples, draws))
+        ops = self._ops
+        with ops.call():
+            num_samples = _validate.positive_int(num_samples, "num_samples")
+            B, T, _ = self.batch_shape
+            shape = (B, T, num_samples)
+            draws = _validate.draws(ops.arrays, seed, uniforms, shape, "(B, T, N)", self._state.crf.dtype)
+            return ops.crf_sample(self._state, num_samples, draws)
 
     def marginals(self) -> Any:
         """Node marginals p_tau(y_t = k) (B, T, K); 0 at padded positions."""
-        ops = self._ops.new_call()
-        return ops.finish(ops.marginals(self._state))
+        with self._ops.call():
+            return self._ops.marginals(self._state)
 
     def log_partition_grad(self, grad_output: Optional[ArrayLike] = None) -> PartitionGrad:
         """log Z_tau and the gradients of ``sum_b grad_output[b] * log Z_tau[b]`` (as :func:`log_partition_grad`)."""
-        ops = self._ops.new_call()
-        weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
-        return ops.finish(ops.log_partition_grad(self._state, weights))
+        ops = self._ops
+        with ops.call():
+            weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
+            return ops.log_partition_grad(self._state, weights)
 
     def paths_grad(self, beam_idx: ArrayLike, weights: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """Gradients of ``sum_{b,n} weights[b, n] * log p_tau(y_bn)`` for beam paths y.
@@ -96,11 +99,12 @@ class CRFForward:
             (grad_scores (B, T, K), grad_E1 (V, D), grad_E2 (V, D)), where
             ``log p_tau(y) = S(y) / tau - log Z_tau``.
         """
-        ops = self._ops.new_call()
-        paths, single = _validate.paths(ops.arrays, self._state.crf, beam_idx)
-        shape = (self.batch_shape[0],) if single else (self.batch_shape[0], paths.shape[2])
-        path_weights = _validate.weights(ops.arrays, weights, shape, self._state.crf.dtype, "weights")
-        return ops.finish(ops.paths_grad(self._state, paths, path_weights.reshape(shape[0], paths.shape[2])))
+        ops = self._ops
+        with ops.call():
+            paths, single = _validate.paths(ops.arrays, self._state.crf, beam_idx)
+            shape = (self.batch_shape[0],) if single else (self.batch_shape[0], paths.shape[2])
+            path_weights = _validate.weights(ops.arrays, weights, shape, self._state.crf.dtype, "weights")
+            return ops.paths_grad(self._state, paths, path_weights.reshape(shape[0], paths.shape[2]))
 
 
 class LikelihoodForward:
@@ -126,13 +130,14 @@ class LikelihoodForward:
 
     def grad(self, grad_output: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """(grad_scores (B, T, K), grad_E1, grad_E2) of ``sum_b grad_output[b] * log_likelihood[b]``."""
-        ops = self.forward._ops.new_call()
-        return ops.finish(self._grad(ops, grad_output))
+        ops, B = self.forward._ops, self.beam_scores.shape[0]
+        with ops.call():
+            return self._paths_grad(_validate.weights(ops.arrays, grad_output, (B,), self.forward._state.crf.dtype))
 
-    def _grad(self, ops: Any, grad_output: Optional[ArrayLike]) -> tuple[Any, Any, Any]:
+    def _paths_grad(self, weights: Any) -> tuple[Any, Any, Any]:
+        """The gradients for validated weights (B,) in the compute dtype."""
         B = self.beam_scores.shape[0]
-        weights = _validate.weights(ops.arrays, grad_output, (B,), self.forward._state.crf.dtype)
-        return ops.paths_grad(self.forward._state, self._slots, weights.reshape(B, 1))
+        return self.forward._ops.paths_grad(self.forward._state, self._slots, weights.reshape(B, 1))
 
 
 def crf_forward(
@@ -157,8 +162,9 @@ def crf_forward(
     CRFForward
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    return CRFForward(ops, ops.finish(ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype))))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        return CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
 
 
 def log_partition(
@@ -218,13 +224,14 @@ def crf_sample(
     CRFSample
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    num_samples = _validate.positive_int(num_samples, "num_samples")
-    inv_temp = _validate.inv_temperature(temperature, crf.dtype)
-    B, T, _ = crf.scores.shape
-    draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", crf.dtype)
-    state: Any = ops.crf_forward(crf, inv_temp)
-    return ops.finish(ops.crf_sample(state, num_samples, draws))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        num_samples = _validate.positive_int(num_samples, "num_samples")
+        inv_temp = _validate.inv_temperature(temperature, crf.dtype)
+        B, T, _ = crf.scores.shape
+        draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", crf.dtype)
+        state: Any = ops.crf_forward(crf, inv_temp)
+        return ops.crf_sample(state, num_samples, draws)
 
 
 def marginals(
@@ -276,11 +283,12 @@ def log_partition_grad(
     PartitionGrad
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    inv_temp = _validate.inv_temperature(temperature, crf.dtype)
-    weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype)
-    state: Any = ops.crf_forward(crf, inv_temp)
-    return ops.finish(ops.log_partition_grad(state, weights))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        inv_temp = _validate.inv_temperature(temperature, crf.dtype)
+        weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype)
+        state: Any = ops.crf_forward(crf, inv_temp)
+        return ops.log_partition_grad(state, weights)
 
 
 def sequence_score(
@@ -307,9 +315,10 @@ def sequence_score(
         the compute dtype.
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2, beam_idx=beam_idx)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    paths, single = _validate.paths(ops.arrays, crf, beam_idx)
-    out = ops.finish(ops.sequence_score(crf, paths))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        paths, single = _validate.paths(ops.arrays, crf, beam_idx)
+        out = ops.sequence_score(crf, paths)
     return out.reshape(out.shape[0]) if single else out
 
 
@@ -334,7 +343,8 @@ def log_likelihood_forward(
     LikelihoodForward
     """
     ops = backend_of(emissions=emissions, targets=targets, E1=E1, E2=E2)
-    return ops.finish(_likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature))
+    with ops.call():
+        return _likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature)
 
 
 def _likelihood_forward(
@@ -409,7 +419,9 @@ def log_likelihood_grad(
         Gradients with respect to the beam scores (hence the emissions) and the tables.
     """
     ops = backend_of(emissions=emissions, targets=targets, E1=E1, E2=E2)
-    _validate.weights(ops.arrays, grad_output, (_validate.batch_size(emissions),), "float64")  # before any work
-    likelihood = _likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature)
-    grads = likelihood._grad(ops, grad_output)
-    return ops.finish(LikelihoodGrad(likelihood.log_likelihood, likelihood.beam_scores, likelihood.beam_tokens, *grads))
+    with ops.call():
+        likelihood = _likelihood_forward(ops, emissions, targets, E1, E2, k, lengths, temperature)
+        dtype = likelihood.forward._state.crf.dtype
+        weights = _validate.weights(ops.arrays, grad_output, (likelihood.beam_scores.shape[0],), dtype)
+        grads = likelihood._paths_grad(weights)
+        return LikelihoodGrad(likelihood.log_likelihood, likelihood.beam_scores, likelihood.beam_tokens, *grads)

@@ -54,8 +54,9 @@ def topk_beam(emissions: ArrayLike, k: int, force_tokens: Optional[ArrayLike] = 
         On NaN or +inf in ``emissions``, ``k`` outside [1, V], ``force_tokens`` outside [0, V).
     """
     ops = backend_of(emissions=emissions, force_tokens=force_tokens)
-    emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, force_tokens)
-    return ops.finish(ops.topk_beam(emissions, k, forced))
+    with ops.call():
+        emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, force_tokens)
+        return ops.topk_beam(emissions, k, forced)
 
 
 def viterbi_decode(
@@ -94,8 +95,9 @@ def viterbi_decode(
     if step_scores not in ("increments", "fairseq"):
         raise ValueError(f"step_scores must be 'increments' or 'fairseq', got {step_scores!r}")
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    return ops.finish(ops.viterbi_decode(crf, step_scores == "fairseq"))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        return ops.viterbi_decode(crf, step_scores == "fairseq")
 
 
 def stochastic_viterbi(
@@ -135,15 +137,16 @@ def stochastic_viterbi(
     StochasticViterbiResult
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
-    crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
-    B, T, K = crf.scores.shape
-    single = num_samples is None
-    N = 1 if single else _validate.positive_int(num_samples, "num_samples")
-    inv_temp = _validate.inv_temperature(temperature, crf.dtype)
-    layout = "(B, T-1, K)" if single else "(B, T-1, K, N)"
-    shape = (B, T - 1, K) if single else (B, T - 1, K, N)
-    draws = _validate.draws(ops.arrays, seed, uniforms, shape, layout, crf.dtype)
-    out = ops.finish(ops.stochastic_viterbi(crf, N, inv_temp, draws))
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        B, T, K = crf.scores.shape
+        single = num_samples is None
+        N = 1 if single else _validate.positive_int(num_samples, "num_samples")
+        inv_temp = _validate.inv_temperature(temperature, crf.dtype)
+        layout = "(B, T-1, K)" if single else "(B, T-1, K, N)"
+        shape = (B, T - 1, K) if single else (B, T - 1, K, N)
+        draws = _validate.draws(ops.arrays, seed, uniforms, shape, layout, crf.dtype)
+        out = ops.stochastic_viterbi(crf, N, inv_temp, draws)
     if single:
         return StochasticViterbiResult(
             out.beam_probs.reshape(B, T, K),
@@ -193,5 +196,6 @@ def stochastic_viterbi_backward(
             "E2": E2,
         }
     )
-    inputs = _validate.sampler_grad(ops.arrays, grad_beam_probs, sample, tokens, E1, E2, lengths)
-    return ops.finish(ops.stochastic_viterbi_backward(inputs))
+    with ops.call():
+        inputs = _validate.sampler_grad(ops.arrays, grad_beam_probs, sample, tokens, E1, E2, lengths)
+        return ops.stochastic_viterbi_backward(inputs)

@@ -240,6 +240,27 @@ def test_small_inputs_on_the_device_are_checked_there():
         vn.viterbi_decode(*d, lengths=dev(np.array([1.0, 2.0]))[0])
 
 
+def test_a_value_error_found_on_the_device_comes_before_a_later_argument_error(monkeypatch):
+    """On a card the checks' flags are read at the end of the call; a call that raises earlier (a bad
+    option after the inputs) reads them first, so the earlier input's error wins, as on the CPU. (The
+    simulator settles each check at once; here it is made to wait as a card does.)"""
+    from viterbi_numba.gpu.checks import DeviceChecks
+
+    monkeypatch.setattr(DeviceChecks, "settle", lambda self: None)
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    scores[1, 2, 0] = np.nan
+    d = dev(scores, tokens, E1, E2)
+    for call in (
+        lambda: vn.crf_forward(*d, temperature=0.0),
+        lambda: vn.stochastic_viterbi(*d, num_samples=0),
+        lambda: vn.sequence_score(*d, dev(np.zeros((2, 3), np.int64))[0]),
+    ):
+        with pytest.raises(ValueError, match=r"scores contains NaN or \+inf \(first at batch 1, position 2\)"):
+            call()
+    with pytest.raises(ValueError, match=r"scores contains NaN or \+inf \(first at batch 1, position 2\)"):
+        vn.crf_forward(scores, tokens, E1, E2, temperature=0.0)  # the CPU's order
+
+
 def test_kernels_stay_in_bounds_on_unchecked_bad_indices():
     """Inside skip_gpu_checks() nothing is raised for bad values, and the kernels index with clamped
     copies: out-of-range tokens, lengths, forced tokens, paths and back-pointers run in the simulator

@@ -156,13 +156,10 @@ class CPUOps:
 
     arrays: Arrays = HostArrays()
 
-    def new_call(self) -> CPUOps:
-        """The ops for another call on the same arrays (each GPU call has its own checks; here, itself)."""
-        return self
-
-    def finish(self, result: Any) -> Any:
-        """``result``, once the call's value checks have passed (on the CPU they already have)."""
-        return result
+    def call(self) -> contextlib.AbstractContextManager:
+        """The span of one public call (on the GPU its checks are read back at its end; here each has
+        raised already)."""
+        return contextlib.nullcontext()
 
     # --- decoding ---------------------------------------------------------------------------------
     def topk_beam(self, emissions: np.ndarray, k: int, force_tokens: Any) -> Beam:

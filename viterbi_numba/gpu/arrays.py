@@ -257,21 +257,22 @@ class DeviceArrays:
         """A device view of a small input (lengths, weights, uniforms, paths) given on the device, or a
         device copy of one given on the host (not read back either way; the checks screen it there)."""
         if is_gpu_array(value):
-            return self.view(value, name)
+            view = self.view(value, name)
+            if view.dtype.kind == "f" and view.dtype not in (np.float32, np.float64):
+                raise TypeError(f"{name} must be float32 or float64 on the GPU, got {view.dtype}")
+            return view
         host = np.asarray(value)
-        if np.issubdtype(host.dtype, np.floating):
-            host = host.astype(np.float64)
-        elif np.issubdtype(host.dtype, np.integer):
-            host = host.astype(np.int64)
-        elif host.dtype != np.bool_:  # the validators name the argument and its dtype
-            return host
+        if host.dtype == np.float16:  # computed in float32, as on the CPU
+            host = host.astype(np.float32)
+        if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_):
+            return host  # the validators name the argument and its dtype
         return self.lib.cuda.to_device(np.ascontiguousarray(host), stream=self.lib.stream)
 
     def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Any:
         return self.lib.full(shape, value, dtype)[1]
 
     def checks(self) -> Any:
-        """This call's value checks (one flag array, read back by ``finish``)."""
+        """This call's value checks (one flag array, read back by ``GPUOps.call``)."""
         if self._checks is None:
             from .checks import DeviceChecks
 

@@ -5,7 +5,7 @@ flag array, and records how to word its error: the ``_validate`` rule, applied t
 arrays. The screens of index arrays (token ids, lengths, slots, paths) also write a clamped copy that
 the kernels read instead of the input, so no kernel indexes out of bounds before the flags are read.
 Kernels that find a bad value themselves (top-K's NaN) take a slot too (``slot``). ``verify()``, at the
-end of the call (``GPUOps.finish``), reads the flags back once — not at all inside
+end of the call (``GPUOps.call``), reads the flags back once — not at all inside
 ``skip_gpu_checks()`` — and raises the first flagged check's error, in the order the checks were made.
 
 The CUDA simulator runs kernels as Python, which raises on the math errors (log of 0) that a GPU turns

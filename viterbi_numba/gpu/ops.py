@@ -3,14 +3,15 @@
 :class:`GPUOps` has the same methods, with the same signatures, as ``cpu.ops.CPUOps``; one is made per
 call for the caller's array library (``gpu/arrays.py``), which allocates every result and gives the
 stream. Nothing here validates or waits for the GPU: top-K flags NaN in the call's checks, which
-``finish`` reads back once, at the end of the call, with every other check's flag. No host memory is
+``call()`` reads back once, at the end of the call, with every other check's flag. No host memory is
 copied to the device either, so a call on device inputs inside ``skip_gpu_checks()`` can be captured in
 a CUDA graph.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import contextlib
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 from numba import config
@@ -31,9 +32,9 @@ ROUND_LANES = 2 if config.ENABLE_CUDASIM else 32  # columns a round of a recursi
 
 
 def topk_region(k: int) -> int:
-    """Half of top-K's buffer (a power of two, k or more): the buffer holds the k kept and, after them,
-    the candidates of at least three chunks of the row (``topk.LOADS`` entries per thread each), so a
-    select comes only every few chunks' survivors."""
+    """Half of top-K's buffer (a power of two, k or more, at least two chunks of the row: ``topk.LOADS``
+    entries per thread each): the buffer holds the k kept and, after them, room for the candidates of
+    at least two chunks, so a select comes only every few chunks' survivors."""
     region = 2 * LOADS * block_limits()[1]
     while region < k:
         region *= 2
@@ -122,15 +123,18 @@ class GPUOps:
         self.arrays = DeviceArrays(sample)
         self.lib = self.arrays.lib
 
-    def new_call(self) -> GPUOps:
-        """The ops for another call on the same arrays, with checks of its own."""
-        return GPUOps(self.lib.sample)
-
-    def finish(self, result: Any) -> Any:
-        """``result``, once the call's value checks have passed: their flags are read back here, once,
-        after every kernel of the call is queued (not inside ``skip_gpu_checks()``)."""
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """The span of one public call: its value checks' flags are read back at its end, once, after
+        every kernel of the call is queued (not inside ``skip_gpu_checks()``), and the first failure
+        raised. A call that raises before its end (a bad option or shape) reads them first, so that an
+        earlier input's value error comes first, as on the CPU."""
+        try:
+            yield
+        except Exception:
+            self.arrays.verify()
+            raise
         self.arrays.verify()
-        return result
 
     def _replay(self, draws: Draws, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """Device uniforms of ``shape`` in the compute dtype, or a 1-element stand-in when drawing by seed."""

@@ -211,7 +211,7 @@ def build(blk) -> Family:
         """Keep the k best real entries of keys/ids[:size] (fewer if fewer are held) in slots [0, kept),
         unsorted, and empty every other slot; return (key, id), at most the k-th best (conservative:
         a later entry that ranks above it may still be among the best, one that does not cannot), or
-        (-inf, far id) while fewer than k are held. Every thread must call it.
+        (-inf, far id) while at most k are held. Every thread must call it.
 
         Each thread holds its entries (and their order keys) in registers for the whole select
         (``ENTRIES`` bounds their number: gpu/ops.py checks it), then empties their slots and writes
