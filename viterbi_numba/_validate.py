@@ -65,7 +65,7 @@ class Checks(Protocol):
 
     def beam(self, scores: Any, lengths: Any, rule: Any) -> None: ...
 
-    def paths(self, paths: Any, lengths: Any, beam: int, rule: Any) -> Any: ...
+    def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Any) -> Any: ...
 
 
 class Arrays(Protocol):
@@ -213,6 +213,27 @@ def path_values(paths: np.ndarray, lengths: np.ndarray, beam: int) -> None:
         raise ValueError(f"beam_idx must be beam slots in [0, {beam}) before each sequence's length")
 
 
+def target_values(targets: np.ndarray, lengths: np.ndarray, vocab: int) -> None:
+    """Targets (B, T, 1): token ids in [0, vocab) before each sequence's length (anything after it, such
+    as PAD)."""
+    inside = np.arange(targets.shape[1])[None, :, None] < lengths[:, None, None]
+    bad = inside & ((targets < 0) | (targets >= vocab))
+    if bad.any():
+        b, t = np.argwhere(bad)[0][:2]
+        raise ValueError(
+            f"targets must be token ids in [0, {vocab}) (rows of E1/E2) before each sequence's length, "
+            f"got {targets[b, t, 0]} at batch {b}, position {t}"
+        )
+
+
+def forced_values(tokens: np.ndarray, vocab: int, name: str) -> None:
+    if tokens.size and (tokens.min() < -1 or tokens.max() >= vocab):
+        raise ValueError(
+            f"{name} must be token ids in [0, {vocab}) or PAD (-1, nothing forced there), "
+            f"got values from {tokens.min()} to {tokens.max()}"
+        )
+
+
 def unit_values(uniforms: np.ndarray) -> None:
     if uniforms.size and not ((uniforms >= 0) & (uniforms < 1)).all():
         raise ValueError("uniforms must lie in [0, 1) (no NaN)")
@@ -254,10 +275,18 @@ def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[
 
 
 def beam_crf(
-    arrays: Arrays, scores: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any, tokens_checked: bool = False
+    arrays: Arrays,
+    scores: Any,
+    tokens: Any,
+    E1: Any,
+    E2: Any,
+    lengths_value: Any,
+    tokens_checked: bool = False,
+    lengths_checked: bool = False,
 ) -> BeamCRF:
     """The inputs of every operation on a given beam (docs/design.md §1); ``tokens_checked``: the tokens
-    are top-K's own output, in range already."""
+    are top-K's own output, in range already; ``lengths_checked``: ``lengths_value`` is what
+    :func:`lengths` returned."""
     scores = arrays.float_array(scores, "scores", 3)
     B, T, K = scores.shape
     if T == 0:
@@ -272,7 +301,7 @@ def beam_crf(
     vocab = E1.shape[0]
     if not tokens_checked:
         tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
-    lengths_array = lengths(arrays, lengths_value, B, T)
+    lengths_array = lengths_value if lengths_checked else lengths(arrays, lengths_value, B, T)
     checks.beam(scores, lengths_array, beam_score_values)
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     return BeamCRF(
@@ -298,7 +327,7 @@ def topk_inputs(
     forced = None
     if force_tokens is not None:
         forced = arrays.int_array(force_tokens, force_name, (B, T))
-        forced = arrays.checks().in_range(forced, 0, V, lambda host: token_id_values(host, V, force_name))
+        forced = arrays.checks().in_range(forced, -1, V, lambda host: forced_values(host, V, force_name))
     return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), k, forced
 
 
@@ -343,7 +372,8 @@ def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
             f"beam_idx must have shape {(B, T) if single else (B, T, values.shape[2])}, got {values.shape}"
         )
     values = values.reshape(B, T, 1) if single else values
-    return arrays.checks().paths(values, crf.lengths, K, lambda host, lengths: path_values(host, lengths, K)), single
+    rule = lambda host, lengths: path_values(host, lengths, K)  # noqa: E731
+    return arrays.checks().before_lengths(values, crf.lengths, K, 0, rule), single
 
 
 class SamplerGradInputs(NamedTuple):
@@ -398,11 +428,13 @@ def sampler_grad(
     )
 
 
-def likelihood(arrays: Arrays, emissions: Any, targets: Any, E1: Any, E2: Any) -> tuple[Any, Any]:
-    """Checks of :func:`~viterbi_numba.log_likelihood`'s inputs before the beam is built: (emissions,
-    targets as int64). Only shapes here: the targets' values are checked with the beam
-    (:func:`topk_inputs`, before top-K reads them), the tables' values once, with the beam's CRF
-    (:func:`beam_crf`), so the GPU reads its flags back once fewer."""
+def likelihood(
+    arrays: Arrays, emissions: Any, targets: Any, E1: Any, E2: Any, k: Any, lengths_value: Any
+) -> tuple[Any, int, Any, Any]:
+    """Inputs of :func:`~viterbi_numba.log_likelihood` before the beam is built: (emissions in the
+    compute dtype, k, the tokens to force, lengths). The targets must be token ids before each
+    sequence's length; after it they are ignored (PAD there, as the samplers return them) and nothing
+    is forced. The tables' values are checked once, with the beam's CRF (:func:`beam_crf`)."""
     emissions = arrays.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     if T == 0:
@@ -411,4 +443,8 @@ def likelihood(arrays: Arrays, emissions: Any, targets: Any, E1: Any, E2: Any) -
     E1, _ = tables(arrays, E1, E2, None)
     if E1.shape[0] != V:
         raise ValueError(f"E1 and E2 must have V = {V} rows (emissions.shape[2]), got {E1.shape[0]}")
-    return emissions, targets
+    emissions, k, _ = topk_inputs(arrays, emissions, k, None)
+    lengths_array = lengths(arrays, lengths_value, B, T)
+    rule = lambda host, lengths: target_values(host, lengths, V)  # noqa: E731
+    forced = arrays.checks().before_lengths(targets.reshape(B, T, 1), lengths_array, V, -1, rule)
+    return emissions, k, forced.reshape(B, T), lengths_array

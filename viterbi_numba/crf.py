@@ -350,10 +350,11 @@ def log_likelihood_forward(
 def _likelihood_forward(
     ops: Any, emissions: Any, targets: Any, E1: Any, E2: Any, k: Any, lengths: Any, temperature: Any
 ) -> LikelihoodForward:
-    emissions, targets = _validate.likelihood(ops.arrays, emissions, targets, E1, E2)
-    emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, targets, "targets")
+    emissions, k, forced, lengths = _validate.likelihood(ops.arrays, emissions, targets, E1, E2, k, lengths)
     beam = ops.topk_beam(emissions, k, forced)
-    crf = _validate.beam_crf(ops.arrays, beam.scores, beam.tokens, E1, E2, lengths, tokens_checked=True)
+    crf = _validate.beam_crf(
+        ops.arrays, beam.scores, beam.tokens, E1, E2, lengths, tokens_checked=True, lengths_checked=True
+    )
     forward = CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
     slots = ops.target_slots(crf, forced)
     log_likelihood = ops.path_log_prob(forward._state, slots).reshape(crf.scores.shape[0])
@@ -379,7 +380,8 @@ def log_likelihood(
     ----------
     emissions : (B, T, V) float array
     targets : (B, T) int array
-        Token ids in [0, V).
+        Token ids in [0, V) before each sequence's length; anything after it (such as the samplers'
+        ``PAD``) is ignored.
     E1, E2 : (V, D) float arrays
     k : int
         Beam size.

@@ -41,7 +41,8 @@ def topk_beam(emissions: ArrayLike, k: int, force_tokens: Optional[ArrayLike] = 
     force_tokens : (B, T) int array, optional
         Token ids that must be in the beam (fairseq forces the reference tokens this way). Each keeps
         its own score and takes the place of the K-th best when it would not have been selected, so
-        the beam stays sorted best first.
+        the beam stays sorted best first. ``PAD`` (-1) forces nothing at its position (the samplers'
+        tokens hold it after each length).
 
     Returns
     -------
@@ -51,7 +52,7 @@ def topk_beam(emissions: ArrayLike, k: int, force_tokens: Optional[ArrayLike] = 
     Raises
     ------
     ValueError
-        On NaN or +inf in ``emissions``, ``k`` outside [1, V], ``force_tokens`` outside [0, V).
+        On NaN or +inf in ``emissions``, ``k`` outside [1, V], ``force_tokens`` outside [0, V) and not PAD.
     """
     ops = backend_of(emissions=emissions, force_tokens=force_tokens)
     with ops.call():

@@ -15,6 +15,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and os.environ.get("VITERBI_NUM
 
 from conftest import make_problem
 from numba import cuda
+from round_trips import ROUND_TRIPS
+from round_trips import problem as round_trip_problem
 
 import viterbi_numba as vn
 
@@ -499,3 +501,10 @@ def test_blocking_read_backs_per_call(monkeypatch):
         with vn.skip_gpu_checks():
             call(on_device)
         assert (len(counted), len(uploads)) == (0, 0), name
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_round_trip_on_the_gpu(name, padded):
+    """The CPU's round trips (tests/round_trips.py) with device arrays: outputs stay on the device."""
+    ROUND_TRIPS[name](round_trip_problem(padded), lambda array: cuda.to_device(np.ascontiguousarray(array)))

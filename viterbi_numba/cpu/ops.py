@@ -50,10 +50,12 @@ class HostChecks:
     def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[..., None]) -> None:
         rule(scores, lengths)
 
-    def paths(self, paths: np.ndarray, lengths: np.ndarray, beam: int, rule: Callable[..., None]) -> np.ndarray:
-        rule(paths, lengths)
-        inside = np.arange(paths.shape[1])[None, :, None] < lengths[:, None, None]
-        return np.ascontiguousarray(np.where(inside, paths, 0), dtype=np.int64)
+    def before_lengths(
+        self, values: np.ndarray, lengths: np.ndarray, high: int, fill: int, rule: Callable[..., None]
+    ) -> np.ndarray:
+        rule(values, lengths)
+        inside = np.arange(values.shape[1])[None, :, None] < lengths[:, None, None]
+        return np.ascontiguousarray(np.where(inside, values, fill), dtype=np.int64)
 
 
 class HostArrays:

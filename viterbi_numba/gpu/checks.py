@@ -100,13 +100,14 @@ class DeviceChecks:
             kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](scores, lengths, flags, slot)
         self.settle()
 
-    def paths(self, paths: Any, lengths: Any, beam: int, rule: Callable[..., None]) -> Any:
-        """int64 beam paths (B, T, N), 0 at and after each length, clamped to [0, beam) before it (a copy)."""
-        flags, slot = self.slot(rule, paths, lengths)
-        out = self.lib.empty(paths.shape, np.int64)[1]
-        if paths.size:
-            kernels(np.float64).mask_paths[grid(paths.size), 256, self.lib.stream](
-                paths, lengths, beam, out, flags, slot
+    def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Callable[..., None]) -> Any:
+        """int64 ids (B, T, N) (paths, targets) clamped to [0, high) before each length, where a value
+        outside it is flagged, and ``fill`` at and after it (a copy)."""
+        flags, slot = self.slot(rule, values, lengths)
+        out = self.lib.empty(values.shape, np.int64)[1]
+        if values.size:
+            kernels(np.float64).mask_after_lengths[grid(values.size), 256, self.lib.stream](
+                values, lengths, high, fill, out, flags, slot
             )
         self.settle()
         return out

@@ -81,22 +81,22 @@ def build(blk) -> Family:
                 v = low if v < low else high - 1
             out[e] = v
 
-    @family.kernel((t.i3, t.i1, t.int64, t.i3, t.int32[::1], t.int64))
-    def mask_paths(paths, lengths, beam, out, flags, slot):
-        """out[b, t, n] = paths[b, t, n] before lengths[b] (clamped to [0, beam), flags[slot] = 1 where it
-        was outside), 0 at and after it."""
-        B, T, N = paths.shape
+    @family.kernel((t.i3, t.i1, t.int64, t.int64, t.i3, t.int32[::1], t.int64))
+    def mask_after_lengths(values, lengths, high, fill, out, flags, slot):
+        """out[b, t, n] = values[b, t, n] before lengths[b] (clamped to [0, high), flags[slot] = 1 where it
+        was outside), ``fill`` at and after it."""
+        B, T, N = values.shape
         for e in range(cuda.grid(1), B * T * N, cuda.gridsize(1)):
             b = e // (T * N)
             rest = e - b * T * N
             t = rest // N
             n = rest - t * N
-            v = int64(0)
+            v = fill
             if t < lengths[b]:
-                v = int64(paths[b, t, n])
-                if v < 0 or v >= beam:
+                v = int64(values[b, t, n])
+                if v < 0 or v >= high:
                     cuda.atomic.max(flags, slot, 1)
-                    v = 0 if v < 0 else beam - 1
+                    v = 0 if v < 0 else high - 1
             out[b, t, n] = v
 
     @family.kernel((t.f2, t.f, t.f, t.f2, t.f1))
