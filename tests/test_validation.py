@@ -5,6 +5,7 @@ import pytest
 from conftest import make_problem
 
 from viterbi_numba import (
+    crf_forward,
     crf_sample,
     log_likelihood,
     log_likelihood_grad,
@@ -13,6 +14,7 @@ from viterbi_numba import (
     marginals,
     sequence_score,
     stochastic_viterbi,
+    stochastic_viterbi_backward,
     topk_beam,
     viterbi_decode,
 )
@@ -298,3 +300,84 @@ def test_single_position_is_the_argmax(problem):
     got = stochastic_viterbi(scores[:, :1], tokens[:, :1], E1, E2, seed=0)
     np.testing.assert_array_equal(got.beam_idx[:, 0, 0], scores[:, 0].argmax(axis=1))
     assert got.backpointers.shape == (2, 0, 4)
+
+
+# Arguments of the wrong kind: one row per case, (name, call on (scores, tokens, E1, E2), error, match).
+def _emissions(problem):
+    return np.random.default_rng(3).standard_normal((2, 5, 10))
+
+
+WRONG_KINDS = [
+    (
+        "emissions None",
+        lambda p: log_likelihood_grad(None, np.zeros((2, 5), np.int64), p[2], p[3], 2),
+        TypeError,
+        "emissions must be a floating-point array",
+    ),
+    (
+        "targets None",
+        lambda p: log_likelihood(_emissions(p), None, p[2], p[3], 2),
+        TypeError,
+        "targets must be an integer array",
+    ),
+    (
+        "sample None",
+        lambda p: stochastic_viterbi_backward(np.ones((2, 5, 4)), None, p[1], p[2], p[3]),
+        TypeError,
+        "sample must be the StochasticViterbiResult",
+    ),
+    (
+        "sample a tuple",
+        lambda p: stochastic_viterbi_backward(np.ones((2, 5, 4)), (1, 2), p[1], p[2], p[3]),
+        TypeError,
+        "sample must be the StochasticViterbiResult",
+    ),
+    (
+        "scores complex",
+        lambda p: viterbi_decode(p[0].astype(complex), *p[1:]),
+        TypeError,
+        "scores must be a floating-point array",
+    ),
+    ("scores text", lambda p: viterbi_decode("scores", *p[1:]), TypeError, "scores must be a floating-point array"),
+    (
+        "tokens float",
+        lambda p: viterbi_decode(p[0], p[1].astype(float), *p[2:]),
+        TypeError,
+        "tokens must be an integer array",
+    ),
+    ("E1 None", lambda p: viterbi_decode(p[0], p[1], None, p[3]), TypeError, "E1 must be a floating-point array"),
+    ("lengths text", lambda p: viterbi_decode(*p, lengths="ab"), TypeError, "lengths must be an integer array"),
+    (
+        "beam_idx None",
+        lambda p: sequence_score(*p, None),
+        ValueError,
+        r"beam_idx must have shape \(B, T\) or \(B, T, N\)",
+    ),
+    ("num_samples None", lambda p: crf_forward(*p).sample(None), TypeError, "num_samples must be an integer"),
+]
+
+
+@pytest.mark.parametrize("name, call, error, match", WRONG_KINDS, ids=[row[0] for row in WRONG_KINDS])
+def test_wrong_kinds_of_argument(problem, name, call, error, match):
+    with pytest.raises(error, match=match):
+        call(problem)
+
+
+# Float dtypes and the compute dtype they give: (name, cast of every float input, compute dtype).
+FLOAT_KINDS = [
+    ("big-endian float64", lambda x: x.astype(">f8"), np.float64),
+    ("big-endian float32", lambda x: x.astype(">f4"), np.float32),
+    ("longdouble", lambda x: x.astype(np.longdouble), np.float64),
+    ("float16", lambda x: x.astype(np.float16), np.float32),
+]
+
+
+@pytest.mark.parametrize("name, cast, dtype", FLOAT_KINDS, ids=[row[0] for row in FLOAT_KINDS])
+def test_float_kinds_compute_in_their_width(problem, name, cast, dtype):
+    scores, tokens, E1, E2 = problem
+    best = viterbi_decode(cast(scores), tokens, cast(E1), cast(E2))
+    assert best.score.dtype == dtype
+    native = viterbi_decode(
+        *(cast(x).astype(dtype) for x in (scores,)), tokens, *(cast(x).astype(dtype) for x in (E1, E2))
+    )
+    np.testing.assert_array_equal(best.beam_idx, native.beam_idx)

@@ -147,8 +147,10 @@ def seed(value: Any) -> Optional[int]:
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:
-    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
-    return np.dtype(np.float64) if any(np.dtype(d) == np.float64 for d in dtypes) else np.dtype(np.float32)
+    """float64 if any input is a float of 8 bytes or more (in either byte order; longdouble is computed
+    in float64), else float32 (float16 is computed in float32)."""
+    wide = any(np.dtype(d).kind == "f" and np.dtype(d).itemsize >= 8 for d in dtypes)
+    return np.dtype(np.float64) if wide else np.dtype(np.float32)
 
 
 def float_dtype(array: Any, name: str, ndim: int) -> Any:
@@ -387,6 +389,10 @@ def sampler_grad(
     arrays: Arrays, grad_beam_probs: Any, sample: Any, tokens: Any, E1: Any, E2: Any, lengths_value: Any
 ) -> SamplerGradInputs:
     """Inputs of :func:`~viterbi_numba.stochastic_viterbi_backward`."""
+    if not all(hasattr(sample, field) for field in ("beam_probs", "backpointers")):
+        raise TypeError(
+            f"sample must be the StochasticViterbiResult that stochastic_viterbi returned, got {type(sample).__name__}"
+        )
     ndim = len(np.shape(sample.beam_probs))
     if ndim not in (3, 4):
         raise ValueError(

@@ -190,7 +190,7 @@ def stochastic_viterbi_backward(
     """
     ops = backend_of(
         **{
-            "sample.beam_probs": sample.beam_probs,
+            "sample.beam_probs": getattr(sample, "beam_probs", None),  # a bad sample: the validator says so
             "grad_beam_probs": grad_beam_probs,
             "tokens": tokens,
             "E1": E1,

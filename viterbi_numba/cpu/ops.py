@@ -113,6 +113,26 @@ _blas_limiter: Any = None  # the limit they share; it holds the limits from befo
 
 
 @contextlib.contextmanager
+def kernel_scope(beam: int, dtype: Any) -> Iterator[None]:
+    """Around a kernel call on a beam of ``beam`` slots: BLAS on one thread (``single_threaded_blas``),
+    and a kernel that cannot allocate its scratch arrays raises a MemoryError saying what they need
+    (numba reports it as a SystemError from the parallel region)."""
+    try:
+        with single_threaded_blas():
+            yield
+    except SystemError as error:
+        if not isinstance(error.__cause__, MemoryError):
+            raise
+        threads = get_num_threads()
+        block = beam * beam * np.dtype(dtype).itemsize
+        raise MemoryError(
+            f"the CPU kernels could not allocate their scratch arrays: each of the {threads} threads holds "
+            f"(K, K) blocks, {block / 2**30:.2f} GiB each at K = {beam} in {np.dtype(dtype)}; use a smaller "
+            "beam, fewer threads (numba.set_num_threads) or a machine with more memory"
+        ) from error.__cause__
+
+
+@contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """The kernels call BLAS from every core at once: keep each BLAS call on one thread while they run.
 
@@ -214,7 +234,7 @@ class CPUOps:
         score = np.empty(B, dtype=crf.dtype)
         step_scores = np.empty((B, T), dtype=crf.dtype)
         if B:
-            with single_threaded_blas():
+            with kernel_scope(crf.scores.shape[2], crf.dtype):
                 decode_kernels.viterbi_kernel(
                     crf.scores,
                     crf.tokens,
@@ -242,7 +262,7 @@ class CPUOps:
         backpointers = np.empty((B, T - 1, K, N), dtype=np.int64)
         score = np.empty((B, N), dtype=crf.dtype)
         if B:
-            with single_threaded_blas():
+            with kernel_scope(crf.scores.shape[2], crf.dtype):
                 decode_kernels.stochastic_viterbi_kernel(
                     crf.scores,
                     crf.tokens,
@@ -294,7 +314,7 @@ class CPUOps:
         log_z = np.empty(B, dtype=np.float64)
         alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=crf.dtype)
         if B:
-            with single_threaded_blas():
+            with kernel_scope(crf.scores.shape[2], crf.dtype):
                 crf_kernels.forward_kernel(
                     crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, inv_temp, log_z, alpha, col_max, col_sum
                 )
@@ -308,7 +328,7 @@ class CPUOps:
         path_tokens = np.empty((B, T, num_samples), dtype=np.int64)
         log_prob = np.empty((B, num_samples), dtype=np.float64)
         if B:
-            with single_threaded_blas():
+            with kernel_scope(crf.scores.shape[2], crf.dtype):
                 crf_kernels.sample_kernel(
                     crf.scores,
                     crf.tokens,
@@ -353,7 +373,7 @@ class CPUOps:
                 dst_rows,
             )
 
-        with single_threaded_blas():
+        with kernel_scope(crf.scores.shape[2], crf.dtype):
             if scale is None:
                 run(0, B, *np.zeros((2, 1, 1, 1, 1), dtype=mu.dtype))
                 return mu, None, None
