@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -30,6 +31,20 @@ _TINY = {np.dtype(np.float32): np.float32(1e-20), np.dtype(np.float64): np.float
 # --------------------------------------------------------------------------------------------------
 # arrays
 # --------------------------------------------------------------------------------------------------
+def kernel_array(values: Any, dtype: Any) -> np.ndarray:
+    """``values`` as a C-contiguous array of ``dtype``, copied only where the cast or the layout needs it.
+
+    A read-only array (a memory map, a non-writeable view, a copy-on-write buffer) comes back as a
+    writeable view of the same memory: numba compiles every kernel again for read-only arguments
+    (seconds each), and the kernels never write their inputs."""
+    array = np.ascontiguousarray(values, dtype=dtype)
+    if array.flags.writeable:
+        return array
+    interface = dict(array.__array_interface__)
+    interface["data"] = (interface["data"][0], False)
+    return np.asarray(SimpleNamespace(__array_interface__=interface, memory=array))  # keeps the memory alive
+
+
 class HostChecks:
     """Value checks of host arrays: each rule runs at once (``_validate.Checks``)."""
 
@@ -38,15 +53,15 @@ class HostChecks:
 
     def finite_cast(self, values: np.ndarray, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> np.ndarray:
         rule(values)
-        return np.ascontiguousarray(values, dtype=dtype)
+        return kernel_array(values, dtype)
 
     def in_range(self, values: np.ndarray, low: int, high: int, rule: Callable[[np.ndarray], None]) -> np.ndarray:
         rule(values)
-        return np.ascontiguousarray(values, dtype=np.int64)
+        return kernel_array(values, np.int64)
 
     def unit_interval(self, values: np.ndarray, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> np.ndarray:
         rule(values)
-        return np.ascontiguousarray(values, dtype=np.float64)  # the CPU kernels draw from float64 uniforms
+        return kernel_array(values, np.float64)  # the CPU kernels draw from float64 uniforms
 
     def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[..., None]) -> None:
         rule(scores, lengths)
@@ -61,7 +76,7 @@ class HostChecks:
 
 class HostArrays:
     """How the CPU backend reads its inputs (``_validate.Arrays``): anything NumPy takes, copied only
-    where a cast or a contiguous layout needs it."""
+    where a cast or a contiguous layout needs it (``kernel_array``)."""
 
     max_beam: Optional[int] = None
     max_rank: Optional[int] = None
@@ -79,10 +94,10 @@ class HostArrays:
         array = int_dtype(self._host(value, name), name)
         if array.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
-        return np.ascontiguousarray(array, dtype=np.int64)
+        return kernel_array(array, np.int64)
 
     def cast(self, array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
-        return np.ascontiguousarray(array, dtype=dtype)
+        return kernel_array(array, dtype)
 
     def small_array(self, value: Any, name: str) -> np.ndarray:
         return self._host(value, name)
