@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from viterbi_numba.cli import main
 
@@ -16,8 +17,9 @@ def test_demo_prints_a_summary(capsys):
     out = capsys.readouterr().out
     assert "emissions (B, T, V) = (2, 6, 50)" in out
     assert "beam_probs (2, 6, 8, 3)" in out and "tokens (2, 6, 3)" in out
-    assert "Viterbi" in out and "stochastic Viterbi 2" in out and "stochastic_viterbi" in out
-    assert "exact sample 2  (log p" in out and "crf_sample" in out
+    assert "Viterbi (the best path)" in out and "stochastic Viterbi 2 (the write-up's sampler)" in out
+    assert "exact CRF sample 2 (log p" in out and "crf_sample" in out and "stochastic_viterbi" in out
+    assert "An exact sample's log p is far below 0" in out
 
 
 def test_demo_from_files(tmp_path, capsys):
@@ -78,3 +80,79 @@ def test_bench_gpu_says_when_there_is_no_gpu():
         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     )
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+def _files(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.standard_normal((1, 4, 20)).astype(np.float32))
+    np.savez(tmp_path / "t.npz", E1=rng.standard_normal((20, 3)), E2=rng.standard_normal((20, 3)))
+    np.savez(tmp_path / "t19.npz", E1=rng.standard_normal((19, 3)), E2=rng.standard_normal((19, 3)))
+    np.savez(tmp_path / "t_no_E2.npz", E1=rng.standard_normal((20, 3)))
+    np.save(tmp_path / "ints.npy", np.zeros((1, 4, 20), np.int64))
+    (tmp_path / "notes.txt").write_text("not an array\n")
+    return tmp_path
+
+
+# Bad options and files: one row per case, (arguments, what stderr says). Each is one line, no traceback.
+BAD_DEMO = [
+    (["--emissions", "{d}/missing.npy"], "--emissions: no such file"),
+    (["--emissions", "{d}/t.npz"], "--emissions: expected a .npy file with one (B, T, V) array, got an .npz archive"),
+    (["--emissions", "{d}/notes.txt"], "--emissions: {d}/notes.txt is not a NumPy .npy/.npz file"),
+    (["--emissions", "{d}/ints.npy"], "--emissions: expected a (B, T, V) float array, got int64"),
+    (
+        ["--emissions", "{d}/e.npy", "--tables", "{d}/e.npy"],
+        "--tables: expected an .npz with arrays E1 and E2, got one array",
+    ),
+    (
+        ["--emissions", "{d}/e.npy", "--tables", "{d}/t_no_E2.npz"],
+        "--tables: expected an .npz with arrays E1 and E2, found ['E1']",
+    ),
+    (["--emissions", "{d}/e.npy", "--tables", "{d}/t19.npz"], "--tables: E1 and E2 must both be (V, D) with V = 20"),
+    (["--emissions", "{d}/e.npy", "--tables", "{d}/missing.npz"], "--tables: no such file"),
+    (["--length", "0"], "argument --length: must be at least 1, got 0"),
+    (["--beam", "x"], "argument --beam: expected an integer, got 'x'"),
+    (["--temperature", "0"], "temperature must be finite and > 0"),
+    (["--beam", "51", "--vocab", "50"], "k must be at most V = 50"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_DEMO, ids=[" ".join(row[0]) for row in BAD_DEMO])
+def test_demo_bad_options_and_files_give_one_line(tmp_path, arguments, message):
+    d = _files(tmp_path)
+    small = ["--batch", "1", "--length", "3", "--vocab", "20", "--rank", "2", "--beam", "4", "--samples", "2"]
+    arguments = [a.format(d=d) for a in arguments]
+    proc = subprocess.run(
+        [sys.executable, "-m", "viterbi_numba", "demo", *small, *arguments], capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert message.format(d=d) in proc.stderr.strip().splitlines()[-1], proc.stderr  # after argparse's usage
+
+
+def test_demo_with_no_sequences(capsys):
+    main(["demo", "--batch", "0", "--length", "3", "--vocab", "20", "--rank", "2", "--beam", "4", "--samples", "2"])
+    assert "B = 0: no sequences" in capsys.readouterr().out
+
+
+def test_version_and_help():
+    from viterbi_numba import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "viterbi_numba", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"viterbi-numba {__version__}"
+    import argparse
+
+    from viterbi_numba.cli import build_parser
+
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        options = [action for action in parser._actions if action.option_strings]
+        assert options and all(action.help for action in options), name  # every option has help text
+
+
+def test_bench_repeats_match_the_readme():
+    from pathlib import Path
+
+    from viterbi_numba.cli import BENCH_REPEATS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"python benchmarks/run.py --repeats {BENCH_REPEATS}`" in readme

@@ -362,7 +362,8 @@ def weights(arrays: Arrays, value: Any, shape: tuple[int, ...], dtype: Any, name
 
 
 def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
-    """Beam paths (B, T) or (B, T, N) as (B, T, N) int64 with 0 at and after each length; single?"""
+    """Beam paths (B, T) or (B, T, N) as (B, T, N) int64, an entry outside [0, K) at or after a length
+    (PAD) read as 0; single?"""
     B, T, K = crf.scores.shape
     values = arrays.small_array(beam_idx, "beam_idx")
     if values.ndim not in (2, 3):
@@ -439,8 +440,9 @@ def likelihood(
 ) -> tuple[Any, int, Any, Any]:
     """Inputs of :func:`~viterbi_numba.log_likelihood` before the beam is built: (emissions in the
     compute dtype, k, the tokens to force, lengths). The targets must be token ids before each
-    sequence's length; after it they are ignored (PAD there, as the samplers return them) and nothing
-    is forced. The tables' values are checked once, with the beam's CRF (:func:`beam_crf`)."""
+    sequence's length; after it they are ignored by the CRF, forced into the beam where they are token
+    ids (as fairseq does), and where they are not (PAD, as the samplers return them) nothing is
+    forced. The tables' values are checked once, with the beam's CRF (:func:`beam_crf`)."""
     emissions = arrays.float_array(emissions, "emissions", 3)
     B, T, V = emissions.shape
     if T == 0:

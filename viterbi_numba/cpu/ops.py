@@ -71,7 +71,7 @@ class HostChecks:
     ) -> np.ndarray:
         rule(values, lengths)
         inside = np.arange(values.shape[1])[None, :, None] < lengths[:, None, None]
-        return np.ascontiguousarray(np.where(inside, values, fill), dtype=np.int64)
+        return np.ascontiguousarray(np.where(inside | ((values >= 0) & (values < high)), values, fill), dtype=np.int64)
 
 
 class HostArrays:

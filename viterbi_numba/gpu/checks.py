@@ -102,7 +102,7 @@ class DeviceChecks:
 
     def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Callable[..., None]) -> Any:
         """int64 ids (B, T, N) (paths, targets) clamped to [0, high) before each length, where a value
-        outside it is flagged, and ``fill`` at and after it (a copy)."""
+        outside it is flagged; at and after it a value outside [0, high) becomes ``fill`` (a copy)."""
         flags, slot = self.slot(rule, values, lengths)
         out = self.lib.empty(values.shape, np.int64)[1]
         if values.size:

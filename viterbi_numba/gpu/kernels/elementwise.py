@@ -84,19 +84,20 @@ def build(blk) -> Family:
     @family.kernel((t.i3, t.i1, t.int64, t.int64, t.i3, t.int32[::1], t.int64))
     def mask_after_lengths(values, lengths, high, fill, out, flags, slot):
         """out[b, t, n] = values[b, t, n] before lengths[b] (clamped to [0, high), flags[slot] = 1 where it
-        was outside), ``fill`` at and after it."""
+        was outside); at and after it the value where it lies in [0, high), else ``fill``."""
         B, T, N = values.shape
         for e in range(cuda.grid(1), B * T * N, cuda.gridsize(1)):
             b = e // (T * N)
             rest = e - b * T * N
             t = rest // N
             n = rest - t * N
-            v = fill
-            if t < lengths[b]:
-                v = int64(values[b, t, n])
-                if v < 0 or v >= high:
+            v = int64(values[b, t, n])
+            if v < 0 or v >= high:
+                if t < lengths[b]:
                     cuda.atomic.max(flags, slot, 1)
                     v = 0 if v < 0 else high - 1
+                else:
+                    v = fill
             out[b, t, n] = v
 
     @family.kernel((t.f2, t.f, t.f, t.f2, t.f1))
