@@ -1,77 +1,9 @@
-"""The CPU backend's host side (viterbi_numba/cpu/ops.py): BLAS threads around the kernels."""
+"""The CPU backend's host side (viterbi_numba/cpu/ops.py): memory errors and read-only inputs."""
 
-import json
-import os
 import subprocess
 import sys
 
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-# Run in a process of its own: OpenBLAS ignores a thread count set from another thread once the main
-# thread has set one, and every kernel call made from the main thread of a test process sets one.
-OVERLAP = r"""
-import json, sys, threading
-import numpy as np
-sys.path.insert(0, sys.argv[1])
-from conftest import make_problem
-from threadpoolctl import threadpool_info
-import viterbi_numba as vn
-from viterbi_numba.cpu import ops
-
-def blas_threads():
-    return sorted((lib["filepath"], lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas")
-
-ops._blas_controller()  # SciPy's BLAS loaded, as the kernels load it
-scores, tokens, E1, E2 = make_problem(np.random.default_rng(0), 2, 3, 4, D=2)
-both_inside = threading.Barrier(2, timeout=10)
-first_finished = threading.Event()
-inside = []
-
-def kernel(*args):
-    inside.append(blas_threads())
-    both_inside.wait()
-    if threading.current_thread().name == "second":
-        assert first_finished.wait(10)
-        inside.append(blas_threads())  # the first call has finished; this one still runs
-
-def call(name):
-    vn.viterbi_decode(scores, tokens, E1, E2)
-    if name == "first":
-        first_finished.set()
-
-ops.decode_kernels.viterbi_kernel = kernel
-before = blas_threads()
-threads = [threading.Thread(target=call, args=(name,), name=name) for name in ("first", "second")]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join(20)
-print(json.dumps({"before": before, "inside": inside, "after": blas_threads(), "done": first_finished.is_set()}))
-"""
-
-
-def test_blas_limits_are_restored_when_calls_from_two_threads_overlap():
-    """Two calls from worker threads overlap so that the first to start is the first to finish while
-    the other still runs (the kernel is replaced by one that waits for that interleaving). BLAS runs on
-    one thread inside both, and afterwards every BLAS library has its limit from before; a limit entered
-    and left per call would restore, last, the one-thread limit that the second call found, leaving
-    BLAS on one thread for the rest of the process."""
-    done = subprocess.run(
-        [sys.executable, "-c", OVERLAP, os.path.dirname(HERE)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OPENBLAS_NUM_THREADS": "2"},  # a known limit above 1, whatever the machine
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["done"] and len(found["inside"]) == 3
-    assert found["before"] and all(count == 2 for _, count in found["before"])
-    assert all(count == 1 for limits in found["inside"] for _, count in limits), found["inside"]
-    assert found["after"] == found["before"]
-
 
 MEMORY = r"""
 import resource, sys

@@ -9,7 +9,6 @@ thread-local scratch, so results do not depend on the thread count.
 from __future__ import annotations
 
 import contextlib
-import threading
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -122,9 +121,10 @@ def _blas_controller() -> Any:
     return ThreadpoolController().select(user_api="blas")
 
 
-_BLAS_LOCK = threading.Lock()
-_blas_users = 0  # kernel calls running now, in any Python thread
-_blas_limiter: Any = None  # the limit they share; it holds the limits from before the first of them
+def single_threaded_blas() -> Any:
+    """The kernels call BLAS from every core at once: keep each call on one thread while they run."""
+    controller = _blas_controller()
+    return controller.limit(limits=1) if controller else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -145,34 +145,6 @@ def kernel_scope(beam: int, dtype: Any) -> Iterator[None]:
             f"(K, K) blocks, {block / 2**30:.2f} GiB each at K = {beam} in {np.dtype(dtype)}; use a smaller "
             "beam, fewer threads (numba.set_num_threads) or a machine with more memory"
         ) from error.__cause__
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """The kernels call BLAS from every core at once: keep each BLAS call on one thread while they run.
-
-    One limit is shared by every kernel call running at the same time, from whatever Python thread:
-    the first to start sets it, the last to finish restores the limits from before the first, so that
-    overlapping calls cannot leave BLAS limited to one thread (a limit entered and left per call would
-    restore whichever limit the other thread had set). OpenBLAS ignores a thread count set from a worker
-    thread once the main thread has set one; such calls then run BLAS with the process's count."""
-    global _blas_users, _blas_limiter
-    controller = _blas_controller()
-    if not controller:
-        yield
-        return
-    with _BLAS_LOCK:
-        if _blas_users == 0:
-            _blas_limiter = controller.limit(limits=1)
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
 
 
 def _table_gradients(
