@@ -1,9 +1,116 @@
-"""The CPU backend's host side (viterbi_numba/cpu/ops.py): memory errors and read-only inputs."""
+"""The CPU backend's host side (viterbi_numba/cpu/ops.py): BLAS threads, memory errors and read-only inputs."""
 
+import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Each scenario runs in a process of its own, whose BLAS thread counts no earlier test has touched.
+# argv: the tests folder, then "overlap" (two calls that overlap, the first to start finishing first),
+# "controlled" (the same after the main thread has set a limit through threadpoolctl and kept it) or
+# "many" (8 threads calling the real kernel at once).
+BLAS_THREADS = r"""
+import json, os, sys, threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import make_problem
+import scipy, scipy.linalg.cython_blas  # SciPy's BLAS loaded, as the kernels load it
+from threadpoolctl import threadpool_info, threadpool_limits
+import viterbi_numba as vn
+from viterbi_numba.cpu import ops
+
+SITE = os.path.dirname(os.path.dirname(scipy.__file__))
+
+def blas_threads():
+    # {library: thread count} over the BLAS libraries, SciPy's (its wheel's own, or the only one) named "scipy"
+    found = {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    scipys = [path for path in found if os.path.relpath(path, SITE).startswith("scipy") or len(found) == 1]
+    return {"scipy" if path in scipys else path: n for path, n in found.items()}
+
+scores, tokens, E1, E2 = make_problem(np.random.default_rng(0), 2, 3, 4, D=2)
+mode = sys.argv[2]
+if mode == "controlled":
+    kept = threadpool_limits(limits=2)  # threadpoolctl now lets only the main thread set OpenBLAS's count
+before = blas_threads()
+names = [str(i) for i in range(8)] if mode == "many" else ["first", "second"]
+inside, errors = [], []
+started = threading.Barrier(len(names), timeout=60)
+both_inside = threading.Barrier(2, timeout=10)
+first_finished = threading.Event()
+
+def kernel(*args):  # stands in for viterbi_kernel: waits until both calls are in, and the first is out
+    inside.append(blas_threads())
+    both_inside.wait()
+    if threading.current_thread().name == "second":
+        assert first_finished.wait(10)
+        inside.append(blas_threads())  # the first call has finished; this one still runs
+
+def call(name):
+    try:
+        started.wait()
+        for _ in range(20 if mode == "many" else 1):
+            vn.viterbi_decode(scores, tokens, E1, E2)
+        if name == "first":
+            first_finished.set()
+    except BaseException as error:
+        errors.append(repr(error))
+
+if mode != "many":
+    ops.decode_kernels.viterbi_kernel = kernel
+threads = [threading.Thread(target=call, args=(name,), name=name) for name in names]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(120)
+alive = [thread.name for thread in threads if thread.is_alive()]
+print(json.dumps({"before": before, "inside": inside, "after": blas_threads(), "errors": errors, "alive": alive}))
+"""
+
+
+def blas_threads_in(mode):
+    """What the BLAS_THREADS scenario ``mode`` saw, run with OpenBLAS on 2 threads (a known count above 1)."""
+    done = subprocess.run(
+        [sys.executable, "-c", BLAS_THREADS, os.path.dirname(HERE), mode],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "2"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not found["errors"] and not found["alive"], found
+    assert found["before"].get("scipy") == 2, found["before"]
+    return found
+
+
+@pytest.mark.parametrize("mode", ["overlap", "controlled"])
+def test_overlapping_calls_share_one_limit_on_scipys_blas_and_restore_it(mode):
+    """Two kernel calls from worker threads overlap, the first to start finishing while the other still
+    runs (the kernel is replaced by one that waits for that interleaving). Inside both, SciPy's BLAS
+    (the one the kernels call) has one thread and every other BLAS (NumPy's) keeps its count; afterwards
+    every library has its count from before. A limit entered and left per call restores, last, the one
+    thread that the second call found, and leaves SciPy's BLAS single-threaded for good.
+
+    "controlled": the main thread has first set a limit through threadpoolctl and kept it; threadpoolctl
+    then ignores the counts that any other thread sets for OpenBLAS, so the limit must not go through it."""
+    found = blas_threads_in(mode)
+    assert len(found["inside"]) == 3
+    for counts in found["inside"]:
+        assert counts == {**found["before"], "scipy": 1}, found
+    assert found["after"] == found["before"]
+
+
+def test_many_threads_calling_the_kernels_at_once_leave_the_blas_counts_as_they_were():
+    """8 threads, 20 real viterbi_decode calls each, started together: afterwards every BLAS library has
+    its thread count from before."""
+    found = blas_threads_in("many")
+    assert found["after"] == found["before"]
+
 
 MEMORY = r"""
 import resource, sys

@@ -9,6 +9,8 @@ thread-local scratch, so results do not depend on the thread count.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -111,20 +113,99 @@ class HostArrays:
 # --------------------------------------------------------------------------------------------------
 # BLAS threads and table gradients
 # --------------------------------------------------------------------------------------------------
+# The thread-count getter of each BLAS that threadpoolctl knows, OpenBLAS's with the affixes its builds
+# use (SciPy's wheels: "scipy_", and "64_" in ILP64 builds). The library the kernels call is the one
+# whose getter is also the one that the kernels' BLAS module resolves.
+_THREAD_COUNT_GETTERS = [
+    f"{prefix}openblas_get_num_threads{suffix}" for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")
+] + [
+    "MKL_Get_Max_Threads",
+    "bli_thread_get_num_threads",
+    "flexiblas_get_num_threads",
+]
+
+BlasLimit = Callable[[], Callable[[], None]]  # sets one thread, returns what restores the count from before
+
+
+def _address(library: ctypes.CDLL, symbol: str) -> Optional[int]:
+    function = getattr(library, symbol, None)
+    return None if function is None else ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _openblas_limit(library: ctypes.CDLL, getter: str) -> BlasLimit:
+    get_count = getattr(library, getter)
+    set_count = getattr(library, getter.replace("_get_", "_set_"))
+
+    def limit() -> Callable[[], None]:
+        count = get_count()
+        if count == 1:
+            return lambda: None
+        set_count(1)
+        return lambda: set_count(count)
+
+    return limit
+
+
 @lru_cache(maxsize=1)
-def _blas_controller() -> Any:
-    # The kernels' np.dot calls SciPy's BLAS (numba binds scipy.linalg.cython_blas); it must be loaded
-    # before threadpoolctl looks, or the controller would only see NumPy's and leave SciPy's multi-threaded.
-    import scipy.linalg.cython_blas  # noqa: F401
+def _scipy_blas_limit() -> Optional[BlasLimit]:
+    """How to put the BLAS that the kernels call on one thread; None where there is none to limit.
+
+    The kernels' ``np.dot`` calls SciPy's BLAS (numba binds ``scipy.linalg.cython_blas``), not NumPy's
+    (pip wheels bring one each), so only SciPy's is limited. threadpoolctl finds the loaded libraries;
+    an OpenBLAS with a process-wide pool (pthreads) is then set through its own API, from any thread:
+    threadpoolctl passes it only the counts of its "controlling thread" (the first to set a limit, while
+    it holds it), so a kernel call from another thread would set, and restore, nothing."""
+    import scipy.linalg.cython_blas as cython_blas  # loaded before threadpoolctl looks
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController().select(user_api="blas")
+    kernels_blas = ctypes.CDLL(cython_blas.__file__)  # looks symbols up in the libraries it links too
+    for info in ThreadpoolController().info():
+        library = ctypes.CDLL(info["filepath"])  # loaded already: the same library
+        addresses = {name: _address(library, name) for name in _THREAD_COUNT_GETTERS}
+        getters = [name for name, address in addresses.items() if address and address == _address(kernels_blas, name)]
+        if not getters:
+            continue  # not the library the kernels call (NumPy's, say)
+        if info["internal_api"] != "openblas":
+            # MKL, BLIS, FlexiBLAS: threadpoolctl sets the library's process-wide count. Weaker than the
+            # OpenBLAS path: nothing here checks that a count set from a worker thread takes effect, and
+            # threadpoolctl may have rules of its own for a library (as it has for OpenBLAS).
+            selected = ThreadpoolController().select(filepath=info["filepath"])
+            return lambda: selected.limit(limits=1).restore_original_limits
+        if info.get("threading_layer") == "openmp":
+            # Each thread's OpenMP count governs the BLAS calls it makes: a count set here would never
+            # reach numba's workers, and one restored by another thread would stay with this one.
+            return None
+        return _openblas_limit(library, getters[0])
+    return None
 
 
-def single_threaded_blas() -> Any:
-    """The kernels call BLAS from every core at once: keep each call on one thread while they run."""
-    controller = _blas_controller()
-    return controller.limit(limits=1) if controller else contextlib.nullcontext()
+_BLAS_LOCK = threading.Lock()
+_kernel_calls_running = 0  # inside single_threaded_blas, in every Python thread
+_restore_blas: Optional[Callable[[], None]] = None  # restores SciPy's BLAS count from before the first of them
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """SciPy's BLAS on one thread while kernels run: they call it from every core at once.
+
+    One limit is shared by the kernel calls running at once, from any Python thread: the first to enter
+    sets it, the last to leave restores the count from before. A limit per call would let overlapping
+    calls restore each other's one-thread limit and leave BLAS single-threaded for good. A count that
+    another thread sets for SciPy's BLAS while a kernel call runs is overwritten on that restore."""
+    global _kernel_calls_running, _restore_blas
+    with _BLAS_LOCK:
+        if _kernel_calls_running == 0:
+            limit = _scipy_blas_limit()
+            _restore_blas = limit() if limit else None
+        _kernel_calls_running += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _kernel_calls_running -= 1
+            if _kernel_calls_running == 0 and _restore_blas is not None:
+                _restore_blas()
+                _restore_blas = None
 
 
 @contextlib.contextmanager
