@@ -356,9 +356,15 @@ def test_dead_beam_slots_are_never_sampled(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("temperature", [1e-2, 1.0, 1e2])
 def test_extreme_scores_and_temperatures_stay_finite(rng, dtype, temperature):
+    """Scores spread over 1e4 and offset by 1e4: finite, accurate results, or, where T (score spread +
+    |E1| |E2|) / tau (3e7 at tau = 0.01) is beyond float32's range for exact inference, a ValueError."""
     scores, tokens, E1, E2 = make_problem(rng, 3, 8, 6, dtype=dtype, scale=1e4)
     scores[1] += dtype(1e4)
     scores[2] -= dtype(1e4)
+    if dtype == np.float32 and temperature == 1e-2:
+        with pytest.raises(ValueError, match="temperature 0.01 is too small for exact inference in float32"):
+            log_partition(scores, tokens, E1, E2, temperature=temperature)
+        return
     log_z = log_partition(scores, tokens, E1, E2, temperature=temperature)
     np.testing.assert_allclose(log_z, ref.log_partition(scores, tokens, E1, E2, temperature), rtol=1e-6)
     mu = marginals(scores, tokens, E1, E2, temperature=temperature)
@@ -367,7 +373,7 @@ def test_extreme_scores_and_temperatures_stay_finite(rng, dtype, temperature):
     grad = log_partition_grad(scores, tokens, E1, E2, temperature=temperature)
     for array in (log_z, mu, draws.log_prob, grad.grad_scores, grad.grad_E1, grad.grad_E2):
         assert np.isfinite(array).all()
-    assert (draws.log_prob <= 1e-3 * abs(log_z[:, None]) + 1e-3).all()
+    assert (draws.log_prob <= 1e-2).all(), draws.log_prob
 
 
 def test_float32_log_partition_at_the_seeds_size():

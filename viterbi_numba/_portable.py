@@ -162,10 +162,15 @@ def build(jit: Callable) -> SimpleNamespace:
         """fairseq ``forward_decoder``'s step scores of a Viterbi path (T,) into out[:length]: with
         c[t] = history[t, path[t + 1]] + cum_shift[t], the cumulative score of step t read at the next
         step's slot (history: the shifted cumulative scores (T, K), cum_shift their shifts), and
-        c[length - 1] = ``score``, out[t] = c[t] - c[t - 1] (c[-1] = 0)."""
+        c[length - 1] = ``score``, out[t] = c[t] - c[t - 1] (c[-1] = 0). Where the next step's slot is
+        -inf at step t (fairseq would read -inf there), c[t] is the path's own cumulative score instead,
+        so every value is finite (docs/design.md §2)."""
         cumulative_next = score
         for t in range(length - 2, -1, -1):
-            cumulative = history[t, path[t + 1]] + cum_shift[t]
+            read = history[t, path[t + 1]]
+            if not read - read == read - read:  # -inf: the slot is unreachable at step t
+                read = history[t, path[t]]
+            cumulative = read + cum_shift[t]
             out[t + 1] = cumulative_next - cumulative
             cumulative_next = cumulative
         out[0] = cumulative_next

@@ -63,7 +63,13 @@ class Checks(Protocol):
 
     def unit_interval(self, values: Any, dtype: np.dtype, rule: Any) -> Any: ...
 
+    def tables(self, E1: Any, E2: Any, rule: Any) -> None: ...
+
     def beam(self, scores: Any, lengths: Any, rule: Any) -> None: ...
+
+    def scale(
+        self, scores: Any, lengths: Any, E1: Any, E2: Any, temperature: float, exact: bool, rule: Any
+    ) -> None: ...
 
     def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Any) -> Any: ...
 
@@ -203,6 +209,101 @@ def beam_score_values(scores: np.ndarray, lengths: np.ndarray, name: str = "scor
         raise ValueError(f"{name}: the whole beam is -inf at batch {b}, position {t}; no path can pass there")
 
 
+def table_values(E1: np.ndarray, E2: np.ndarray) -> None:
+    finite_values(E1, "E1")
+    finite_values(E2, "E2")
+
+
+# The range (docs/design.md §6): with M = T (spread + |E1| |E2|), the largest magnitude a kernel meets,
+# M max(1, 1/tau), must stay this far below the dtype's largest number, so that sums of a few such terms
+# stay finite; for exact inference M / tau must stay below EXACT_LIMIT, where log-probabilities
+# S(y)/tau - log Z are still accurate to about 1e-3 nats (benchmarks/results/extremes.md).
+OVERFLOW_LIMIT = {np.dtype(np.float32): float(np.finfo(np.float32).max) / 64, np.dtype(np.float64): 2.0**1017}
+EXACT_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
+
+
+def beam_spread(scores: np.ndarray, lengths: np.ndarray) -> float:
+    """The largest gap between the best and the worst finite beam score of a position before its
+    sequence's length (the kernels see each position's scores shifted by their maximum), in the scores'
+    dtype; 0 when there is none. The scores hold no NaN or +inf (``beam_score_values``)."""
+    high = scores.max(axis=2, initial=-np.inf)
+    low = np.where(scores == -np.inf, np.inf, scores).min(axis=2, initial=np.inf)
+    live = (np.arange(scores.shape[1])[None, :] < lengths[:, None]) & (high > -np.inf)
+    with np.errstate(over="ignore"):
+        return float((high - low)[live].max(initial=0))
+
+
+def squared_row_norm(table: np.ndarray) -> float:
+    """The largest squared Euclidean norm of a row of ``table``, summed in the table's dtype (inf when it
+    overflows it, NaN with a NaN entry)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.einsum("vd,vd->v", table, table).max(initial=0))
+
+
+def scale_fits(
+    spread: float, squared_norms: tuple[float, float], steps: int, temperature: float, exact: bool, dtype: np.dtype
+) -> bool:
+    """Whether M = T (spread + |E1| |E2|) is within the range for ``temperature`` (see OVERFLOW_LIMIT);
+    what ``gpu/kernels/elementwise.check_scale`` computes on the device."""
+    untempered = steps * (spread + np.sqrt(squared_norms[0]) * np.sqrt(squared_norms[1]))
+    tempered = untempered / temperature
+    limit = OVERFLOW_LIMIT[dtype]
+    return bool(untempered <= limit and tempered <= limit and (not exact or tempered <= EXACT_LIMIT[np.dtype(dtype)]))
+
+
+def scale_values(
+    scores: np.ndarray,
+    lengths: np.ndarray,
+    E1: np.ndarray,
+    E2: np.ndarray,
+    temperature: float,
+    exact: bool,
+    scores_name: str = "scores",
+) -> None:
+    """The kernels' magnitudes stay in the compute dtype's range, and for exact inference (``exact``)
+    where log-probabilities keep their precision (``OVERFLOW_LIMIT``, ``EXACT_LIMIT``). A transition
+    score is at most ``|E1 row| |E2 row|`` (Cauchy-Schwarz)."""
+    dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
+    steps = scores.shape[1]
+    spread = beam_spread(scores.astype(dtype, copy=False), lengths)
+    squared_norms = (squared_row_norm(E1.astype(dtype, copy=False)), squared_row_norm(E2.astype(dtype, copy=False)))
+    if scale_fits(spread, squared_norms, steps, temperature, exact, dtype):
+        return
+    transition = float(np.sqrt(squared_norms[0]) * np.sqrt(squared_norms[1]))
+    untempered = steps * (spread + transition)
+    tempered = untempered / temperature
+    what = f"T (score spread + largest |E1 row| |E2 row|) = {untempered:.3g}"
+    limit = OVERFLOW_LIMIT[dtype]
+    if not steps * transition <= limit:
+        raise ValueError(
+            f"E1, E2: transition scores E1[a] . E2[b] can reach {transition:.3g} (the largest row norms "
+            f"multiplied), too large for {dtype} over T = {steps} steps (at most {limit / steps:.3g}); "
+            "scale the tables down or compute in float64"
+        )
+    if not untempered <= limit:
+        raise ValueError(
+            f"{scores_name}: the best and worst finite scores of a position are {spread:.3g} apart, too far "
+            f"for {dtype} over T = {steps} steps (at most {limit / steps - transition:.3g}); compute in float64"
+        )
+    if not tempered <= limit:
+        raise ValueError(
+            f"temperature {temperature:g} is too small for these inputs in {dtype}: {what}, divided by "
+            f"the temperature, exceeds {limit:.3g}; use temperature >= {untempered / limit:.3g}"
+        )
+    precise = EXACT_LIMIT[dtype]
+    wider = " or compute in float64" if dtype == np.float32 else ""
+    if untempered > precise:
+        raise ValueError(
+            f"{scores_name}, E1, E2: too large for exact inference in {dtype}: {what} exceeds {precise:g}, "
+            f"where log-probabilities lose their precision; scale them down{wider}"
+        )
+    raise ValueError(
+        f"temperature {temperature:g} is too small for exact inference in {dtype}: {what}, divided by the "
+        f"temperature, exceeds {precise:g}, where log-probabilities lose their precision; use temperature "
+        f">= {untempered / precise:.3g}{wider}"
+    )
+
+
 def slot_values(slots: np.ndarray, beam: int, name: str) -> None:
     if slots.size and (slots.min() < 0 or slots.max() >= beam):
         raise ValueError(f"{name} must be beam slots in [0, {beam})")
@@ -271,8 +372,7 @@ def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[
     if arrays.max_rank is not None and E1.shape[1] > arrays.max_rank:
         raise ValueError(f"E1, E2: the GPU kernels take D <= {arrays.max_rank}, got D = {E1.shape[1]}")
     if checks is not None:
-        for name, table in (("E1", E1), ("E2", E2)):
-            checks.finite(table, lambda host, name=name: finite_values(host, name))
+        checks.tables(E1, E2, table_values)
     return E1, E2
 
 
@@ -285,10 +385,14 @@ def beam_crf(
     lengths_value: Any,
     tokens_checked: bool = False,
     lengths_checked: bool = False,
+    temperature_value: Any = 1.0,
+    exact: bool = False,
+    scores_name: str = "scores",
 ) -> BeamCRF:
     """The inputs of every operation on a given beam (docs/design.md §1); ``tokens_checked``: the tokens
     are top-K's own output, in range already; ``lengths_checked``: ``lengths_value`` is what
-    :func:`lengths` returned."""
+    :func:`lengths` returned. The magnitudes the kernels will meet at ``temperature_value`` are checked
+    (:func:`scale_values`; ``exact``: for exact inference; ``scores_name`` names the scores there)."""
     scores = arrays.float_array(scores, "scores", 3)
     B, T, K = scores.shape
     if T == 0:
@@ -305,6 +409,18 @@ def beam_crf(
         tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
     lengths_array = lengths_value if lengths_checked else lengths(arrays, lengths_value, B, T)
     checks.beam(scores, lengths_array, beam_score_values)
+    tau = temperature(temperature_value)  # after the arrays' value checks: their errors come first
+    checks.scale(
+        scores,
+        lengths_array,
+        E1,
+        E2,
+        tau,
+        exact,
+        lambda host_scores, host_lengths, host_E1, host_E2: scale_values(
+            host_scores, host_lengths, host_E1, host_E2, tau, exact, scores_name
+        ),
+    )
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     return BeamCRF(
         arrays.cast(scores, dtype, "scores"),

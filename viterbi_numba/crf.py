@@ -155,7 +155,8 @@ def crf_forward(
     scores, tokens, E1, E2, lengths
         As for :func:`~viterbi_numba.viterbi_decode`.
     temperature : float
-        tau > 0 of p(y) proportional to exp(S(y) / tau).
+        tau > 0 of p(y) proportional to exp(S(y) / tau); a ValueError names it where it is too small for
+        the dtype at these scores (the range: docs/design.md §6).
 
     Returns
     -------
@@ -163,7 +164,7 @@ def crf_forward(
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     with ops.call():
-        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
         return CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
 
 
@@ -225,7 +226,7 @@ def crf_sample(
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     with ops.call():
-        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
         num_samples = _validate.positive_int(num_samples, "num_samples")
         inv_temp = _validate.inv_temperature(temperature, crf.dtype)
         B, T, _ = crf.scores.shape
@@ -284,7 +285,7 @@ def log_partition_grad(
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     with ops.call():
-        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
         inv_temp = _validate.inv_temperature(temperature, crf.dtype)
         weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype)
         state: Any = ops.crf_forward(crf, inv_temp)
@@ -353,7 +354,17 @@ def _likelihood_forward(
     emissions, k, forced, lengths = _validate.likelihood(ops.arrays, emissions, targets, E1, E2, k, lengths)
     beam = ops.topk_beam(emissions, k, forced)
     crf = _validate.beam_crf(
-        ops.arrays, beam.scores, beam.tokens, E1, E2, lengths, tokens_checked=True, lengths_checked=True
+        ops.arrays,
+        beam.scores,
+        beam.tokens,
+        E1,
+        E2,
+        lengths,
+        tokens_checked=True,
+        lengths_checked=True,
+        temperature_value=temperature,
+        exact=True,
+        scores_name="emissions",
     )
     forward = CRFForward(ops, ops.crf_forward(crf, _validate.inv_temperature(temperature, crf.dtype)))
     slots = ops.target_slots(crf, forced)

@@ -126,7 +126,8 @@ def stochastic_viterbi(
     num_samples : int, optional
         None: one chain, with the write-up's shapes; N: N independent chains, N last.
     temperature : float
-        Softmax temperature of the predecessor draws (> 0).
+        Softmax temperature of the predecessor draws (> 0; a ValueError names it where the tempered
+        scores would overflow the dtype: docs/design.md §6).
     seed : int, optional
         Philox4x32-10 key, in [0, 2**64) (a fresh one when None and no ``uniforms``); the same seed
         gives the same samples for any thread count, on the CPU and the GPU.
@@ -139,7 +140,7 @@ def stochastic_viterbi(
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     with ops.call():
-        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature)
         B, T, K = crf.scores.shape
         single = num_samples is None
         N = 1 if single else _validate.positive_int(num_samples, "num_samples")

@@ -14,6 +14,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and os.environ.get("VITERBI_NUM
     pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or VITERBI_NUMBA_GPU_TESTS=1", allow_module_level=True)
 
 from conftest import make_problem
+from extremes import EXTREMES
 from numba import cuda
 from round_trips import ROUND_TRIPS
 from round_trips import problem as round_trip_problem
@@ -508,3 +509,9 @@ def test_blocking_read_backs_per_call(monkeypatch):
 def test_round_trip_on_the_gpu(name, padded):
     """The CPU's round trips (tests/round_trips.py) with device arrays: outputs stay on the device."""
     ROUND_TRIPS[name](round_trip_problem(padded), lambda array: cuda.to_device(np.ascontiguousarray(array)))
+
+
+@pytest.mark.parametrize("name", sorted(EXTREMES))
+def test_extreme_values_on_the_gpu(name):
+    """The CPU's extreme-value cases (tests/extremes.py) with device arrays: the same results or errors."""
+    EXTREMES[name](lambda array: cuda.to_device(np.ascontiguousarray(array)))

@@ -19,7 +19,19 @@ import numpy as np
 from numba import get_num_threads
 
 from .._devices import is_gpu_array
-from .._validate import Arrays, BeamCRF, Checks, Draws, SamplerGradInputs, float_dtype, int_dtype
+from .._validate import (
+    Arrays,
+    BeamCRF,
+    Checks,
+    Draws,
+    SamplerGradInputs,
+    beam_spread,
+    compute_dtype,
+    float_dtype,
+    int_dtype,
+    scale_fits,
+    squared_row_norm,
+)
 from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
 from . import crf as crf_kernels
 from . import decode as decode_kernels
@@ -47,7 +59,13 @@ def kernel_array(values: Any, dtype: Any) -> np.ndarray:
 
 
 class HostChecks:
-    """Value checks of host arrays: each rule runs at once (``_validate.Checks``)."""
+    """Value checks of host arrays (``_validate.Checks``): each rule runs at once, except the range
+    (``scale``), which the magnitudes gathered by ``tables`` and ``beam`` settle, as on the GPU; only a
+    failure runs its rule, which words the error."""
+
+    def __init__(self) -> None:
+        self.spread = 0.0
+        self.squared_norms = (0.0, 0.0)
 
     def finite(self, values: np.ndarray, rule: Callable[[np.ndarray], None]) -> None:
         rule(values)
@@ -64,8 +82,28 @@ class HostChecks:
         rule(values)
         return kernel_array(values, np.float64)  # the CPU kernels draw from float64 uniforms
 
+    def tables(self, E1: np.ndarray, E2: np.ndarray, rule: Callable[..., None]) -> None:
+        self.squared_norms = (squared_row_norm(E1), squared_row_norm(E2))
+        if not np.isfinite(self.squared_norms).all():  # NaN or inf in a table, or a norm beyond its dtype
+            rule(E1, E2)
+
     def beam(self, scores: np.ndarray, lengths: np.ndarray, rule: Callable[..., None]) -> None:
         rule(scores, lengths)
+        self.spread = beam_spread(scores, lengths)
+
+    def scale(
+        self,
+        scores: np.ndarray,
+        lengths: np.ndarray,
+        E1: np.ndarray,
+        E2: np.ndarray,
+        temperature: float,
+        exact: bool,
+        rule: Callable[..., None],
+    ) -> None:
+        dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
+        if not scale_fits(self.spread, self.squared_norms, scores.shape[1], temperature, exact, dtype):
+            rule(scores, lengths, E1, E2)  # raises, unless the compute dtype is wider than an input's
 
     def before_lengths(
         self, values: np.ndarray, lengths: np.ndarray, high: int, fill: int, rule: Callable[..., None]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import config
 
-from .._validate import read_gpu_flags
+from .._validate import EXACT_LIMIT, OVERFLOW_LIMIT, read_gpu_flags
 from .arrays import Library, grid
 from .kernels import kernels
 from .kernels.block import threads_for
@@ -33,6 +33,7 @@ class DeviceChecks:
         self.lib = lib
         self.flags: Any = None  # (SLOTS,) int32 on the device, made by the first check
         self.failures: list[Callable[[], None]] = []  # by slot: raises that slot's error from host copies
+        self.bounds: Any = None  # (3,) magnitudes gathered for the scale check (``_bounds``)
 
     def _host(self, *arrays: Any) -> list[np.ndarray]:
         return [self.lib.to_host(array) for array in arrays]
@@ -92,12 +93,55 @@ class DeviceChecks:
         self.settle()
         return out
 
+    def _bounds(self, dtype: np.dtype) -> Any:
+        """This call's (3,) magnitudes in ``dtype``, zeros at first: the beam's spread and the tables'
+        largest squared row norms, gathered by ``beam`` and ``tables`` for ``scale``."""
+        if self.bounds is None:
+            self.bounds = self.lib.zeros((3,), dtype)[1]
+        return self.bounds
+
+    def tables(self, E1: Any, E2: Any, rule: Callable[..., None]) -> None:
+        """Flags NaN/inf in E1 or E2 (V, D), and gathers their largest squared row norms (one launch)."""
+        flags, slot = self.slot(rule, E1, E2)
+        rows = 2 * E1.shape[0]
+        kernels(E1.dtype).check_tables[-(-rows // 256), 256, self.lib.stream](
+            E1, E2, self._bounds(E1.dtype), flags, slot
+        )
+        self.settle()
+
     def beam(self, scores: Any, lengths: Any, rule: Callable[..., None]) -> None:
-        """Flags NaN/+inf in scores (B, T, K) and a position before its length whose beam is all -inf."""
+        """Flags NaN/+inf in scores (B, T, K) and a position before its length whose beam is all -inf, and
+        gathers the largest spread of a position's finite scores."""
         flags, slot = self.slot(rule, scores, lengths)
         B, T, K = scores.shape
         if B * T:
-            kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](scores, lengths, flags, slot)
+            kernels(scores.dtype).check_beam[B * T, threads_for(K), self.lib.stream](
+                scores, lengths, self._bounds(scores.dtype), flags, slot
+            )
+        self.settle()
+
+    def scale(
+        self,
+        scores: Any,
+        lengths: Any,
+        E1: Any,
+        E2: Any,
+        temperature: float,
+        exact: bool,
+        rule: Callable[..., None],
+    ) -> None:
+        """Flags magnitudes beyond ``_validate.OVERFLOW_LIMIT`` (and ``EXACT_LIMIT`` when ``exact``), from
+        what ``tables`` and ``beam`` gathered in this call (one thread)."""
+        flags, slot = self.slot(rule, scores, lengths, E1, E2)
+        dtype = np.dtype(scores.dtype)
+        scalar = dtype.type
+        limit = scalar(OVERFLOW_LIMIT[dtype])
+        exact_limit = scalar(EXACT_LIMIT[dtype]) if exact else limit
+        with np.errstate(over="ignore"):  # 1 / tau beyond float32's range is inf, which the check flags
+            inv_temp = scalar(1.0 / temperature)
+        kernels(dtype).check_scale[1, 1, self.lib.stream](
+            self._bounds(dtype), scalar(scores.shape[1]), inv_temp, limit, exact_limit, flags, slot
+        )
         self.settle()
 
     def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Callable[..., None]) -> Any:
@@ -116,7 +160,7 @@ class DeviceChecks:
         """Read the flags back (once; not inside ``skip_gpu_checks()``) and raise the first flagged
         check's error. The checks are spent either way."""
         failures, flags = self.failures, self.flags
-        self.failures, self.flags = [], None
+        self.failures, self.flags, self.bounds = [], None, None
         if not failures or not read_gpu_flags():
             return
         host = self.lib.to_host(flags)

@@ -4,7 +4,9 @@ exact inference (one thread per element or row)."""
 
 from __future__ import annotations
 
-from numba import cuda, int32, int64
+import math
+
+from numba import cuda, int64
 
 from .block import Family
 
@@ -15,32 +17,76 @@ def build(blk) -> Family:
     NEG_INF = blk.NEG_INF
     POS_INF = blk.POS_INF
     ZERO = blk.ZERO
+    nbtype = blk.nbtype
     family = Family()
 
-    @family.kernel((t.f3, t.i1, t.int32[::1], t.int64))
-    def check_beam(scores, lengths, flags, slot):
+    @family.kernel((t.f3, t.i1, t.f1, t.int32[::1], t.int64))
+    def check_beam(scores, lengths, bounds, flags, slot):
         """One block per (b, t): flags[slot] = 1 on NaN/+inf in scores, or when t is before the
-        sequence's length and no slot of the beam is above -inf."""
+        sequence's length and no slot of the beam is above -inf; there bounds[0] takes the position's
+        spread, its best minus its worst finite score, if it is larger (``_validate.beam_spread``)."""
         row = cuda.blockIdx.x
         T = scores.shape[1]
         b = row // T
         t = row - b * T
-        live = cuda.shared.array(1, int32)
+        high = cuda.shared.array(1, nbtype)
+        low = cuda.shared.array(1, nbtype)
         if cuda.threadIdx.x == 0:
-            live[0] = 0
+            high[0] = NEG_INF
+            low[0] = POS_INF
         cuda.syncthreads()
-        alive = 0
+        mine_high = NEG_INF
+        mine_low = POS_INF
         for k in range(cuda.threadIdx.x, scores.shape[2], cuda.blockDim.x):
             x = scores[b, t, k]
             if not x < POS_INF:
                 cuda.atomic.max(flags, slot, 1)
-            if x > NEG_INF:
-                alive = 1
-        if alive == 1:
-            cuda.atomic.max(live, 0, 1)
+            elif x > NEG_INF:
+                mine_high = max(mine_high, x)
+                mine_low = min(mine_low, x)
+        if mine_high > NEG_INF:
+            cuda.atomic.max(high, 0, mine_high)
+            cuda.atomic.min(low, 0, mine_low)
         cuda.syncthreads()
-        if cuda.threadIdx.x == 0 and live[0] == 0 and t < lengths[b]:
-            cuda.atomic.max(flags, slot, 1)
+        if cuda.threadIdx.x == 0 and t < lengths[b]:
+            if high[0] > NEG_INF:
+                cuda.atomic.max(bounds, 0, high[0] - low[0])
+            else:
+                cuda.atomic.max(flags, slot, 1)
+
+    @family.kernel((t.f2, t.f2, t.f1, t.int32[::1], t.int64))
+    def check_tables(E1, E2, bounds, flags, slot):
+        """A thread per row of E1 then of E2: flags[slot] = 1 on NaN or inf; bounds[1] and bounds[2] take
+        the largest squared row norm of E1 and E2 (summed in this dtype, as ``_validate.row_norm``)."""
+        V, D = E1.shape
+        largest = cuda.shared.array(2, nbtype)
+        if cuda.threadIdx.x < 2:
+            largest[cuda.threadIdx.x] = ZERO
+        cuda.syncthreads()
+        row = cuda.grid(1)
+        if row < 2 * V:
+            which = 0 if row < V else 1
+            total = ZERO
+            for d in range(D):
+                x = E1[row, d] if which == 0 else E2[row - V, d]
+                if not (x < POS_INF and x > NEG_INF):
+                    cuda.atomic.max(flags, slot, 1)
+                total += x * x
+            cuda.atomic.max(largest, which, total)  # NaN is ignored: the flag reports it
+        cuda.syncthreads()
+        if cuda.threadIdx.x < 2:
+            cuda.atomic.max(bounds, 1 + cuda.threadIdx.x, largest[cuda.threadIdx.x])
+
+    @family.kernel((t.f1, t.f, t.f, t.f, t.f, t.int32[::1], t.int64), threads=1)
+    def check_scale(bounds, steps, inv_temp, limit, exact_limit, flags, slot):
+        """One thread: flags[slot] = 1 unless T (spread + |E1| |E2|) max(1, 1 / tau) <= limit and
+        T (spread + |E1| |E2|) / tau <= exact_limit (``_validate.scale_values``), with ``bounds`` =
+        (spread, largest squared row norms of E1 and of E2) from ``check_beam`` and ``check_tables``."""
+        if cuda.grid(1) == 0:
+            untempered = steps * (bounds[0] + math.sqrt(bounds[1]) * math.sqrt(bounds[2]))
+            tempered = untempered * inv_temp
+            if not (untempered <= limit and tempered <= limit and tempered <= exact_limit):
+                cuda.atomic.max(flags, slot, 1)
 
     @family.kernel((t.f1, t.int32[::1], t.int64))
     def check_finite(values, flags, slot):
