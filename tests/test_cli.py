@@ -156,3 +156,18 @@ def test_bench_repeats_match_the_readme():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"python benchmarks/run.py --repeats {BENCH_REPEATS}`" in readme
+
+
+def test_compile_compiles_what_is_not_cached_and_says_so(monkeypatch, capsys):
+    """``compile`` (and a first demo) hands the operations not cached yet to cpu.warmup.precompile, in as
+    many processes as asked (at most one per operation), and says what it is doing."""
+    from viterbi_numba.cpu import warmup
+
+    calls = []
+    monkeypatch.setattr(warmup, "cached", lambda name, dtype: name != "crf_sample" or np.dtype(dtype) == np.float32)
+    monkeypatch.setattr(warmup, "precompile", lambda *args, **kwargs: calls.append(args))
+    main(["compile", "--dtype", "float32", "float64", "--processes", "3"])
+    out = capsys.readouterr().out
+    assert calls == [(["crf_sample"], np.dtype(np.float64), 1)]
+    assert "Compiling the CPU kernels for float64 (crf_sample) in 1 process, once per machine" in out
+    assert out.strip().endswith("the kernels are cached")

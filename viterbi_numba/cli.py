@@ -2,6 +2,7 @@
 
 viterbi-numba demo                      # write-up-size problem from a fixed seed
 viterbi-numba demo --emissions e.npy --tables tables.npz --samples 4
+viterbi-numba compile [--dtype float32 float64]   # compile the CPU kernels now, in parallel
 viterbi-numba bench [--quick] [--gpu]   # needs a source checkout (benchmarks/) and the [bench] extra
 
 Bad options and files give one line naming the option, never a traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import pickle
 import runpy
 import sys
@@ -22,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import __version__, crf_sample, sequence_score, stochastic_viterbi, topk_beam, viterbi_decode
+from ._validate import compute_dtype
 
 BENCH_REPEATS = 8  # the README's benchmark table was measured with this many timed runs per case
 
@@ -70,6 +73,36 @@ def _load_problem(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.
     return emissions, E1, E2
 
 
+DEMO_OPERATIONS = ("topk_beam", "viterbi_decode", "stochastic_viterbi", "crf_sample", "sequence_score")
+
+
+def _compile(operations: Sequence[str], dtype: Any, processes: Optional[int] = None) -> None:
+    """Compile the kernels of ``operations`` for ``dtype`` that are not cached yet, in parallel
+    processes, saying so (``cpu.warmup.precompile``)."""
+    from .cpu.warmup import cached, precompile
+
+    todo = [name for name in operations if not cached(name, dtype)]
+    if not todo:
+        return
+    workers = min(len(todo), processes or os.cpu_count() or 1)
+    print(
+        f"Compiling the CPU kernels for {np.dtype(dtype)} ({', '.join(todo)}) in {workers} "
+        f"process{'es' if workers > 1 else ''}, once per machine: they are cached next to the package ...",
+        flush=True,
+    )
+    start = time.perf_counter()
+    precompile(todo, dtype, workers, progress=lambda line: print(f"  {line}", flush=True))
+    print(f"compiled in {time.perf_counter() - start:.0f} s\n", flush=True)
+
+
+def compile_kernels(args: argparse.Namespace) -> None:
+    from .cpu.warmup import KERNELS
+
+    for dtype in args.dtype:
+        _compile(list(KERNELS), np.dtype(dtype), args.processes)
+    print("the kernels are cached")
+
+
 def demo(args: argparse.Namespace) -> None:
     emissions, E1, E2 = _load_problem(args)
     B, T, V = emissions.shape
@@ -77,11 +110,7 @@ def demo(args: argparse.Namespace) -> None:
         f"emissions (B, T, V) = {emissions.shape} {emissions.dtype}; E1, E2 (V, D) = {E1.shape}; "
         f"beam K = {args.beam}; samples N = {args.samples}; temperature {args.temperature}"
     )
-    print(
-        "The first call of each kernel compiles it (about a minute in all on 2 cores, once per machine: it\n"
-        "is cached next to the package); later calls and processes load it.",
-        flush=True,
-    )
+    _compile(DEMO_OPERATIONS, compute_dtype(emissions.dtype, E1.dtype, E2.dtype))
     timings = {}
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
@@ -185,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random problem and of the samplers")
     p.add_argument("--show", type=_at_least(0), default=12, help="tokens shown per sequence (default 12)")
     p.set_defaults(func=demo)
+    p = commands.add_parser(
+        "compile",
+        help="compile the demo's CPU kernels now (top-K, Viterbi, both samplers, S(y)), in parallel processes",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["float32", "float64"],
+        default=["float32"],
+        help="compute dtypes (default float32)",
+    )
+    p.add_argument("--processes", type=_at_least(1), help="processes compiling at once (default: one per core)")
+    p.set_defaults(func=compile_kernels)
     p = commands.add_parser("bench", help="run benchmarks/run.py (source checkout, [bench] extra)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller scaling sweep")
     p.add_argument("--gpu", action="store_true", help="benchmarks/gpu.py: the CUDA kernels against PyTorch on a GPU")
