@@ -34,11 +34,11 @@ def _beam(dev, dtype=np.float64, table_scale=1.0):
     return [dev(a) for a in (scores, tokens, E1, E2)]
 
 
-def exact_log_probs(scores, tokens, E1, E2, b, temperature):
-    """{path: log p_tau(path)} of sequence b (length LENGTHS[b]) by enumeration, from score differences
-    to the best path, so that a tiny temperature loses no precision to S/tau - log Z."""
+def exact_log_probs(scores, tokens, E1, E2, b, length, temperature):
+    """{path: log p_tau(path)} of sequence b of ``length`` by enumeration, from score differences to the
+    best path, so that a tiny temperature loses no precision to S/tau - log Z (also benchmarks/extremes.py)."""
     trans = reference.transitions(tokens, E1, E2)
-    paths = list(itertools.product(range(K), repeat=int(LENGTHS[b])))
+    paths = list(itertools.product(range(scores.shape[2]), repeat=int(length)))
     path_scores = np.array([reference.path_score(scores.astype(np.float64), trans, b, y) for y in paths])
     logits = (path_scores - path_scores.max()) / temperature
     top = logits.max()
@@ -98,12 +98,21 @@ def _exact_accepted(dtype, temperature, atol):
         beam_idx, log_prob = host(draws.beam_idx), host(draws.log_prob)
         assert (log_prob <= atol).all(), log_prob
         for b in range(B):
-            want = exact_log_probs(scores, tokens, E1, E2, b, temperature)
+            want = exact_log_probs(scores, tokens, E1, E2, b, LENGTHS[b], temperature)
             for n in range(4):
                 path = tuple(int(y) for y in beam_idx[b, : LENGTHS[b], n])
                 assert abs(log_prob[b, n] - want[path]) <= atol, (b, n, log_prob[b, n], want[path])
 
     return case
+
+
+def tiny_temperature_refused_without_magnitudes(dev):
+    """A beam of one slot and zero tables (M = 0): 1/tau = inf in float32 is still refused, by name."""
+    scores = np.zeros((B, T, 1), np.float32)
+    beam = [dev(a) for a in (scores, np.zeros((B, T, 1), np.int64), np.zeros((V, D), np.float32))]
+    match = "temperature 1e-39 is too small for float32: 1 / temperature overflows it"
+    _raises(match, lambda: vn.crf_sample(*beam, beam[2], temperature=1e-39, seed=1))
+    _raises(match, lambda: vn.stochastic_viterbi(*beam, beam[2], temperature=1e-39, seed=1))
 
 
 def big_tables_in_float32_refused(dev):
@@ -165,8 +174,12 @@ def minus_infinity_slots_give_finite_step_scores(dev):
 
 EXTREMES = {
     "tau 1e-39 in float32 is refused": lambda dev: _raises(
-        "temperature 1e-39 is too small for these inputs in float32",
+        "temperature 1e-39 is too small for float32: 1 / temperature overflows it",
         lambda: vn.stochastic_viterbi(*_beam(dev, np.float32), temperature=1e-39, seed=1),
+    ),
+    "tau 1e-36 in float32 is refused": lambda dev: _raises(  # 1/tau is finite, M/tau is not
+        "temperature 1e-36 is too small for these inputs in float32: T \\(score spread",
+        lambda: vn.stochastic_viterbi(*_beam(dev, np.float32), temperature=1e-36, seed=1),
     ),
     "tau 1e-39 in float64 samples greedily": _greedy_sampler(np.float64, 1e-39),
     "tau 1e-30 in float32 samples greedily": _greedy_sampler(np.float32, 1e-30),
@@ -176,7 +189,8 @@ EXTREMES = {
     "tau 1e-30 exact in float64 is refused": _exact_refused(
         np.float64, 1e-30, "temperature 1e-30 is too small for exact inference in float64"
     ),
-    "tau 1e-4 exact in float32 is accurate": _exact_accepted(np.float32, 1e-4, 1e-2),
+    "tau 1e-39 in float32 is refused where M = 0": tiny_temperature_refused_without_magnitudes,
+    "tau 3e-4 exact in float32 is accurate": _exact_accepted(np.float32, 3e-4, 1e-2),
     "tau 1e-10 exact in float64 is accurate": _exact_accepted(np.float64, 1e-10, 1e-2),
     "tables of 1e20 in float32 are refused": big_tables_in_float32_refused,
     "tables of 1e20 in float64 decode": big_tables_in_float64_decode,

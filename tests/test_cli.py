@@ -165,9 +165,12 @@ def test_compile_compiles_what_is_not_cached_and_says_so(monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(warmup, "cached", lambda name, dtype: name != "crf_sample" or np.dtype(dtype) == np.float32)
-    monkeypatch.setattr(warmup, "precompile", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(warmup, "precompile", lambda *args, **kwargs: calls.append(args) or list(args[0]))
     main(["compile", "--dtype", "float32", "float64", "--processes", "3"])
     out = capsys.readouterr().out
     assert calls == [(["crf_sample"], np.dtype(np.float64), 1)]
     assert "Compiling the CPU kernels for float64 (crf_sample) in 1 process, once per machine" in out
     assert out.strip().endswith("the kernels are cached")
+    monkeypatch.setattr(warmup, "precompile", lambda *args, **kwargs: [])  # a helper failed: nothing cached
+    with pytest.raises(SystemExit, match="some kernels could not be cached"):
+        main(["compile", "--dtype", "float64"])

@@ -137,8 +137,10 @@ def temperature(value: Any) -> float:
 
 
 def inv_temperature(value: Any, dtype: np.dtype) -> Any:
-    """1 / temperature as a scalar of the compute dtype (what every kernel multiplies by)."""
-    return np.dtype(dtype).type(1.0 / temperature(value))
+    """1 / temperature as a scalar of the compute dtype (what every kernel multiplies by; inf where it
+    overflows the dtype, which the range check refuses: ``scale_values``)."""
+    with np.errstate(over="ignore"):
+        return np.dtype(dtype).type(1.0 / temperature(value))
 
 
 def seed(value: Any) -> Optional[int]:
@@ -218,7 +220,7 @@ def table_values(E1: np.ndarray, E2: np.ndarray) -> None:
 # M max(1, 1/tau), must stay this far below the dtype's largest number, so that sums of a few such terms
 # stay finite; for exact inference M / tau must stay below EXACT_LIMIT, where log-probabilities
 # S(y)/tau - log Z are still accurate to about 1e-3 nats (benchmarks/results/extremes.md).
-OVERFLOW_LIMIT = {np.dtype(np.float32): float(np.finfo(np.float32).max) / 64, np.dtype(np.float64): 2.0**1017}
+OVERFLOW_LIMIT = {np.dtype(t): float(np.finfo(t).max) / 64 for t in (np.float32, np.float64)}
 EXACT_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
 
 
@@ -240,15 +242,28 @@ def squared_row_norm(table: np.ndarray) -> float:
         return float(np.einsum("vd,vd->v", table, table).max(initial=0))
 
 
+def _magnitudes(
+    spread: float, squared_norms: tuple[float, float], steps: int, temperature: float, dtype: np.dtype
+) -> tuple[Any, Any, Any]:
+    """(1/tau, M, M/tau) in ``dtype``'s arithmetic, as ``gpu/kernels/elementwise.check_scale`` computes them
+    (inf where they overflow it; M/tau is NaN where M = 0 and 1/tau is inf)."""
+    scalar = np.dtype(dtype).type
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv_temp = scalar(1.0 / temperature)
+        transition = np.sqrt(scalar(squared_norms[0])) * np.sqrt(scalar(squared_norms[1]))
+        untempered = scalar(steps) * (scalar(spread) + transition)
+        return inv_temp, untempered, untempered * inv_temp
+
+
 def scale_fits(
     spread: float, squared_norms: tuple[float, float], steps: int, temperature: float, exact: bool, dtype: np.dtype
 ) -> bool:
-    """Whether M = T (spread + |E1| |E2|) is within the range for ``temperature`` (see OVERFLOW_LIMIT);
-    what ``gpu/kernels/elementwise.check_scale`` computes on the device."""
-    untempered = steps * (spread + np.sqrt(squared_norms[0]) * np.sqrt(squared_norms[1]))
-    tempered = untempered / temperature
-    limit = OVERFLOW_LIMIT[dtype]
-    return bool(untempered <= limit and tempered <= limit and (not exact or tempered <= EXACT_LIMIT[np.dtype(dtype)]))
+    """Whether M = T (spread + |E1| |E2|) is within the range at ``temperature`` (see OVERFLOW_LIMIT), by
+    the arithmetic of ``gpu/kernels/elementwise.check_scale``."""
+    _, untempered, tempered = _magnitudes(spread, squared_norms, steps, temperature, dtype)
+    limit = OVERFLOW_LIMIT[np.dtype(dtype)]
+    precise = EXACT_LIMIT[np.dtype(dtype)] if exact else limit
+    return bool(untempered <= limit and tempered <= limit and tempered <= precise)
 
 
 def scale_values(
@@ -262,45 +277,58 @@ def scale_values(
 ) -> None:
     """The kernels' magnitudes stay in the compute dtype's range, and for exact inference (``exact``)
     where log-probabilities keep their precision (``OVERFLOW_LIMIT``, ``EXACT_LIMIT``). A transition
-    score is at most ``|E1 row| |E2 row|`` (Cauchy-Schwarz)."""
+    score is at most ``|E1 row| |E2 row|`` (Cauchy-Schwarz). The rule is decided in the compute dtype,
+    as on the GPU; the message's numbers are worked out in float64."""
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     steps = scores.shape[1]
     spread = beam_spread(scores.astype(dtype, copy=False), lengths)
     squared_norms = (squared_row_norm(E1.astype(dtype, copy=False)), squared_row_norm(E2.astype(dtype, copy=False)))
     if scale_fits(spread, squared_norms, steps, temperature, exact, dtype):
         return
-    transition = float(np.sqrt(squared_norms[0]) * np.sqrt(squared_norms[1]))
+    limit, precise = OVERFLOW_LIMIT[dtype], EXACT_LIMIT[dtype]
+    inv_temp = _magnitudes(spread, squared_norms, steps, temperature, dtype)[0]
+    if not np.isfinite(inv_temp):
+        raise ValueError(
+            f"temperature {temperature:g} is too small for {dtype}: 1 / temperature overflows it "
+            f"(temperature must be at least {1 / float(np.finfo(dtype).max):.3g})"
+        )
+    spread = beam_spread(scores.astype(np.float64), lengths)
+    transition = float(np.sqrt(squared_row_norm(E1.astype(np.float64)) * squared_row_norm(E2.astype(np.float64))))
     untempered = steps * (spread + transition)
     tempered = untempered / temperature
     what = f"T (score spread + largest |E1 row| |E2 row|) = {untempered:.3g}"
-    limit = OVERFLOW_LIMIT[dtype]
+    wider = " or compute in float64" if dtype == np.float32 else ""
     if not steps * transition <= limit:
         raise ValueError(
             f"E1, E2: transition scores E1[a] . E2[b] can reach {transition:.3g} (the largest row norms "
             f"multiplied), too large for {dtype} over T = {steps} steps (at most {limit / steps:.3g}); "
-            "scale the tables down or compute in float64"
+            f"scale the tables down{wider}"
         )
     if not untempered <= limit:
         raise ValueError(
-            f"{scores_name}: the best and worst finite scores of a position are {spread:.3g} apart, too far "
-            f"for {dtype} over T = {steps} steps (at most {limit / steps - transition:.3g}); compute in float64"
+            f"{scores_name}: the best and worst finite scores of a position are {spread:.3g} apart, too far for "
+            f"{dtype} over T = {steps} steps (at most {limit / steps - transition:.3g}); mask slots with -inf, "
+            f"not a large finite number{wider}"
         )
     if not tempered <= limit:
         raise ValueError(
             f"temperature {temperature:g} is too small for these inputs in {dtype}: {what}, divided by "
             f"the temperature, exceeds {limit:.3g}; use temperature >= {untempered / limit:.3g}"
         )
-    precise = EXACT_LIMIT[dtype]
-    wider = " or compute in float64" if dtype == np.float32 else ""
-    if untempered > precise:
+    if exact and untempered > precise:
         raise ValueError(
             f"{scores_name}, E1, E2: too large for exact inference in {dtype}: {what} exceeds {precise:g}, "
             f"where log-probabilities lose their precision; scale them down{wider}"
         )
-    raise ValueError(
-        f"temperature {temperature:g} is too small for exact inference in {dtype}: {what}, divided by the "
-        f"temperature, exceeds {precise:g}, where log-probabilities lose their precision; use temperature "
-        f">= {untempered / precise:.3g}{wider}"
+    if exact and tempered > precise:
+        raise ValueError(
+            f"temperature {temperature:g} is too small for exact inference in {dtype}: {what}, divided by the "
+            f"temperature, exceeds {precise:g}, where log-probabilities lose their precision; use temperature "
+            f">= {untempered / precise:.3g}{wider}"
+        )
+    raise ValueError(  # within rounding of a bound in the compute dtype
+        f"temperature {temperature:g}: {what}, divided by the temperature, is at the edge of {dtype}'s range "
+        f"({precise if exact else limit:.3g}); use a larger temperature{wider}"
     )
 
 
@@ -402,8 +430,11 @@ def beam_crf(
     if arrays.max_beam is not None and K > arrays.max_beam:
         raise ValueError(f"scores: the GPU kernels take a beam of at most {arrays.max_beam} slots, got K = {K}")
     tokens = arrays.int_array(tokens, "tokens", (B, T, K))
+    E1, E2 = tables(arrays, E1, E2, None)
+    dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)  # the GPU refuses mixed dtypes here, before any screen
+    scores, E1, E2 = (arrays.cast(array, dtype, name) for array, name in ((scores, "scores"), (E1, "E1"), (E2, "E2")))
     checks = arrays.checks()
-    E1, E2 = tables(arrays, E1, E2, checks)
+    checks.tables(E1, E2, table_values)
     vocab = E1.shape[0]
     if not tokens_checked:
         tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
@@ -421,14 +452,7 @@ def beam_crf(
             host_scores, host_lengths, host_E1, host_E2, tau, exact, scores_name
         ),
     )
-    dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
-    return BeamCRF(
-        arrays.cast(scores, dtype, "scores"),
-        tokens,
-        arrays.cast(E1, dtype, "E1"),
-        arrays.cast(E2, dtype, "E2"),
-        lengths_array,
-    )
+    return BeamCRF(scores, tokens, E1, E2, lengths_array)
 
 
 def topk_inputs(

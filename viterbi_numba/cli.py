@@ -73,33 +73,31 @@ def _load_problem(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.
     return emissions, E1, E2
 
 
-DEMO_OPERATIONS = ("topk_beam", "viterbi_decode", "stochastic_viterbi", "crf_sample", "sequence_score")
-
-
-def _compile(operations: Sequence[str], dtype: Any, processes: Optional[int] = None) -> None:
-    """Compile the kernels of ``operations`` for ``dtype`` that are not cached yet, in parallel
-    processes, saying so (``cpu.warmup.precompile``)."""
+def _compile(operations: Sequence[str], dtype: Any, processes: Optional[int] = None) -> bool:
+    """Compile the kernels of ``operations`` for ``dtype`` that are not cached yet, in parallel processes,
+    saying so (``cpu.warmup.precompile``); whether all are cached now."""
     from .cpu.warmup import cached, precompile
 
     todo = [name for name in operations if not cached(name, dtype)]
     if not todo:
-        return
+        return True
     workers = min(len(todo), processes or os.cpu_count() or 1)
     print(
         f"Compiling the CPU kernels for {np.dtype(dtype)} ({', '.join(todo)}) in {workers} "
-        f"process{'es' if workers > 1 else ''}, once per machine: they are cached next to the package ...",
+        f"process{'es' if workers > 1 else ''}, once per machine: numba caches them on disk ...",
         flush=True,
     )
     start = time.perf_counter()
-    precompile(todo, dtype, workers, progress=lambda line: print(f"  {line}", flush=True))
+    done = precompile(todo, dtype, workers, progress=lambda line: print(f"  {line}", flush=True))
     print(f"compiled in {time.perf_counter() - start:.0f} s\n", flush=True)
+    return len(done) == len(todo)
 
 
 def compile_kernels(args: argparse.Namespace) -> None:
     from .cpu.warmup import KERNELS
 
-    for dtype in args.dtype:
-        _compile(list(KERNELS), np.dtype(dtype), args.processes)
+    if not all([_compile(list(KERNELS), np.dtype(dtype), args.processes) for dtype in args.dtype]):
+        raise SystemExit("viterbi-numba compile: some kernels could not be cached (see above)")
     print("the kernels are cached")
 
 
@@ -110,7 +108,9 @@ def demo(args: argparse.Namespace) -> None:
         f"emissions (B, T, V) = {emissions.shape} {emissions.dtype}; E1, E2 (V, D) = {E1.shape}; "
         f"beam K = {args.beam}; samples N = {args.samples}; temperature {args.temperature}"
     )
-    _compile(DEMO_OPERATIONS, compute_dtype(emissions.dtype, E1.dtype, E2.dtype))
+    from .cpu.warmup import KERNELS  # the demo's operations
+
+    _compile(list(KERNELS), compute_dtype(emissions.dtype, E1.dtype, E2.dtype))
     timings = {}
 
     def run(name: str, fn: Callable[[], Any]) -> Any:

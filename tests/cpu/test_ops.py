@@ -10,6 +10,25 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def _scipy_wheel_openblas() -> bool:
+    """SciPy's own OpenBLAS (its pip wheel's, in scipy.libs) with a process-wide pool: what the scenarios
+    below assume (a count from OPENBLAS_NUM_THREADS, set through OpenBLAS's API)."""
+    import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import threadpool_info
+
+    return any(
+        lib["internal_api"] == "openblas"
+        and lib.get("threading_layer") == "pthreads"
+        and "scipy.libs" in lib["filepath"]
+        for lib in threadpool_info()
+    )
+
+
+needs_scipy_openblas = pytest.mark.skipif(
+    not _scipy_wheel_openblas(), reason="needs SciPy's wheel OpenBLAS (pthreads); this SciPy links another BLAS"
+)
+
 # Each scenario runs in a process of its own, whose BLAS thread counts no earlier test has touched.
 # argv: the tests folder, then "overlap" (two calls that overlap, the first to start finishing first),
 # "controlled" (the same after the main thread has set a limit through threadpoolctl and kept it) or
@@ -88,6 +107,7 @@ def blas_threads_in(mode):
     return found
 
 
+@needs_scipy_openblas
 @pytest.mark.parametrize("mode", ["overlap", "controlled"])
 def test_overlapping_calls_share_one_limit_on_scipys_blas_and_restore_it(mode):
     """Two kernel calls from worker threads overlap, the first to start finishing while the other still
@@ -105,6 +125,7 @@ def test_overlapping_calls_share_one_limit_on_scipys_blas_and_restore_it(mode):
     assert found["after"] == found["before"]
 
 
+@needs_scipy_openblas
 def test_many_threads_calling_the_kernels_at_once_leave_the_blas_counts_as_they_were():
     """8 threads, 20 real viterbi_decode calls each, started together: afterwards every BLAS library has
     its thread count from before."""

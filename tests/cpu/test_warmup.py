@@ -73,3 +73,15 @@ def test_split_balances_compile_time():
 def test_unknown_operations_are_named():
     with pytest.raises(ValueError, match=r"operations must be among .* got \['log_z'\]"):
         warmup.precompile(["log_z"], np.float32)
+
+
+def test_a_failed_helper_is_reported_and_its_operations_are_not_claimed(monkeypatch):
+    """A helper process that dies (here: not Python at all) is reported through ``progress`` with its exit
+    code, and precompile returns only what is cached afterwards."""
+    monkeypatch.setattr(warmup, "cached", lambda name, dtype: False)
+    monkeypatch.setattr(warmup, "_run", lambda name, dtype: None)  # this process's share: nothing to do
+    monkeypatch.setattr(warmup.sys, "executable", "false")
+    lines = []
+    assert warmup.precompile(["topk_beam", "stochastic_viterbi"], np.float32, processes=2, progress=lines.append) == []
+    assert any(line.startswith("a helper process failed (exit 1") for line in lines), lines
+    assert sum(line.endswith("[1/2]") for line in lines) == 1  # this process's operation was reported

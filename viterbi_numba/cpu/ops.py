@@ -196,11 +196,16 @@ def _scipy_blas_limit() -> Optional[BlasLimit]:
     import scipy.linalg.cython_blas as cython_blas  # loaded before threadpoolctl looks
     from threadpoolctl import ThreadpoolController
 
-    kernels_blas = ctypes.CDLL(cython_blas.__file__)  # looks symbols up in the libraries it links too
-    for info in ThreadpoolController().info():
+    kernels_blas = ctypes.CDLL(cython_blas.__file__)  # looks symbols up in the libraries it links too (ELF, Mach-O)
+    infos = ThreadpoolController().info()
+    for info in infos:
         library = ctypes.CDLL(info["filepath"])  # loaded already: the same library
         addresses = {name: _address(library, name) for name in _THREAD_COUNT_GETTERS}
         getters = [name for name, address in addresses.items() if address and address == _address(kernels_blas, name)]
+        if not getters and not any(_address(kernels_blas, name) for name in _THREAD_COUNT_GETTERS):
+            # where a module's lookups do not reach its dependencies (Windows DLLs): SciPy's wheel's own
+            getters = [name for name, address in addresses.items() if address and "scipy" in info["filepath"].lower()]
+            getters = getters if len(infos) == 1 or "numpy" not in info["filepath"].lower() else []
         if not getters:
             continue  # not the library the kernels call (NumPy's, say)
         if info["internal_api"] != "openblas":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -71,7 +72,8 @@ def _run(operation: str, dtype: np.dtype) -> None:
 
 def cached(operation: str, dtype: Any) -> bool:
     """Whether every kernel of ``operation`` is in the cache for ``dtype`` (that of its first argument, the
-    scores or emissions) and this machine's CPU."""
+    scores or emissions) and this machine's CPU. Other argument kinds (top-K with forced tokens, say) are
+    separate specialisations that this does not tell apart: at worst such a call compiles when made."""
     nb_dtype = from_dtype(np.dtype(dtype))
     for kernel in KERNELS[operation]:
         try:  # numba's internals: index keys are (signature, this machine, hashes of this source)
@@ -109,8 +111,8 @@ def precompile(
     cached yet, in ``processes`` processes at once (this one and ``processes - 1`` others; default: one
     per core); later calls and processes load them from the cache. ``progress`` is told of each kernel compiled.
 
-    Returns the operations that were compiled. A helper process that fails is not an error: this one
-    then compiles what it left when the operation is first called.
+    Returns the operations now cached. A helper process that fails is reported to ``progress``, not
+    raised: what it left compiles when the operation is first called.
     """
     dtype = np.dtype(dtype)
     names = list(KERNELS) if operations is None else list(operations)
@@ -130,32 +132,47 @@ def precompile(
             say(f"{operation} compiled in {seconds:.0f} s [{len(done)}/{len(todo)}]")
 
     groups = _split(todo, max(1, processes or os.cpu_count() or 1))
-    helpers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "viterbi_numba.cpu.warmup", dtype.name, *group],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for group in groups[1:]
-    ]
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    helpers: list[tuple[subprocess.Popen, Any]] = []
+    listeners = []
 
     def listen(helper: subprocess.Popen) -> None:
         for line in helper.stdout or ():
-            operation, seconds = line.split()
-            report(operation, float(seconds))
+            fields = line.split()
+            if len(fields) == 2 and fields[0] in KERNELS:  # "operation seconds"; anything else is not ours
+                report(fields[0], float(fields[1]))
 
-    listeners = [threading.Thread(target=listen, args=(helper,), daemon=True) for helper in helpers]
-    for listener in listeners:
-        listener.start()
-    for operation in groups[0]:
-        start = time.perf_counter()
-        _run(operation, dtype)
-        report(operation, time.perf_counter() - start)
-    for helper, listener in zip(helpers, listeners):
-        helper.wait()
-        listener.join()
-    return todo
+    try:
+        for group in groups[1:]:
+            errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a helper never blocks on it
+            helper = subprocess.Popen(
+                [sys.executable, "-m", "viterbi_numba.cpu.warmup", dtype.name, *group],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=env,
+            )
+            helpers.append((helper, errors))
+            listeners.append(threading.Thread(target=listen, args=(helper,), daemon=True))
+            listeners[-1].start()
+        for operation in groups[0]:
+            start = time.perf_counter()
+            _run(operation, dtype)
+            report(operation, time.perf_counter() - start)
+        for (helper, errors), listener in zip(helpers, listeners):
+            if helper.wait() != 0:
+                errors.seek(0)
+                last = (errors.read().strip().splitlines() or ["no message"])[-1]
+                say(f"a helper process failed (exit {helper.returncode}: {last}); its kernels compile when first used")
+            listener.join()
+    finally:
+        for helper, errors in helpers:
+            if helper.poll() is None:  # this process failed or was interrupted: stop its helpers too
+                helper.terminate()
+                helper.wait()
+            errors.close()
+    return [name for name in todo if cached(name, dtype)]
 
 
 def main(argv: list[str]) -> None:

@@ -57,7 +57,7 @@ def build(blk) -> Family:
     @family.kernel((t.f2, t.f2, t.f1, t.int32[::1], t.int64))
     def check_tables(E1, E2, bounds, flags, slot):
         """A thread per row of E1 then of E2: flags[slot] = 1 on NaN or inf; bounds[1] and bounds[2] take
-        the largest squared row norm of E1 and E2 (summed in this dtype, as ``_validate.row_norm``)."""
+        the largest squared row norm of E1 and E2 (summed in this dtype, as ``_validate.squared_row_norm``)."""
         V, D = E1.shape
         largest = cuda.shared.array(2, nbtype)
         if cuda.threadIdx.x < 2:
@@ -80,7 +80,7 @@ def build(blk) -> Family:
     @family.kernel((t.f1, t.f, t.f, t.f, t.f, t.int32[::1], t.int64), threads=1)
     def check_scale(bounds, steps, inv_temp, limit, exact_limit, flags, slot):
         """One thread: flags[slot] = 1 unless T (spread + |E1| |E2|) max(1, 1 / tau) <= limit and
-        T (spread + |E1| |E2|) / tau <= exact_limit (``_validate.scale_values``), with ``bounds`` =
+        T (spread + |E1| |E2|) / tau <= exact_limit (``_validate.scale_fits``), with ``bounds`` =
         (spread, largest squared row norms of E1 and of E2) from ``check_beam`` and ``check_tables``."""
         if cuda.grid(1) == 0:
             untempered = steps * (bounds[0] + math.sqrt(bounds[1]) * math.sqrt(bounds[2]))
