@@ -109,10 +109,12 @@ def precompile(
 ) -> list[str]:
     """Compile the CPU kernels of ``operations`` (default: all of ``KERNELS``) for ``dtype`` that are not
     cached yet, in ``processes`` processes at once (this one and ``processes - 1`` others; default: one
-    per core); later calls and processes load them from the cache. ``progress`` is told of each kernel compiled.
+    per core); later calls and processes load them from the cache. ``progress`` is told of each
+    operation compiled.
 
-    Returns the operations now cached. A helper process that fails is reported to ``progress``, not
-    raised: what it left compiles when the operation is first called.
+    Returns the operations it had to compile that are cached now (none when all were cached already). A
+    helper process that fails is reported to ``progress``, not raised: what it left compiles when the
+    operation is first called.
     """
     dtype = np.dtype(dtype)
     names = list(KERNELS) if operations is None else list(operations)

@@ -60,38 +60,28 @@ class DeviceChecks:
             kernels(values.dtype).check_finite[grid(values.size), 256, self.lib.stream](flat, flags, slot)
         self.settle()
 
-    def finite_cast(self, values: Any, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> Any:
-        """``values`` in ``dtype`` (a copy), after screening them for NaN and inf."""
+    def _screened_copy(self, kernel: Any, values: Any, dtype: Any, rule: Callable[..., None], *options: Any) -> Any:
+        """A copy of ``values`` in ``dtype``, written by ``kernel(flat values, *options, flat copy, flags,
+        slot)``, which flags (and replaces) the values that break ``rule``."""
         flags, slot = self.slot(rule, values)
         out = self.lib.empty(values.shape, dtype)[1]
         if values.size:
-            kernels(dtype).finite_copy[grid(values.size), 256, self.lib.stream](
-                values.reshape(values.size), out.reshape(values.size), flags, slot
-            )
+            flat = (values.reshape(values.size), *options, out.reshape(values.size), flags, slot)
+            kernel[grid(values.size), 256, self.lib.stream](*flat)
         self.settle()
         return out
+
+    def finite_cast(self, values: Any, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> Any:
+        """``values`` in ``dtype`` (a copy), after screening them for NaN and inf."""
+        return self._screened_copy(kernels(dtype).finite_copy, values, dtype, rule)
 
     def in_range(self, values: Any, low: int, high: int, rule: Callable[[np.ndarray], None]) -> Any:
         """int64 ``values`` clamped to [low, high - 1] (a copy); flags values outside [low, high)."""
-        flags, slot = self.slot(rule, values)
-        out = self.lib.empty(values.shape, np.int64)[1]
-        if values.size:
-            kernels(np.float64).clamp_range[grid(values.size), 256, self.lib.stream](
-                values.reshape(values.size), low, high, out.reshape(values.size), flags, slot
-            )
-        self.settle()
-        return out
+        return self._screened_copy(kernels(np.float64).clamp_range, values, np.int64, rule, low, high)
 
     def unit_interval(self, values: Any, dtype: np.dtype, rule: Callable[[np.ndarray], None]) -> Any:
         """``values`` in ``dtype`` (a copy), with values outside [0, 1) (NaN too) flagged and read as 0."""
-        flags, slot = self.slot(rule, values)
-        out = self.lib.empty(values.shape, dtype)[1]
-        if values.size:
-            kernels(dtype).unit_copy[grid(values.size), 256, self.lib.stream](
-                values.reshape(values.size), out.reshape(values.size), flags, slot
-            )
-        self.settle()
-        return out
+        return self._screened_copy(kernels(dtype).unit_copy, values, dtype, rule)
 
     def _bounds(self, dtype: np.dtype) -> Any:
         """This call's (3,) magnitudes in ``dtype``, zeros at first: the beam's spread and the tables'

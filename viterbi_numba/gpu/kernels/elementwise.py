@@ -20,6 +20,14 @@ def build(blk) -> Family:
     nbtype = blk.nbtype
     family = Family()
 
+    @cuda.jit(device=True)
+    def split_index(e, T, N):
+        """(b, t, n) of the flat index ``e`` into a C-ordered (B, T, N) array."""
+        b = e // (T * N)
+        rest = e - b * T * N
+        t = rest // N
+        return b, t, rest - t * N
+
     @family.kernel((t.f3, t.i1, t.f1, t.int32[::1], t.int64))
     def check_beam(scores, lengths, bounds, flags, slot):
         """One block per (b, t): flags[slot] = 1 on NaN/+inf in scores, or when t is before the
@@ -133,10 +141,7 @@ def build(blk) -> Family:
         was outside); at and after it the value where it lies in [0, high), else ``fill``."""
         B, T, N = values.shape
         for e in range(cuda.grid(1), B * T * N, cuda.gridsize(1)):
-            b = e // (T * N)
-            rest = e - b * T * N
-            t = rest // N
-            n = rest - t * N
+            b, t, n = split_index(e, T, N)
             v = int64(values[b, t, n])
             if v < 0 or v >= high:
                 if t < lengths[b]:
@@ -168,10 +173,7 @@ def build(blk) -> Family:
         """out[b, t, k] = values[b, t, k] * scale[b]."""
         B, T, K = values.shape
         for e in range(cuda.grid(1), B * T * K, cuda.gridsize(1)):
-            b = e // (T * K)
-            rest = e - b * T * K
-            t = rest // K
-            k = rest - t * K
+            b, t, k = split_index(e, T, K)
             out[b, t, k] = values[b, t, k] * scale[b]
 
     @family.kernel((t.i3, t.i2, t.i3))
