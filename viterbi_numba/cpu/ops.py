@@ -26,7 +26,6 @@ from .._validate import (
     Draws,
     SamplerGradInputs,
     beam_spread,
-    compute_dtype,
     float_dtype,
     int_dtype,
     scale_fits,
@@ -101,9 +100,9 @@ class HostChecks:
         exact: bool,
         rule: Callable[..., None],
     ) -> None:
-        dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
-        if not scale_fits(self.spread, self.squared_norms, scores.shape[1], temperature, exact, dtype):
-            rule(scores, lengths, E1, E2)  # raises, unless the compute dtype is wider than an input's
+        # beam_crf has cast scores, E1 and E2 to the compute dtype before the checks
+        if not scale_fits(self.spread, self.squared_norms, scores.shape[1], temperature, exact, scores.dtype):
+            rule(scores, lengths, E1, E2)  # words the error
 
     def before_lengths(
         self, values: np.ndarray, lengths: np.ndarray, high: int, fill: int, rule: Callable[..., None]
