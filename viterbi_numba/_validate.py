@@ -416,11 +416,14 @@ def beam_crf(
     temperature_value: Any = 1.0,
     exact: bool = False,
     scores_name: str = "scores",
+    values_checked: bool = False,
 ) -> BeamCRF:
     """The inputs of every operation on a given beam (docs/design.md §1); ``tokens_checked``: the tokens
     are top-K's own output, in range already; ``lengths_checked``: ``lengths_value`` is what
     :func:`lengths` returned. The magnitudes the kernels will meet at ``temperature_value`` are checked
-    (:func:`scale_values`; ``exact``: for exact inference; ``scores_name`` names the scores there)."""
+    (:func:`scale_values`; ``exact``: for exact inference; ``scores_name`` names the scores there), unless
+    ``values_checked``: a forward pass of these inputs checked them (shapes, token ids and lengths, which
+    bound the kernels' reads, are checked all the same)."""
     scores = arrays.float_array(scores, "scores", 3)
     B, T, K = scores.shape
     if T == 0:
@@ -434,11 +437,15 @@ def beam_crf(
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)  # the GPU refuses mixed dtypes here, before any screen
     scores, E1, E2 = (arrays.cast(array, dtype, name) for array, name in ((scores, "scores"), (E1, "E1"), (E2, "E2")))
     checks = arrays.checks()
-    checks.tables(E1, E2, table_values)
+    if not values_checked:
+        checks.tables(E1, E2, table_values)
     vocab = E1.shape[0]
     if not tokens_checked:
         tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
     lengths_array = lengths_value if lengths_checked else lengths(arrays, lengths_value, B, T)
+    if values_checked:
+        temperature(temperature_value)
+        return BeamCRF(scores, tokens, E1, E2, lengths_array)
     checks.beam(scores, lengths_array, beam_score_values)
     tau = temperature(temperature_value)  # after the arrays' value checks: their errors come first
     checks.scale(
@@ -517,6 +524,22 @@ def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
     values = values.reshape(B, T, 1) if single else values
     rule = lambda host, lengths: path_values(host, lengths, K)  # noqa: E731
     return arrays.checks().before_lengths(values, crf.lengths, K, 0, rule), single
+
+
+def saved_forward(arrays: Arrays, crf: BeamCRF, saved: Any) -> tuple[Any, Any, Any, Any]:
+    """A forward pass's saved arrays (log Z (B,), alpha, column maxima and sums (B, T, K), as
+    ``CRFForward.saved`` gives them) in the compute dtype, shapes checked."""
+    if not isinstance(saved, (tuple, list)) or len(saved) != 4:
+        raise TypeError("saved must be the 4 arrays of CRFForward.saved: (log_z, alpha, col_max, col_sum)")
+    names = ("saved log_z", "saved alpha", "saved col_max", "saved col_sum")
+    B, T, K = crf.scores.shape
+    out = []
+    for value, name, shape in zip(saved, names, ((B,), (B, T, K), (B, T, K), (B, T, K))):
+        array = arrays.cast(arrays.float_array(value, name, len(shape)), crf.dtype, name)
+        if tuple(array.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(array.shape)}")
+        out.append(array)
+    return out[0], out[1], out[2], out[3]
 
 
 class SamplerGradInputs(NamedTuple):

@@ -54,6 +54,41 @@ class CRFForward:
         return self._state.log_z
 
     @property
+    def saved(self) -> tuple[Any, Any, Any, Any]:
+        """What :meth:`from_saved` rebuilds this forward pass from: log Z (B,) and the normalised log alpha
+        and each step's column maxima and sums (B, T, K), in the compute dtype, on the inputs' device (the
+        autograd wrappers keep them between a forward and a backward pass)."""
+        return self._state.saved
+
+    @classmethod
+    def from_saved(
+        cls,
+        scores: ArrayLike,
+        tokens: ArrayLike,
+        E1: ArrayLike,
+        E2: ArrayLike,
+        saved: tuple[Any, Any, Any, Any],
+        temperature: float = 1.0,
+        lengths: Optional[ArrayLike] = None,
+    ) -> CRFForward:
+        """The forward pass that :attr:`saved` came from, for sampling or the backward pass, without
+        running it again.
+
+        The inputs are those of the :func:`crf_forward` call that made ``saved``; their shapes, token ids
+        and lengths are checked again (they bound the kernels' reads), their values are not (that call
+        checked them). A sample of a rebuilt pass reads log Z in the compute dtype (the first pass keeps
+        it in float64 on the CPU), so in float32 its log-probabilities may differ in the last bits.
+        """
+        ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
+        with ops.call():
+            crf = _validate.beam_crf(
+                ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, values_checked=True
+            )
+            views = _validate.saved_forward(ops.arrays, crf, saved)
+            inv_temp = _validate.inv_temperature(temperature, crf.dtype)
+            return cls(ops, ops.restore_forward(crf, inv_temp, views, tuple(saved)))
+
+    @property
     def batch_shape(self) -> tuple[int, int, int]:
         """(B, T, K) of the beam."""
         B, T, K = self._state.crf.scores.shape
@@ -118,6 +153,8 @@ class LikelihoodForward:
         ``log p_tau(targets)`` over each position's beam with the target forced in.
     beam_scores, beam_tokens : (B, T, K)
         That beam.
+    target_slots : (B, T, 1) int64
+        The beam slot of each target (what :meth:`CRFForward.paths_grad` takes as its path).
     forward : CRFForward
         The forward pass over it.
     """
@@ -125,7 +162,7 @@ class LikelihoodForward:
     def __init__(self, forward: CRFForward, beam: Beam, slots: Any, log_likelihood: Any):
         self.forward = forward
         self.beam_scores, self.beam_tokens = beam
-        self._slots = slots  # (B, T, 1) the targets' beam slots
+        self.target_slots = slots
         self.log_likelihood = log_likelihood
 
     def grad(self, grad_output: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
@@ -137,7 +174,7 @@ class LikelihoodForward:
     def _paths_grad(self, weights: Any) -> tuple[Any, Any, Any]:
         """The gradients for validated weights (B,) in the compute dtype."""
         B = self.beam_scores.shape[0]
-        return self.forward._ops.paths_grad(self.forward._state, self._slots, weights.reshape(B, 1))
+        return self.forward._ops.paths_grad(self.forward._state, self.target_slots, weights.reshape(B, 1))
 
 
 def crf_forward(

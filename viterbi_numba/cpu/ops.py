@@ -307,6 +307,10 @@ class ForwardState(NamedTuple):
     def log_z(self) -> np.ndarray:
         return self.log_z64.astype(self.crf.dtype)
 
+    @property
+    def saved(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.log_z, self.alpha, self.col_max, self.col_sum
+
 
 # --------------------------------------------------------------------------------------------------
 # the operations
@@ -422,13 +426,19 @@ class CPUOps:
     def crf_forward(self, crf: BeamCRF, inv_temp: Any) -> ForwardState:
         B, T, K = crf.scores.shape
         log_z = np.empty(B, dtype=np.float64)
-        alpha, col_max, col_sum = np.empty((3, B, T, K), dtype=crf.dtype)
+        alpha, col_max, col_sum = np.zeros((3, B, T, K), dtype=crf.dtype)  # padded positions: 0, not stale memory
         if B:
             with kernel_scope(crf.scores.shape[2], crf.dtype):
                 crf_kernels.forward_kernel(
                     crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, inv_temp, log_z, alpha, col_max, col_sum
                 )
         return ForwardState(crf, inv_temp, log_z, alpha, col_max, col_sum)
+
+    def restore_forward(self, crf: BeamCRF, inv_temp: Any, views: tuple, natives: tuple) -> ForwardState:
+        """The ForwardState of saved arrays: ``views`` as ``_validate.saved_forward`` made them (the
+        ``natives`` they came from are the GPU's concern)."""
+        log_z, alpha, col_max, col_sum = views
+        return ForwardState(crf, inv_temp, log_z.astype(np.float64), alpha, col_max, col_sum)
 
     def crf_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> CRFSample:
         crf = state.crf

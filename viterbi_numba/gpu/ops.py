@@ -114,6 +114,11 @@ class ForwardState(NamedTuple):
     alpha: Any  # (B, T, K) views
     col_max: Any
     col_sum: Any
+    natives: tuple[Any, Any, Any]  # alpha, col_max, col_sum as the caller's library's arrays
+
+    @property
+    def saved(self) -> tuple[Any, Any, Any, Any]:
+        return (self.log_z, *self.natives)
 
 
 class GPUOps:
@@ -336,7 +341,9 @@ class GPUOps:
         dtype = crf.dtype
         compiled = kernels(dtype)
         log_z = lib.empty((B,), dtype)
-        alpha, col_max, col_sum, raw = (lib.empty((B, T, K), dtype)[1] for _ in range(4))
+        saved = [lib.zeros((B, T, K), dtype) for _ in range(3)]  # padded positions: 0, not stale memory
+        alpha, col_max, col_sum = (view for _, view in saved)
+        raw = lib.empty((B, T, K), dtype)[1]
         shift, norm = lib.empty((B, T), dtype)[1], lib.empty((B, 2), dtype)[1]
         if B:
             threads = threads_for(K)
@@ -362,7 +369,14 @@ class GPUOps:
             compiled.forward_finish[B, threads, lib.stream, dynamic_shared("forward_finish", K, dtype)](
                 crf.lengths, inv_temp, shift, raw, alpha, norm, log_z[1]
             )
-        return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum)
+        natives = (saved[0][0], saved[1][0], saved[2][0])
+        return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum, natives)
+
+    def restore_forward(self, crf: BeamCRF, inv_temp: Any, views: tuple, natives: tuple) -> ForwardState:
+        """The ForwardState of saved arrays: ``views`` as ``_validate.saved_forward`` made them, ``natives``
+        the caller's arrays they view (log_z, alpha, col_max, col_sum)."""
+        log_z, alpha, col_max, col_sum = views
+        return ForwardState(crf, inv_temp, natives[0], log_z, alpha, col_max, col_sum, tuple(natives[1:]))
 
     def crf_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> CRFSample:
         lib = self.lib

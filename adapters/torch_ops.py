@@ -1,0 +1,620 @@
+"""The kernels as PyTorch operators: ``torch.ops.viterbi_numba.*``, made with ``torch.library.custom_op``.
+
+Each operator takes and returns tensors only, has a fake (meta) implementation that gives the shapes
+and dtypes of its results without reading data, one implementation for CPU and CUDA tensors (CPU tensors
+cross as NumPy views of their memory; CUDA tensors go to the GPU kernels, which allocate the results with
+torch and run on torch's current stream), and, where it is differentiable, a backward formula made of
+the backward operators below. So ``torch.compile(fullgraph=True)``, ``torch.export``, ``opcheck`` and
+AOT autograd see them as ordinary operators, and the modules of :mod:`viterbi_numba.adapters.torch` are
+made of them.
+
+Conventions (as the array API's, docs/design.md §2): float inputs are computed in one compute dtype,
+float64 if any float input is float64, else float32 (float16 and bfloat16 in float32, so under
+``torch.autocast`` the operators compute in float32), and every float result is in the compute dtype;
+ids are int64; ``lengths`` (B,) int64 or None (all T). Gradients come back in each input's own dtype.
+
+The samplers are pure functions of their inputs: their randomness is the ``seed``, a 0-dim int64 tensor
+(:func:`draw_seed` draws one from torch's default generator), so an operator called twice with the same
+seed returns the same samples, compiled or not.
+
+=============================  ==========================================================================
+operator                       results
+=============================  ==========================================================================
+``draw_seed()``                a 0-dim int64 seed in [0, 2**63 - 1) from torch's default generator
+``lengths_from_masks(m)``      (B,) lengths of (B, T) prefix masks, checked
+``topk_beam``                  beam scores, tokens (B, T, K); differentiable (scores)
+``viterbi_decode``             beam_idx, tokens (B, T), score (B,), step_scores (B, T)
+``stochastic_viterbi``         beam_probs (B, T, K, N), beam_idx, tokens (B, T, N), path_scores (B, T, K, N),
+                               backpointers (B, T-1, K, N), score (B, N); differentiable (beam_probs)
+``crf_sample``                 log_prob (B, N), beam_idx, tokens (B, T, N), then the forward pass's saved
+                               state (log_z (B,), alpha, col_max, col_sum (B, T, K)); differentiable (log_prob)
+``log_partition``              log_z (B,), then the saved state; differentiable (log_z)
+``marginals``                  (B, T, K)
+``log_likelihood``             log_likelihood (B,), beam_scores, beam_tokens (B, T, K), target slots
+                               (B, T, 1), then the saved state; differentiable (log_likelihood)
+``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward``: the backward formulas'
+                               operators, (grad_scores (B, T, K), grad_E1, grad_E2 (V, D))
+=============================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import viterbi_numba as vn
+
+__all__ = ["as_numpy", "compute_dtype"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SEED_BOUND = 2**63 - 1
+_DEVICES = ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# conversion
+# --------------------------------------------------------------------------------------------------
+def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy, no autograd); float16/bfloat16 become float32."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise TypeError(f"{name} is on {tensor.device}; as_numpy takes CPU tensors")
+    tensor = tensor.detach()
+    if tensor.dtype in _LOW_PRECISION:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any of the float tensors is float64, else float32."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def _array(tensor: Optional[Tensor], name: str, dtype: Optional[torch.dtype] = None) -> Any:
+    """What the array API takes for ``tensor``: a NumPy view of a CPU tensor, or the CUDA tensor itself,
+    contiguous, float tensors in ``dtype`` (the GPU kernels take one float dtype), ids in int64."""
+    if tensor is None:
+        return None
+    if tensor.device.type == "cpu":
+        return as_numpy(tensor, name)  # the CPU array API casts to the compute dtype itself
+    if tensor.device.type != "cuda":
+        raise TypeError(f"{name} is on {tensor.device}; the kernels take CPU or CUDA tensors")
+    if tensor.dtype.is_floating_point:
+        tensor = tensor.to(dtype or (torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype))
+    elif tensor.dtype != torch.bool:
+        tensor = tensor.long()
+    return tensor.contiguous()
+
+
+def _crf_arrays(
+    scores: Tensor, tokens: Tensor, E1: Tensor, E2: Tensor, lengths: Optional[Tensor]
+) -> tuple[Any, Any, Any, Any, Any]:
+    """(scores, tokens, E1, E2, lengths) as the array API takes them, floats in one compute dtype."""
+    dtype = compute_dtype(scores, E1, E2)
+    return (
+        _array(scores, "scores", dtype),
+        _array(tokens, "tokens"),
+        _array(E1, "E1", dtype),
+        _array(E2, "E2", dtype),
+        _array(lengths, "lengths"),
+    )
+
+
+def _tensor(array: Any) -> Tensor:
+    """A tensor over an array the kernels returned (NumPy: shared memory; a torch CUDA tensor: itself;
+    a numba device array: through ``__cuda_array_interface__``)."""
+    if isinstance(array, Tensor):
+        return array
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.as_tensor(array, device="cuda")
+
+
+def _seed(seed: Optional[Tensor]) -> Optional[int]:
+    return None if seed is None else int(seed)
+
+
+def _saved(saved: tuple[Any, Any, Any, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A forward pass's saved state as tensors (copies where they would alias another output)."""
+    log_z, alpha, col_max, col_sum = (_tensor(array) for array in saved)
+    return log_z, alpha, col_max, col_sum
+
+
+def _float_like(tensor: Tensor, shape: Any, dtype: torch.dtype) -> Tensor:
+    return tensor.new_empty(shape, dtype=dtype)
+
+
+def _ids_like(tensor: Tensor, shape: Any) -> Tensor:
+    return tensor.new_empty(shape, dtype=torch.int64)
+
+
+def _state_like(scores: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, T, K = scores.shape
+    return (
+        _float_like(scores, (B,), dtype),
+        _float_like(scores, (B, T, K), dtype),
+        _float_like(scores, (B, T, K), dtype),
+        _float_like(scores, (B, T, K), dtype),
+    )
+
+
+def _in_dtypes(grads: tuple, *inputs: Tensor) -> tuple:
+    """Gradients (compute dtype) in their inputs' dtypes."""
+    return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# seeds and masks
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("viterbi_numba::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def draw_seed() -> Tensor:
+    """A 0-dim int64 seed in [0, 2**63 - 1) from torch's default CPU generator.
+
+    An operator (never merged with another call, never replaced by a compiler's own random numbers), so
+    that a compiled function draws exactly the seeds its eager run draws: ``torch.manual_seed`` then
+    gives the same samples compiled or not.
+    """
+    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)
+
+
+@draw_seed.register_fake
+def _(*_args: Any) -> Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+def checked_lengths(masks: Tensor) -> Tensor:
+    """(B,) int64 lengths of (B, T) prefix masks (True on the real positions), on the masks' device.
+
+    Raises a TypeError for a float mask and a ValueError for values other than 0/1, a mask off at the
+    first position, or one that switches back on.
+    """
+    if masks.dtype.is_floating_point or masks.dtype.is_complex:
+        raise TypeError(f"masks must be a bool (or 0/1 integer) tensor, got dtype {masks.dtype}")
+    if masks.dim() != 2:
+        raise ValueError(f"masks must have shape (B, T), got {tuple(masks.shape)}")
+    host = masks.detach().cpu()
+    if ((host != 0) & (host != 1)).any():
+        raise ValueError("masks must hold only 0/1 (False/True)")
+    host = host.bool()
+    if host.shape[0] and host.shape[1] and not host[:, 0].all():
+        b = int((~host[:, 0]).nonzero()[0, 0])
+        raise ValueError(f"masks must be on at the first position of every sequence (sequence {b} is not)")
+    switches = host[:, 1:] & ~host[:, :-1]
+    if switches.any():
+        b = int(switches.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"masks must be prefix masks (on, then off); sequence {b} switches back on")
+    return host.sum(dim=1, dtype=torch.int64).to(masks.device)
+
+
+@torch.library.custom_op("viterbi_numba::lengths_from_masks", mutates_args=(), device_types=_DEVICES)
+def lengths_from_masks(masks: Tensor) -> Tensor:
+    """(B,) int64 lengths of (B, T) prefix masks, checked (:func:`checked_lengths`)."""
+    return checked_lengths(masks)
+
+
+@lengths_from_masks.register_fake
+def _(masks: Tensor) -> Tensor:
+    return _ids_like(masks, (masks.shape[0],))
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("viterbi_numba::topk_beam", mutates_args=(), device_types=_DEVICES)
+def topk_beam(emissions: Tensor, k: int, force_tokens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """:func:`viterbi_numba.topk_beam`: beam scores (compute dtype) and tokens (B, T, k)."""
+    beam = vn.topk_beam(_array(emissions, "emissions"), k, _array(force_tokens, "force_tokens"))
+    return _tensor(beam.scores), _tensor(beam.tokens)
+
+
+@topk_beam.register_fake
+def _(emissions: Tensor, k: int, force_tokens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    B, T, _ = emissions.shape
+    return _float_like(emissions, (B, T, k), compute_dtype(emissions)), _ids_like(emissions, (B, T, k))
+
+
+def _topk_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    emissions = inputs[0]
+    ctx.shape, ctx.dtype = emissions.shape, emissions.dtype
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _topk_backward(ctx: Any, grad_scores: Tensor, _grad_tokens: Any) -> tuple:
+    (tokens,) = ctx.saved_tensors
+    grad = grad_scores.new_zeros(ctx.shape).scatter_add(2, tokens, grad_scores)
+    return grad.to(ctx.dtype), None, None
+
+
+topk_beam.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+@torch.library.custom_op("viterbi_numba::viterbi_decode", mutates_args=(), device_types=_DEVICES)
+def viterbi_decode(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    fairseq_step_scores: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.viterbi_decode` (``step_scores="fairseq"`` when ``fairseq_step_scores``)."""
+    best = vn.viterbi_decode(
+        *_crf_arrays(scores, tokens, E1, E2, lengths), step_scores="fairseq" if fairseq_step_scores else "increments"
+    )
+    return _tensor(best.beam_idx), _tensor(best.tokens), _tensor(best.score), _tensor(best.step_scores)
+
+
+@viterbi_decode.register_fake
+def _(scores, tokens, E1, E2, lengths=None, fairseq_step_scores=False):  # type: ignore[no-untyped-def]
+    B, T, _ = scores.shape
+    dtype = compute_dtype(scores, E1, E2)
+    return (
+        _ids_like(scores, (B, T)),
+        _ids_like(scores, (B, T)),
+        _float_like(scores, (B,), dtype),
+        _float_like(scores, (B, T), dtype),
+    )
+
+
+@torch.library.custom_op("viterbi_numba::stochastic_viterbi", mutates_args=(), device_types=_DEVICES)
+def stochastic_viterbi(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    seed: Optional[Tensor] = None,
+    uniforms: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.stochastic_viterbi` with N = ``num_samples`` chains (N last, also for N = 1);
+    ``uniforms`` (B, T-1, K, N) replay given draws instead of the ``seed``."""
+    dtype = compute_dtype(scores, E1, E2)
+    out = vn.stochastic_viterbi(
+        *_crf_arrays(scores, tokens, E1, E2, None)[:4],
+        num_samples=num_samples,
+        temperature=temperature,
+        lengths=_array(lengths, "lengths"),
+        seed=_seed(seed),
+        uniforms=_array(uniforms, "uniforms", dtype),
+    )
+    return tuple(_tensor(array) for array in out)
+
+
+@stochastic_viterbi.register_fake
+def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
+    B, T, K = scores.shape
+    N = num_samples
+    dtype = compute_dtype(scores, E1, E2)
+    return (
+        _float_like(scores, (B, T, K, N), dtype),
+        _ids_like(scores, (B, T, N)),
+        _ids_like(scores, (B, T, N)),
+        _float_like(scores, (B, T, K, N), dtype),
+        _ids_like(scores, (B, T - 1, K, N)),
+        _float_like(scores, (B, N), dtype),
+    )
+
+
+def _stochastic_viterbi_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    scores, tokens, E1, E2, lengths = inputs[:5]
+    beam_probs, beam_idx, path_tokens, path_scores, backpointers, score = output
+    ctx.save_for_backward(scores, tokens, E1, E2, lengths, beam_probs, backpointers)
+    ctx.mark_non_differentiable(beam_idx, path_tokens, path_scores, backpointers, score)
+
+
+def _stochastic_viterbi_grad(ctx: Any, grad_beam_probs: Tensor, *_unused: Any) -> tuple:
+    scores, tokens, E1, E2, lengths, beam_probs, backpointers = ctx.saved_tensors
+    grads = torch.ops.viterbi_numba.stochastic_viterbi_backward(
+        grad_beam_probs, beam_probs, backpointers, tokens, E1, E2, lengths
+    )
+    grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
+    return grad_scores, None, grad_E1, grad_E2, None, None, None, None, None
+
+
+stochastic_viterbi.register_autograd(_stochastic_viterbi_grad, setup_context=_stochastic_viterbi_setup)
+
+
+@torch.library.custom_op("viterbi_numba::stochastic_viterbi_backward", mutates_args=(), device_types=_DEVICES)
+def stochastic_viterbi_backward(
+    grad_beam_probs: Tensor,
+    beam_probs: Tensor,
+    backpointers: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.stochastic_viterbi_backward` of a :func:`stochastic_viterbi` result."""
+    dtype = compute_dtype(beam_probs, E1, E2)
+    sample = vn.StochasticViterbiResult(  # what the backward pass reads of a sample
+        _array(beam_probs, "beam_probs", dtype), None, None, None, _array(backpointers, "backpointers"), None
+    )
+    grads = vn.stochastic_viterbi_backward(
+        _array(grad_beam_probs, "grad_beam_probs", dtype),
+        sample,
+        _array(tokens, "tokens"),
+        _array(E1, "E1", dtype),
+        _array(E2, "E2", dtype),
+        _array(lengths, "lengths"),
+    )
+    return _tensor(grads.grad_scores), _tensor(grads.grad_E1), _tensor(grads.grad_E2)
+
+
+@stochastic_viterbi_backward.register_fake
+def _(grad_beam_probs, beam_probs, backpointers, tokens, E1, E2, lengths=None):  # type: ignore[no-untyped-def]
+    return _grads_like(tokens, E1, compute_dtype(beam_probs, E1, E2))
+
+
+def _grads_like(tokens: Tensor, E1: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    return _float_like(tokens, tokens.shape, dtype), _float_like(E1, E1.shape, dtype), _float_like(E1, E1.shape, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# exact inference
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("viterbi_numba::crf_sample", mutates_args=(), device_types=_DEVICES)
+def crf_sample(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    seed: Optional[Tensor] = None,
+    uniforms: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.crf_sample`: log_prob (B, N), beam_idx, tokens (B, T, N), then the forward
+    pass's saved state (what the backward pass reads)."""
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    draws = forward.sample(num_samples, seed=_seed(seed), uniforms=_array(uniforms, "uniforms", compute_dtype(scores)))
+    return _tensor(draws.log_prob), _tensor(draws.beam_idx), _tensor(draws.tokens), *_saved(forward.saved)
+
+
+@crf_sample.register_fake
+def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
+    B, T, _ = scores.shape
+    dtype = compute_dtype(scores, E1, E2)
+    N = num_samples
+    return (
+        _float_like(scores, (B, N), dtype),
+        _ids_like(scores, (B, T, N)),
+        _ids_like(scores, (B, T, N)),
+        *_state_like(scores, dtype),
+    )
+
+
+def _crf_setup(ctx: Any, inputs: tuple, output: tuple, temperature: float, paths: Optional[Tensor]) -> None:
+    """Saves what the backward pass of an exact-inference operator reads: its beam CRF's inputs, the
+    ``paths`` (the samples', for their log-probabilities) and the forward pass's saved state (the last
+    four outputs); only the first output carries a gradient."""
+    scores, tokens, E1, E2, lengths = inputs[:5]
+    ctx.temperature = temperature
+    ctx.save_for_backward(scores, tokens, E1, E2, lengths, paths, *output[-4:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _crf_sample_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _crf_setup(ctx, inputs, output, temperature=inputs[6], paths=output[1])
+
+
+def _paths_grad(ctx: Any, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scores, tokens, E1, E2, lengths, paths, *state = ctx.saved_tensors
+    grads = torch.ops.viterbi_numba.crf_paths_backward(
+        weights, paths, scores, tokens, E1, E2, lengths, ctx.temperature, *state
+    )
+    return _in_dtypes(grads, scores, E1, E2)
+
+
+def _crf_sample_grad(ctx: Any, grad_log_prob: Tensor, *_unused: Any) -> tuple:
+    grad_scores, grad_E1, grad_E2 = _paths_grad(ctx, grad_log_prob)
+    return grad_scores, None, grad_E1, grad_E2, None, None, None, None, None
+
+
+crf_sample.register_autograd(_crf_sample_grad, setup_context=_crf_sample_setup)
+
+
+@torch.library.custom_op("viterbi_numba::log_partition", mutates_args=(), device_types=_DEVICES)
+def log_partition(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.log_partition`: log Z (B,), then the forward pass's saved state."""
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    log_z, *state = _saved(forward.saved)
+    return log_z.clone(), log_z, *state
+
+
+@log_partition.register_fake
+def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    dtype = compute_dtype(scores, E1, E2)
+    return _float_like(scores, (scores.shape[0],), dtype), *_state_like(scores, dtype)
+
+
+def _log_partition_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _crf_setup(ctx, inputs, output, temperature=inputs[5], paths=None)
+
+
+def _log_partition_grad(ctx: Any, grad_log_z: Tensor, *_state: Any) -> tuple:
+    scores, tokens, E1, E2, lengths, _paths, *state = ctx.saved_tensors
+    grads = torch.ops.viterbi_numba.log_partition_backward(
+        grad_log_z, scores, tokens, E1, E2, lengths, ctx.temperature, *state
+    )
+    grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
+    return grad_scores, None, grad_E1, grad_E2, None, None
+
+
+log_partition.register_autograd(_log_partition_grad, setup_context=_log_partition_setup)
+
+
+@torch.library.custom_op("viterbi_numba::marginals", mutates_args=(), device_types=_DEVICES)
+def marginals(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """:func:`viterbi_numba.marginals`: node marginals (B, T, K), 0 at padded positions (not differentiable)."""
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    return _tensor(vn.marginals(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4]))
+
+
+@marginals.register_fake
+def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    return _float_like(scores, scores.shape, compute_dtype(scores, E1, E2))
+
+
+@torch.library.custom_op("viterbi_numba::log_likelihood", mutates_args=(), device_types=_DEVICES)
+def log_likelihood(
+    emissions: Tensor,
+    targets: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    k: int,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.log_likelihood` (fairseq ``DynamicCRF.forward``): log p(targets) (B,), the
+    beam it was computed on (scores, tokens (B, T, k)), the targets' slots in it (B, T, 1), then the
+    forward pass's saved state."""
+    dtype = compute_dtype(emissions, E1, E2)
+    likelihood = vn.log_likelihood_forward(
+        _array(emissions, "emissions", dtype),
+        _array(targets, "targets"),
+        _array(E1, "E1", dtype),
+        _array(E2, "E2", dtype),
+        k,
+        _array(lengths, "lengths"),
+        temperature,
+    )
+    return (
+        _tensor(likelihood.log_likelihood),
+        _tensor(likelihood.beam_scores),
+        _tensor(likelihood.beam_tokens),
+        _tensor(likelihood.target_slots),
+        *_saved(likelihood.forward.saved),
+    )
+
+
+@log_likelihood.register_fake
+def _(emissions, targets, E1, E2, k, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    B, T, _ = emissions.shape
+    dtype = compute_dtype(emissions, E1, E2)
+    beam = _float_like(emissions, (B, T, k), dtype)
+    return (
+        _float_like(emissions, (B,), dtype),
+        beam,
+        _ids_like(emissions, (B, T, k)),
+        _ids_like(emissions, (B, T, 1)),
+        *_state_like(beam, dtype),
+    )
+
+
+def _log_likelihood_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    emissions, _targets, E1, E2, _k, lengths, temperature = inputs
+    _, beam_scores, beam_tokens, slots, *state = output
+    ctx.temperature = temperature
+    ctx.emissions_shape, ctx.emissions_dtype = emissions.shape, emissions.dtype
+    ctx.save_for_backward(beam_scores, beam_tokens, E1, E2, lengths, slots, *state)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _log_likelihood_grad(ctx: Any, grad_log_likelihood: Tensor, *_unused: Any) -> tuple:
+    beam_scores, beam_tokens, E1, E2, *_ = ctx.saved_tensors
+    grad_scores, grad_E1, grad_E2 = _paths_grad(ctx, grad_log_likelihood[:, None])
+    grad_emissions = grad_scores.new_zeros(ctx.emissions_shape).scatter_add(2, beam_tokens, grad_scores)
+    return grad_emissions.to(ctx.emissions_dtype), None, grad_E1, grad_E2, None, None, None
+
+
+log_likelihood.register_autograd(_log_likelihood_grad, setup_context=_log_likelihood_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# the backward formulas' operators
+# --------------------------------------------------------------------------------------------------
+def _restored(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    temperature: float,
+    state: tuple[Tensor, ...],
+) -> vn.CRFForward:
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    dtype = compute_dtype(scores, E1, E2)
+    log_z, alpha, col_max, col_sum = (
+        _array(array, name, dtype) for array, name in zip(state, ("log_z", "alpha", "col_max", "col_sum"))
+    )
+    saved = (log_z, alpha, col_max, col_sum)
+    return vn.CRFForward.from_saved(*crf_arrays[:4], saved, temperature=temperature, lengths=crf_arrays[4])
+
+
+@torch.library.custom_op("viterbi_numba::crf_paths_backward", mutates_args=(), device_types=_DEVICES)
+def crf_paths_backward(
+    weights: Tensor,
+    paths: Tensor,
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    temperature: float,
+    log_z: Tensor,
+    alpha: Tensor,
+    col_max: Tensor,
+    col_sum: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_{b,n} weights[b, n] * log p(paths[b, :, n])`` (:meth:`viterbi_numba.CRFForward.paths_grad`)
+    from a forward pass's saved state."""
+    forward = _restored(scores, tokens, E1, E2, lengths, temperature, (log_z, alpha, col_max, col_sum))
+    dtype = compute_dtype(scores, E1, E2)
+    grads = forward.paths_grad(_array(paths, "paths"), weights=_array(weights, "weights", dtype))
+    return tuple(_tensor(grad) for grad in grads)
+
+
+@crf_paths_backward.register_fake
+def _(weights, paths, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
+    return _grads_like(scores, E1, compute_dtype(scores, E1, E2))
+
+
+@torch.library.custom_op("viterbi_numba::log_partition_backward", mutates_args=(), device_types=_DEVICES)
+def log_partition_backward(
+    grad_log_z: Tensor,
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    temperature: float,
+    log_z: Tensor,
+    alpha: Tensor,
+    col_max: Tensor,
+    col_sum: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_b grad_log_z[b] * log Z[b]`` (:meth:`viterbi_numba.CRFForward.log_partition_grad`)
+    from a forward pass's saved state."""
+    forward = _restored(scores, tokens, E1, E2, lengths, temperature, (log_z, alpha, col_max, col_sum))
+    grads = forward.log_partition_grad(_array(grad_log_z, "grad_log_z", compute_dtype(scores, E1, E2)))
+    return _tensor(grads.grad_scores), _tensor(grads.grad_E1), _tensor(grads.grad_E2)
+
+
+@log_partition_backward.register_fake
+def _(grad_log_z, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
+    return _grads_like(scores, E1, compute_dtype(scores, E1, E2))
