@@ -11,6 +11,7 @@ from scipy import stats
 
 from viterbi_numba import (
     PAD,
+    CRFForward,
     crf_forward,
     crf_sample,
     log_likelihood,
@@ -275,6 +276,33 @@ def test_kept_forward_pass_gives_what_the_functions_give(rng):
         forward.sample(0)
     with pytest.raises(ValueError, match=r"weights must have shape \(3, 6\) \(B, N\)"):
         forward.paths_grad(np.zeros((3, 5, 6), np.int64), np.ones((3, 5)))
+
+
+def test_a_saved_forward_pass_rebuilds_without_running_again(rng):
+    """CRFForward.saved / from_saved (what the PyTorch operators keep between forward and backward):
+    the rebuilt pass gives the first pass's marginals and gradients bit for bit, and its samples."""
+    scores, tokens, E1, E2 = make_problem(rng, 3, 5, 4)
+    lengths = np.array([5, 2, 4])
+    first = crf_forward(scores, tokens, E1, E2, temperature=0.7, lengths=lengths)
+    saved = first.saved
+    assert [array.shape for array in saved] == [(3,), (3, 5, 4), (3, 5, 4), (3, 5, 4)]
+    assert all(not array[1, 2:].any() for array in saved[1:])  # padded positions hold 0, not stale memory
+    again = CRFForward.from_saved(scores, tokens, E1, E2, saved, temperature=0.7, lengths=lengths)
+    np.testing.assert_array_equal(again.log_z, first.log_z)
+    np.testing.assert_array_equal(again.marginals(), first.marginals())
+    paths = first.sample(4, seed=3).beam_idx
+    for got, want in zip(again.paths_grad(paths), first.paths_grad(paths)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(again.sample(4, seed=3).beam_idx, paths)
+    # shapes, token ids and lengths are checked again; a wrong saved array is named
+    with pytest.raises(ValueError, match=r"saved col_sum must have shape \(3, 5, 4\)"):
+        CRFForward.from_saved(scores, tokens, E1, E2, (*saved[:3], saved[3][:, :4]), 0.7, lengths)
+    with pytest.raises(TypeError, match="saved must be the 4 arrays"):
+        CRFForward.from_saved(scores, tokens, E1, E2, saved[:3], 0.7, lengths)
+    with pytest.raises(ValueError, match="tokens"):
+        CRFForward.from_saved(scores, tokens + 100, E1, E2, saved, 0.7, lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        CRFForward.from_saved(scores, tokens, E1, E2, saved, 0.7, lengths + 1)
 
 
 def test_paths_grad_matches_finite_differences(rng):

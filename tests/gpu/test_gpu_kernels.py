@@ -168,6 +168,30 @@ def test_kept_forward_pass_and_paths_grad_match_cpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_saved_forward_pass_rebuilds_on_the_gpu(dtype):
+    # what the CUDA kernels of the PyTorch operators run: a forward pass's saved arrays, then its
+    # backward pass (paths_grad, log_partition_grad) from them in a later call
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    inputs = dev(scores, tokens, E1, E2)
+    first = vn.crf_forward(*inputs, 0.9, lengths)
+    saved = first.saved
+    assert all(isinstance(array, type(inputs[0])) for array in saved)
+    cpu = vn.crf_forward(scores, tokens, E1, E2, 0.9, lengths)
+    for got, want in zip(saved, cpu.saved):
+        close(got, want, dtype, 10)
+    again = vn.CRFForward.from_saved(*inputs, saved, 0.9, lengths)
+    paths = cpu.sample(3, seed=5).beam_idx
+    weights = np.array([[1.0, -0.5, 2.0], [0.25, 1.0, -1.0]])
+    for got, want in zip(again.paths_grad(dev(paths)[0], weights), cpu.paths_grad(paths, weights)):
+        close(got, want, dtype, 10)
+    rebuilt, direct = again.log_partition_grad(), cpu.log_partition_grad()
+    for name in direct._fields:
+        close(getattr(rebuilt, name), getattr(direct, name), dtype, 10)
+    with pytest.raises(ValueError, match=r"saved alpha must have 3 dimensions"):
+        vn.CRFForward.from_saved(*inputs, (saved[0], saved[0], saved[2], saved[3]), 0.9, lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_log_likelihood_and_gradients_match_cpu(dtype):
     rng = np.random.default_rng(4)
     B, T, V, D, k = 2, 4, 30, 3, 5
