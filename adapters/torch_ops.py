@@ -1,4 +1,4 @@
-"""The kernels as PyTorch operators: ``torch.ops.viterbi_numba.*``, made with ``torch.library.custom_op``.
+"""The kernels as PyTorch operators: ``torch.ops.viterbi_numba.*``, custom operators of ``torch.library``.
 
 Each operator takes and returns tensors only, has a fake (meta) implementation that gives the shapes
 and dtypes of its results without reading data, one implementation for CPU and CUDA tensors (CPU tensors
@@ -51,7 +51,32 @@ __all__ = ["as_numpy", "compute_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SEED_BOUND = 2**63 - 1
-_DEVICES = ("cpu", "cuda")
+_LIBRARY = torch.library.Library("viterbi_numba", "DEF")
+
+
+def _operator(kernel: Any = None, *, keys: tuple[str, ...] = ("CPU", "CUDA"), tags: tuple = ()) -> Any:
+    """Defines ``viterbi_numba::<kernel's name>`` with the schema of ``kernel``'s type hints and ``kernel``
+    as its implementation for the dispatch ``keys``; returns the operator.
+
+    ``Library.define`` / ``impl`` rather than ``@torch.library.custom_op``, which makes the same kind of
+    operator: the decorator's Python wrappers cost about 15 µs a call, these about 4 (benchmarks/torch_ops.py).
+    """
+    if kernel is None:
+        return lambda kernel: _operator(kernel, keys=keys, tags=tags)
+    name = kernel.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(kernel, mutates_args=()), tags=tags)
+    for key in keys:
+        _LIBRARY.impl(name, kernel, key)
+    return getattr(torch.ops.viterbi_numba, name).default
+
+
+def _fake(operator: Any) -> Any:
+    """Registers the decorated function as ``operator``'s fake (shapes and dtypes only)."""
+    return torch.library.register_fake(operator, lib=_LIBRARY)
+
+
+def _autograd(operator: Any, backward: Any, setup_context: Any) -> None:
+    torch.library.register_autograd(operator, backward, setup_context=setup_context, lib=_LIBRARY)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,12 +102,13 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 
 def _array(tensor: Optional[Tensor], name: str, dtype: Optional[torch.dtype] = None) -> Any:
     """What the array API takes for ``tensor``: a NumPy view of a CPU tensor, or the CUDA tensor itself,
-    contiguous, float tensors in ``dtype`` (the GPU kernels take one float dtype), ids in int64."""
+    contiguous, float tensors in ``dtype`` (the GPU kernels take one float dtype), ids in int64. (Inside
+    an operator no tensor requires grad: below autograd, ``Tensor.numpy()`` needs no ``detach()``.)"""
     if tensor is None:
         return None
-    if tensor.device.type == "cpu":
-        return as_numpy(tensor, name)  # the CPU array API casts to the compute dtype itself
-    if tensor.device.type != "cuda":
+    if tensor.is_cpu:
+        return tensor.numpy() if tensor.dtype not in _LOW_PRECISION else tensor.float().numpy()
+    if not tensor.is_cuda:
         raise TypeError(f"{name} is on {tensor.device}; the kernels take CPU or CUDA tensors")
     if tensor.dtype.is_floating_point:
         tensor = tensor.to(dtype or (torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype))
@@ -151,7 +177,7 @@ def _in_dtypes(grads: tuple, *inputs: Tensor) -> tuple:
 # --------------------------------------------------------------------------------------------------
 # seeds and masks
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("viterbi_numba::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@_operator(keys=("CompositeExplicitAutograd",), tags=(torch.Tag.nondeterministic_seeded,))
 def draw_seed() -> Tensor:
     """A 0-dim int64 seed in [0, 2**63 - 1) from torch's default CPU generator.
 
@@ -162,7 +188,7 @@ def draw_seed() -> Tensor:
     return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)
 
 
-@draw_seed.register_fake
+@_fake(draw_seed)
 def _(*_args: Any) -> Tensor:
     return torch.empty((), dtype=torch.int64)
 
@@ -191,13 +217,13 @@ def checked_lengths(masks: Tensor) -> Tensor:
     return host.sum(dim=1, dtype=torch.int64).to(masks.device)
 
 
-@torch.library.custom_op("viterbi_numba::lengths_from_masks", mutates_args=(), device_types=_DEVICES)
+@_operator
 def lengths_from_masks(masks: Tensor) -> Tensor:
     """(B,) int64 lengths of (B, T) prefix masks, checked (:func:`checked_lengths`)."""
     return checked_lengths(masks)
 
 
-@lengths_from_masks.register_fake
+@_fake(lengths_from_masks)
 def _(masks: Tensor) -> Tensor:
     return _ids_like(masks, (masks.shape[0],))
 
@@ -205,14 +231,14 @@ def _(masks: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("viterbi_numba::topk_beam", mutates_args=(), device_types=_DEVICES)
+@_operator
 def topk_beam(emissions: Tensor, k: int, force_tokens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """:func:`viterbi_numba.topk_beam`: beam scores (compute dtype) and tokens (B, T, k)."""
     beam = vn.topk_beam(_array(emissions, "emissions"), k, _array(force_tokens, "force_tokens"))
     return _tensor(beam.scores), _tensor(beam.tokens)
 
 
-@topk_beam.register_fake
+@_fake(topk_beam)
 def _(emissions: Tensor, k: int, force_tokens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     B, T, _ = emissions.shape
     return _float_like(emissions, (B, T, k), compute_dtype(emissions)), _ids_like(emissions, (B, T, k))
@@ -231,10 +257,10 @@ def _topk_backward(ctx: Any, grad_scores: Tensor, _grad_tokens: Any) -> tuple:
     return grad.to(ctx.dtype), None, None
 
 
-topk_beam.register_autograd(_topk_backward, setup_context=_topk_setup)
+_autograd(topk_beam, _topk_backward, _topk_setup)
 
 
-@torch.library.custom_op("viterbi_numba::viterbi_decode", mutates_args=(), device_types=_DEVICES)
+@_operator
 def viterbi_decode(
     scores: Tensor,
     tokens: Tensor,
@@ -250,7 +276,7 @@ def viterbi_decode(
     return _tensor(best.beam_idx), _tensor(best.tokens), _tensor(best.score), _tensor(best.step_scores)
 
 
-@viterbi_decode.register_fake
+@_fake(viterbi_decode)
 def _(scores, tokens, E1, E2, lengths=None, fairseq_step_scores=False):  # type: ignore[no-untyped-def]
     B, T, _ = scores.shape
     dtype = compute_dtype(scores, E1, E2)
@@ -262,7 +288,7 @@ def _(scores, tokens, E1, E2, lengths=None, fairseq_step_scores=False):  # type:
     )
 
 
-@torch.library.custom_op("viterbi_numba::stochastic_viterbi", mutates_args=(), device_types=_DEVICES)
+@_operator
 def stochastic_viterbi(
     scores: Tensor,
     tokens: Tensor,
@@ -288,7 +314,7 @@ def stochastic_viterbi(
     return tuple(_tensor(array) for array in out)
 
 
-@stochastic_viterbi.register_fake
+@_fake(stochastic_viterbi)
 def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
     B, T, K = scores.shape
     N = num_samples
@@ -319,10 +345,10 @@ def _stochastic_viterbi_grad(ctx: Any, grad_beam_probs: Tensor, *_unused: Any) -
     return grad_scores, None, grad_E1, grad_E2, None, None, None, None, None
 
 
-stochastic_viterbi.register_autograd(_stochastic_viterbi_grad, setup_context=_stochastic_viterbi_setup)
+_autograd(stochastic_viterbi, _stochastic_viterbi_grad, _stochastic_viterbi_setup)
 
 
-@torch.library.custom_op("viterbi_numba::stochastic_viterbi_backward", mutates_args=(), device_types=_DEVICES)
+@_operator
 def stochastic_viterbi_backward(
     grad_beam_probs: Tensor,
     beam_probs: Tensor,
@@ -348,7 +374,7 @@ def stochastic_viterbi_backward(
     return _tensor(grads.grad_scores), _tensor(grads.grad_E1), _tensor(grads.grad_E2)
 
 
-@stochastic_viterbi_backward.register_fake
+@_fake(stochastic_viterbi_backward)
 def _(grad_beam_probs, beam_probs, backpointers, tokens, E1, E2, lengths=None):  # type: ignore[no-untyped-def]
     return _grads_like(tokens, E1, compute_dtype(beam_probs, E1, E2))
 
@@ -360,7 +386,7 @@ def _grads_like(tokens: Tensor, E1: Tensor, dtype: torch.dtype) -> tuple[Tensor,
 # --------------------------------------------------------------------------------------------------
 # exact inference
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("viterbi_numba::crf_sample", mutates_args=(), device_types=_DEVICES)
+@_operator
 def crf_sample(
     scores: Tensor,
     tokens: Tensor,
@@ -380,7 +406,7 @@ def crf_sample(
     return _tensor(draws.log_prob), _tensor(draws.beam_idx), _tensor(draws.tokens), *_saved(forward.saved)
 
 
-@crf_sample.register_fake
+@_fake(crf_sample)
 def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
     B, T, _ = scores.shape
     dtype = compute_dtype(scores, E1, E2)
@@ -420,10 +446,10 @@ def _crf_sample_grad(ctx: Any, grad_log_prob: Tensor, *_unused: Any) -> tuple:
     return grad_scores, None, grad_E1, grad_E2, None, None, None, None, None
 
 
-crf_sample.register_autograd(_crf_sample_grad, setup_context=_crf_sample_setup)
+_autograd(crf_sample, _crf_sample_grad, _crf_sample_setup)
 
 
-@torch.library.custom_op("viterbi_numba::log_partition", mutates_args=(), device_types=_DEVICES)
+@_operator
 def log_partition(
     scores: Tensor,
     tokens: Tensor,
@@ -439,7 +465,7 @@ def log_partition(
     return log_z.clone(), log_z, *state
 
 
-@log_partition.register_fake
+@_fake(log_partition)
 def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
     dtype = compute_dtype(scores, E1, E2)
     return _float_like(scores, (scores.shape[0],), dtype), *_state_like(scores, dtype)
@@ -458,10 +484,10 @@ def _log_partition_grad(ctx: Any, grad_log_z: Tensor, *_state: Any) -> tuple:
     return grad_scores, None, grad_E1, grad_E2, None, None
 
 
-log_partition.register_autograd(_log_partition_grad, setup_context=_log_partition_setup)
+_autograd(log_partition, _log_partition_grad, _log_partition_setup)
 
 
-@torch.library.custom_op("viterbi_numba::marginals", mutates_args=(), device_types=_DEVICES)
+@_operator
 def marginals(
     scores: Tensor,
     tokens: Tensor,
@@ -475,12 +501,12 @@ def marginals(
     return _tensor(vn.marginals(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4]))
 
 
-@marginals.register_fake
+@_fake(marginals)
 def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
     return _float_like(scores, scores.shape, compute_dtype(scores, E1, E2))
 
 
-@torch.library.custom_op("viterbi_numba::log_likelihood", mutates_args=(), device_types=_DEVICES)
+@_operator
 def log_likelihood(
     emissions: Tensor,
     targets: Tensor,
@@ -512,7 +538,7 @@ def log_likelihood(
     )
 
 
-@log_likelihood.register_fake
+@_fake(log_likelihood)
 def _(emissions, targets, E1, E2, k, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
     B, T, _ = emissions.shape
     dtype = compute_dtype(emissions, E1, E2)
@@ -542,7 +568,7 @@ def _log_likelihood_grad(ctx: Any, grad_log_likelihood: Tensor, *_unused: Any) -
     return grad_emissions.to(ctx.emissions_dtype), None, grad_E1, grad_E2, None, None, None
 
 
-log_likelihood.register_autograd(_log_likelihood_grad, setup_context=_log_likelihood_setup)
+_autograd(log_likelihood, _log_likelihood_grad, _log_likelihood_setup)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -566,7 +592,7 @@ def _restored(
     return vn.CRFForward.from_saved(*crf_arrays[:4], saved, temperature=temperature, lengths=crf_arrays[4])
 
 
-@torch.library.custom_op("viterbi_numba::crf_paths_backward", mutates_args=(), device_types=_DEVICES)
+@_operator
 def crf_paths_backward(
     weights: Tensor,
     paths: Tensor,
@@ -589,12 +615,12 @@ def crf_paths_backward(
     return tuple(_tensor(grad) for grad in grads)
 
 
-@crf_paths_backward.register_fake
+@_fake(crf_paths_backward)
 def _(weights, paths, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
     return _grads_like(scores, E1, compute_dtype(scores, E1, E2))
 
 
-@torch.library.custom_op("viterbi_numba::log_partition_backward", mutates_args=(), device_types=_DEVICES)
+@_operator
 def log_partition_backward(
     grad_log_z: Tensor,
     scores: Tensor,
@@ -615,6 +641,6 @@ def log_partition_backward(
     return _tensor(grads.grad_scores), _tensor(grads.grad_E1), _tensor(grads.grad_E2)
 
 
-@log_partition_backward.register_fake
+@_fake(log_partition_backward)
 def _(grad_log_z, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
     return _grads_like(scores, E1, compute_dtype(scores, E1, E2))

@@ -8,6 +8,11 @@ PPO update whose ratio re-scores the sampled tokens with ``DynamicCRF.forward``.
 
     python examples/grpo_toy.py                    # exact samples (crf.sample)
     python examples/grpo_toy.py --sampler stochastic-viterbi  # the write-up's sampler (StochasticViterbiSamples)
+    python examples/grpo_toy.py --compile          # the sampling step and the PPO loss under torch.compile
+
+With ``--compile`` the two model-side functions (draw the group and score it; the clipped PPO loss) are
+compiled with ``fullgraph=True``: the CRF's operators are ``torch.library`` custom ops, so the whole of
+each is one graph, and the samples are the eager run's (the seeds come from torch's generator).
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ class Captioner(nn.Module):
         return self.encoder(x).view(-1, self.task.steps, self.task.vocab)
 
 
-def train(sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_epochs=2, seed=0, log=None):
+def train(
+    sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_epochs=2, seed=0, compile=False, log=None
+):
     """Run GRPO; returns the mean reward of every step's samples."""
     torch.manual_seed(seed)
     task = Task(seed=seed)
@@ -64,25 +71,35 @@ def train(sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_
     writeup_sampler = StochasticViterbiSamples(task.vocab, low_rank=8, beam_size=model.crf.beam, num_samples=group)
     writeup_sampler.E1, writeup_sampler.E2 = model.crf.E1, model.crf.E2  # the same tables
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    @torch.no_grad()
+    def draw(x):
+        """The group's tokens (B*G, T), group-major per input, and their log-probabilities now."""
+        emissions = model.emissions(x)
+        if sampler == "exact":
+            tokens, _ = model.crf.sample(emissions, group)
+        else:
+            tokens = writeup_sampler._compute_grpo_samples(emissions)[2]
+        flat = tokens.permute(0, 2, 1).reshape(-1, task.steps)
+        return flat, model.crf(emissions.repeat_interleave(group, 0), flat)
+
+    def ppo_loss(x, flat, old_log_prob, advantages):
+        log_prob = model.crf(model.emissions(x).repeat_interleave(group, 0), flat)
+        ratio = torch.exp(log_prob - old_log_prob)
+        return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+
+    if compile:
+        draw, ppo_loss = torch.compile(draw, fullgraph=True), torch.compile(ppo_loss, fullgraph=True)
     rewards_per_step = []
     for step in range(steps):
         x, reference = task.batch(batch)
-        with torch.no_grad():
-            emissions = model.emissions(x)
-            if sampler == "exact":
-                tokens, _ = model.crf.sample(emissions, group)
-            else:
-                tokens = writeup_sampler._compute_grpo_samples(emissions)[2]
-            flat = tokens.permute(0, 2, 1).reshape(batch * group, task.steps)  # (B*G, T), group-major per input
-            old_log_prob = model.crf(emissions.repeat_interleave(group, 0), flat)
+        flat, old_log_prob = draw(x)
         rewards = torch.tensor([token_f1(s.tolist(), reference[i // group].tolist()) for i, s in enumerate(flat)])
         rewards = rewards.view(batch, group)
         advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
         advantages = advantages.reshape(-1)
         for _ in range(ppo_epochs):
-            log_prob = model.crf(model.emissions(x).repeat_interleave(group, 0), flat)
-            ratio = torch.exp(log_prob - old_log_prob)
-            loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+            loss = ppo_loss(x, flat, old_log_prob, advantages)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -97,12 +114,14 @@ def main(argv=None):
     parser.add_argument("--sampler", choices=["exact", "stochastic-viterbi"], default="exact")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the sampling step and the loss")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rewards = train(args.sampler, steps=args.steps, seed=args.seed, log=print)
+    rewards = train(args.sampler, steps=args.steps, seed=args.seed, compile=args.compile, log=print)
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     print(
-        f"{args.sampler} sampler: mean reward {first:.3f} (first 20 steps) -> {last:.3f} (last 20 steps) "
+        f"{args.sampler} sampler{' (compiled)' if args.compile else ''}: mean reward {first:.3f} (first 20 steps) "
+        f"-> {last:.3f} (last 20 steps) "
         f"in {time.perf_counter() - start:.0f} s"
     )
 
