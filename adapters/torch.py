@@ -49,20 +49,17 @@ def lengths_from_masks(masks: Optional[torch.Tensor], batch: int, steps: int) ->
 
     A mask must be on at the first position and never switch back on after it switched off.
     """
-    if masks is None:
-        return None
     lengths = _lengths(masks, batch, steps)
     return None if lengths is None else lengths.cpu().numpy()
 
 
 def _lengths(masks: Optional[torch.Tensor], batch: int, steps: int) -> Optional[torch.Tensor]:
-    """The operators' lengths (B,) of optional (B, T) prefix masks (checked by ``lengths_from_masks``)."""
+    """The operators' lengths (B,) of optional (B, T) prefix masks (their values checked by the
+    ``lengths_from_masks`` operator)."""
     if masks is None:
         return None
     if not isinstance(masks, torch.Tensor):
         masks = torch.as_tensor(np.asarray(masks))
-    if masks.dtype.is_floating_point or masks.dtype.is_complex:
-        raise TypeError(f"masks must be a bool (or 0/1 integer) tensor, got dtype {masks.dtype}")
     if tuple(masks.shape) != (batch, steps):
         raise ValueError(f"masks must have shape {(batch, steps)} (B, T), got {tuple(masks.shape)}")
     return _ops.lengths_from_masks(masks)

@@ -17,24 +17,22 @@ The samplers are pure functions of their inputs: their randomness is the ``seed`
 (:func:`draw_seed` draws one from torch's default generator), so an operator called twice with the same
 seed returns the same samples, compiled or not.
 
-=============================  ==========================================================================
-operator                       results
-=============================  ==========================================================================
-``draw_seed()``                a 0-dim int64 seed in [0, 2**63 - 1) from torch's default generator
-``lengths_from_masks(m)``      (B,) lengths of (B, T) prefix masks, checked
-``topk_beam``                  beam scores, tokens (B, T, K); differentiable (scores)
-``viterbi_decode``             beam_idx, tokens (B, T), score (B,), step_scores (B, T)
-``stochastic_viterbi``         beam_probs (B, T, K, N), beam_idx, tokens (B, T, N), path_scores (B, T, K, N),
-                               backpointers (B, T-1, K, N), score (B, N); differentiable (beam_probs)
-``crf_sample``                 log_prob (B, N), beam_idx, tokens (B, T, N), then the forward pass's saved
-                               state (log_z (B,), alpha, col_max, col_sum (B, T, K)); differentiable (log_prob)
-``log_partition``              log_z (B,), then the saved state; differentiable (log_z)
-``marginals``                  (B, T, K)
-``log_likelihood``             log_likelihood (B,), beam_scores, beam_tokens (B, T, K), target slots
-                               (B, T, 1), then the saved state; differentiable (log_likelihood)
-``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward``: the backward formulas'
-                               operators, (grad_scores (B, T, K), grad_E1, grad_E2 (V, D))
-=============================  ==========================================================================
+Operators (floats in the compute dtype, ids int64):
+
+* ``draw_seed()`` — a 0-dim int64 seed in [0, 2**63 - 1) from torch's default generator.
+* ``lengths_from_masks(masks)`` — (B,) lengths of (B, T) prefix masks, checked.
+* ``topk_beam`` — beam scores and tokens (B, T, K); differentiable (the scores).
+* ``viterbi_decode`` — beam_idx, tokens (B, T), score (B,), step_scores (B, T).
+* ``stochastic_viterbi`` — beam_probs (B, T, K, N), beam_idx, tokens (B, T, N), path_scores
+  (B, T, K, N), backpointers (B, T-1, K, N), score (B, N); differentiable (beam_probs).
+* ``crf_sample`` — log_prob (B, N), beam_idx, tokens (B, T, N), then the forward pass's saved state
+  (log_z (B,), alpha, col_max, col_sum (B, T, K)); differentiable (log_prob).
+* ``log_partition`` — log_z (B,), then the saved state; differentiable (log_z).
+* ``marginals`` — (B, T, K).
+* ``log_likelihood`` — log_likelihood (B,), beam_scores, beam_tokens (B, T, K), the targets' slots
+  (B, T, 1), then the saved state; differentiable (log_likelihood).
+* ``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward`` — the backward
+  formulas' operators: grad_scores (B, T, K), grad_E1, grad_E2 (V, D).
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ def _operator(kernel: Any = None, *, keys: tuple[str, ...] = ("CPU", "CUDA"), ta
     as its implementation for the dispatch ``keys``; returns the operator.
 
     ``Library.define`` / ``impl`` rather than ``@torch.library.custom_op``, which makes the same kind of
-    operator: the decorator's Python wrappers cost about 15 µs a call, these about 4 (benchmarks/torch_ops.py).
+    operator: the decorator's Python wrappers cost about 15 µs a call, these about 4 (docs/design.md §7).
     """
     if kernel is None:
         return lambda kernel: _operator(kernel, keys=keys, tags=tags)
@@ -146,7 +144,7 @@ def _seed(seed: Optional[Tensor]) -> Optional[int]:
 
 
 def _saved(saved: tuple[Any, Any, Any, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A forward pass's saved state as tensors (copies where they would alias another output)."""
+    """A forward pass's saved state (``CRFForward.saved``) as tensors."""
     log_z, alpha, col_max, col_sum = (_tensor(array) for array in saved)
     return log_z, alpha, col_max, col_sum
 
