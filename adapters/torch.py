@@ -91,6 +91,13 @@ def _emissions(emissions: torch.Tensor) -> torch.Tensor:
     return emissions
 
 
+def _uniforms(uniforms) -> Optional[torch.Tensor]:
+    """Replayed uniforms as a tensor (they may come as NumPy)."""
+    if uniforms is None or isinstance(uniforms, torch.Tensor):
+        return uniforms
+    return torch.as_tensor(np.asarray(uniforms))
+
+
 class _StochasticViterbiModule(nn.Module):
     """Parameters and settings shared by the write-up's two classes (their constructors and state_dict keys)."""
 
@@ -108,6 +115,7 @@ class _StochasticViterbiModule(nn.Module):
         B, T, _ = emissions.shape
         lengths = _lengths(masks, B, T)
         beam_scores, beam_tokens = _ops.topk_beam(emissions, beam if beam is not None else self.beam)
+        uniforms = _uniforms(uniforms)
         seed = None if uniforms is not None else seed_tensor(generator)
         beam_probs, beam_idx, tokens, *_ = _ops.stochastic_viterbi(
             beam_scores, beam_tokens, self.E1.weight, self.E2.weight, lengths, num_samples, self.temp, seed, uniforms
@@ -137,7 +145,8 @@ class StochasticViterbiSample(_StochasticViterbiModule):
         ``uniforms`` (B, T-1, K) replays given draws (docs/design.md §3); ``generator`` seeds the draws (torch's
         default generator when None).
         """
-        if isinstance(uniforms, torch.Tensor) and uniforms.dim() == 3:
+        uniforms = _uniforms(uniforms)
+        if uniforms is not None and uniforms.dim() == 3:
             uniforms = uniforms[..., None]  # the operator's (B, T-1, K, N) layout
         beam_probs, beam_idx, tokens = self._sample(emissions, 1, masks, beam, uniforms, generator)
         return beam_probs[..., 0], beam_idx, tokens[..., 0]

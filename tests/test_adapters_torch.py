@@ -130,7 +130,8 @@ def test_writeup_class_gradients_match_autograd_of_the_writeups_algorithm(dtype,
         if N == 1 and cls is StochasticViterbiSample
         else module._compute_grpo_samples
     )
-    given = torch.tensor(uniforms[..., 0] if cls is StochasticViterbiSample else uniforms)
+    given = uniforms[..., 0] if cls is StochasticViterbiSample else uniforms
+    given = torch.tensor(given) if dtype == torch.float64 else given  # NumPy uniforms are taken too
     beam_probs, beam_idx, tokens = call(emissions, masks=_masks(lengths), uniforms=given)
     weights = torch.tensor(rng.standard_normal(beam_probs.shape), dtype=dtype)
     (beam_probs * weights).sum().backward()
