@@ -375,3 +375,29 @@ def log_likelihood(emissions, targets, E1, E2, k, lengths=None, temperature=1.0)
         numerator[b] = emissions[b, np.arange(L), y].astype(np.float64).sum()
         numerator[b] += sum(E1[y[t - 1]].astype(np.float64) @ E2[y[t]].astype(np.float64) for t in range(1, L))
     return numerator / temperature - log_partition(beam_scores, beam_tokens, E1, E2, temperature, lengths)
+
+
+def crf_entropy(scores, tokens, E1, E2, temperature=1.0, lengths=None):
+    """H(p_tau) (B,) by enumeration of every beam path: -sum_y p log p (terms with p = 0 are 0)."""
+    B, T, _ = scores.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    out = np.empty(B)
+    for b in range(B):
+        _, log_probs, _ = crf_enumerate(scores, tokens, E1, E2, b, int(lengths[b]), temperature)
+        finite = np.isfinite(log_probs)
+        out[b] = -np.sum(np.exp(log_probs[finite]) * log_probs[finite])
+    return out
+
+
+def crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature=1.0, lengths=None):
+    """KL(p || q) (B,) by enumeration of every beam path (terms with p = 0 are 0)."""
+    B, T, _ = scores_p.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    out = np.empty(B)
+    for b in range(B):
+        L = int(lengths[b])
+        _, log_p, _ = crf_enumerate(scores_p, tokens, E1_p, E2_p, b, L, temperature)
+        _, log_q, _ = crf_enumerate(scores_q, tokens, E1_q, E2_q, b, L, temperature)
+        live = np.isfinite(log_p)
+        out[b] = np.sum(np.exp(log_p[live]) * (log_p[live] - log_q[live]))
+    return out

@@ -7,6 +7,8 @@ Array API (NumPy or GPU arrays in, the same kind out; docs/design.md is the spec
 * :func:`stochastic_viterbi` — the write-up's stochastic Viterbi sampler, one or N chains, and
   :func:`stochastic_viterbi_backward`, the gradient the write-up's autograd gives through ``beam_probs``.
 * :func:`crf_sample` — exact samples of the CRF with their log-probabilities (FFBS).
+* :func:`crf_entropy`, :func:`crf_entropy_grad` — the exact entropy of the CRF and its gradients;
+  :func:`crf_kl`, :func:`crf_kl_grad`, :func:`crf_cross_entropy` — of two CRFs on one beam.
 * :func:`log_partition`, :func:`marginals`, :func:`log_likelihood` (fairseq ``DynamicCRF.forward``),
   :func:`sequence_score`, and the gradients :func:`log_partition_grad`, :func:`log_likelihood_grad`.
 * :func:`crf_forward`, :func:`log_likelihood_forward` — a forward pass kept for sampling and the
@@ -18,7 +20,12 @@ from ._validate import skip_gpu_checks
 from .crf import (
     CRFForward,
     LikelihoodForward,
+    crf_cross_entropy,
+    crf_entropy,
+    crf_entropy_grad,
     crf_forward,
+    crf_kl,
+    crf_kl_grad,
     crf_sample,
     log_likelihood,
     log_likelihood_forward,
@@ -33,6 +40,8 @@ from .results import (
     PAD,
     Beam,
     CRFSample,
+    EntropyGrad,
+    KLGrad,
     LikelihoodGrad,
     PartitionGrad,
     SamplerGrad,
@@ -47,13 +56,20 @@ __all__ = [
     "Beam",
     "CRFForward",
     "CRFSample",
+    "EntropyGrad",
+    "KLGrad",
     "LikelihoodForward",
     "LikelihoodGrad",
     "PartitionGrad",
     "SamplerGrad",
     "StochasticViterbiResult",
     "ViterbiResult",
+    "crf_cross_entropy",
+    "crf_entropy",
+    "crf_entropy_grad",
     "crf_forward",
+    "crf_kl",
+    "crf_kl_grad",
     "crf_sample",
     "log_likelihood",
     "log_likelihood_forward",

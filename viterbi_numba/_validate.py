@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
+import re
 import secrets
 from typing import Any, Iterator, NamedTuple, Optional, Protocol
 
@@ -524,6 +525,44 @@ def paths(arrays: Arrays, crf: BeamCRF, beam_idx: Any) -> tuple[Any, bool]:
     values = values.reshape(B, T, 1) if single else values
     rule = lambda host, lengths: path_values(host, lengths, K)  # noqa: E731
     return arrays.checks().before_lengths(values, crf.lengths, K, 0, rule), single
+
+
+_FLOATS = ("scores", "E1", "E2")
+
+
+def kl_crfs(
+    arrays: Arrays,
+    scores_p: Any,
+    scores_q: Any,
+    tokens: Any,
+    E1_p: Any,
+    E2_p: Any,
+    E1_q: Any,
+    E2_q: Any,
+    lengths_value: Any,
+    temperature_value: Any,
+) -> tuple[BeamCRF, BeamCRF]:
+    """Two beam CRFs on the same beam tokens and lengths (p, q), each checked as :func:`beam_crf` checks
+    one for exact inference, in one compute dtype; q's tables may have their own (V, D). Errors name
+    ``scores_p``, ``E1_p``, ... ."""
+    crfs = []
+    for side, scores, E1, E2 in (("p", scores_p, E1_p, E2_p), ("q", scores_q, E1_q, E2_q)):
+        try:
+            crfs.append(
+                beam_crf(arrays, scores, tokens, E1, E2, lengths_value, temperature_value=temperature_value, exact=True)
+            )
+        except (TypeError, ValueError) as error:
+            message = re.sub(r"\b(E1|E2|scores)\b", rf"\1_{side}", str(error))
+            raise type(error)(message) from None
+    p, q = crfs
+    dtype = compute_dtype(p.dtype, q.dtype)
+    p, q = (
+        crf._replace(
+            **{name: arrays.cast(getattr(crf, name), dtype, f"{name}_{side}") for name in ("scores", "E1", "E2")}
+        )
+        for crf, side in ((p, "p"), (q, "q"))
+    )
+    return p, q
 
 
 def saved_forward(arrays: Arrays, crf: BeamCRF, saved: Any) -> tuple[Any, Any, Any, Any]:

@@ -15,12 +15,17 @@ from typing import Any, Optional
 from . import _validate
 from ._devices import backend_of
 from .decode import ArrayLike
-from .results import Beam, CRFSample, LikelihoodGrad, PartitionGrad
+from .results import Beam, CRFSample, EntropyGrad, KLGrad, LikelihoodGrad, PartitionGrad
 
 __all__ = [
     "CRFForward",
     "LikelihoodForward",
+    "crf_cross_entropy",
+    "crf_entropy",
+    "crf_entropy_grad",
     "crf_forward",
+    "crf_kl",
+    "crf_kl_grad",
     "crf_sample",
     "log_likelihood",
     "log_likelihood_forward",
@@ -117,6 +122,18 @@ class CRFForward:
         with ops.call():
             weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
             return ops.log_partition_grad(self._state, weights)
+
+    def entropy(self) -> Any:
+        """H(p_tau) (B,) of this forward pass's CRF (as :func:`crf_entropy`)."""
+        with self._ops.call():
+            return self._ops.entropy(self._state, None).entropy
+
+    def entropy_grad(self, grad_output: Optional[ArrayLike] = None) -> EntropyGrad:
+        """H(p_tau) and the gradients of ``sum_b grad_output[b] * H[b]`` (as :func:`crf_entropy_grad`)."""
+        ops = self._ops
+        with ops.call():
+            weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
+            return ops.entropy(self._state, weights)
 
     def paths_grad(self, beam_idx: ArrayLike, weights: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """Gradients of ``sum_{b,n} weights[b, n] * log p_tau(y_bn)`` for beam paths y.
@@ -327,6 +344,174 @@ def log_partition_grad(
         weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype)
         state: Any = ops.crf_forward(crf, inv_temp)
         return ops.log_partition_grad(state, weights)
+
+
+def crf_entropy(
+    scores: ArrayLike,
+    tokens: ArrayLike,
+    E1: ArrayLike,
+    E2: ArrayLike,
+    temperature: float = 1.0,
+    lengths: Optional[ArrayLike] = None,
+) -> Any:
+    """The entropy H(p_tau) = -sum_y p_tau(y) log p_tau(y) over all beam paths, per sequence.
+
+    Summed along the backward factorisation p(y) = p(y_{L-1}) prod_t p(y_{t-1} | y_t) as a sum of
+    conditional entropies (docs/design.md §4): no cancellation between log Z and E[S] / tau, and H >= 0
+    up to rounding. One forward pass and one backward sweep.
+
+    Parameters
+    ----------
+    scores, tokens, E1, E2, temperature, lengths
+        As for :func:`crf_forward`.
+
+    Returns
+    -------
+    (B,) float array in the compute dtype.
+    """
+    return crf_forward(scores, tokens, E1, E2, temperature, lengths).entropy()
+
+
+def crf_entropy_grad(
+    scores: ArrayLike,
+    tokens: ArrayLike,
+    E1: ArrayLike,
+    E2: ArrayLike,
+    temperature: float = 1.0,
+    lengths: Optional[ArrayLike] = None,
+    grad_output: Optional[ArrayLike] = None,
+) -> EntropyGrad:
+    """H(p_tau) and its gradients with respect to the beam scores and the tables (an entropy bonus).
+
+    dH / d potential = -Cov_p(feature, log p(y)) / tau for every node and edge feature, from a forward
+    and a backward sweep of expectations (docs/design.md §4); the edge terms are contracted with the
+    table rows step by step, never kept as a (T, K, K) array.
+
+    Parameters
+    ----------
+    scores, tokens, E1, E2, temperature, lengths
+        As for :func:`crf_forward`.
+    grad_output : (B,) float array, optional
+        Weights each sequence (default all 1): the gradients are those of ``sum_b grad_output[b] * H[b]``.
+
+    Returns
+    -------
+    EntropyGrad
+    """
+    return crf_forward(scores, tokens, E1, E2, temperature, lengths).entropy_grad(grad_output)
+
+
+def _kl(
+    scores_p: Any,
+    scores_q: Any,
+    tokens: Any,
+    E1_p: Any,
+    E2_p: Any,
+    E1_q: Any,
+    E2_q: Any,
+    temperature: Any,
+    lengths: Any,
+    grad_output: Any,
+    want_grads: bool,
+) -> KLGrad:
+    ops = backend_of(scores_p=scores_p, scores_q=scores_q, tokens=tokens, E1_p=E1_p, E2_p=E2_p, E1_q=E1_q, E2_q=E2_q)
+    with ops.call():
+        p, q = _validate.kl_crfs(ops.arrays, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature)
+        inv_temp = _validate.inv_temperature(temperature, p.dtype)
+        weights = _validate.weights(ops.arrays, grad_output, (p.scores.shape[0],), p.dtype) if want_grads else None
+        p_state: Any = ops.crf_forward(p, inv_temp)
+        q_state: Any = ops.crf_forward(q, inv_temp)
+        return ops.kl(p_state, q_state, weights)
+
+
+def crf_kl(
+    scores_p: ArrayLike,
+    scores_q: ArrayLike,
+    tokens: ArrayLike,
+    E1_p: ArrayLike,
+    E2_p: ArrayLike,
+    E1_q: ArrayLike,
+    E2_q: ArrayLike,
+    temperature: float = 1.0,
+    lengths: Optional[ArrayLike] = None,
+) -> Any:
+    """KL(p_tau || q_tau) = E_p[log p(y) - log q(y)] of two beam CRFs on the same beam, per sequence.
+
+    p (the policy) and q (a reference, such as a frozen copy) share the beam ``tokens`` and ``lengths``;
+    each has its own beam scores and tables (q's emissions gathered at p's beam tokens:
+    ``np.take_along_axis(emissions_q, tokens, 2)``). For two models whose top-K beams differ this is the
+    KL of the two CRFs restricted to p's beam. Summed along the backward factorisation as a sum of
+    conditional KL divergences (docs/design.md §4): >= 0 up to rounding, 0 for q = p. +inf where q gives
+    probability 0 (a -inf slot) to a path p can take.
+
+    Parameters
+    ----------
+    scores_p, scores_q : (B, T, K) float arrays
+        Each CRF's beam scores.
+    tokens : (B, T, K) int array
+        The beam's token ids, in [0, V) for both tables.
+    E1_p, E2_p : (V, D) float arrays
+        p's tables.
+    E1_q, E2_q : (V_q, D_q) float arrays
+        q's tables.
+    temperature, lengths
+        As for :func:`crf_forward` (one temperature for both).
+
+    Returns
+    -------
+    (B,) float array in the compute dtype.
+    """
+    return _kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths, None, False).kl
+
+
+def crf_kl_grad(
+    scores_p: ArrayLike,
+    scores_q: ArrayLike,
+    tokens: ArrayLike,
+    E1_p: ArrayLike,
+    E2_p: ArrayLike,
+    E1_q: ArrayLike,
+    E2_q: ArrayLike,
+    temperature: float = 1.0,
+    lengths: Optional[ArrayLike] = None,
+    grad_output: Optional[ArrayLike] = None,
+) -> KLGrad:
+    """KL(p_tau || q_tau) and the gradients of ``sum_b grad_output[b] * KL[b]`` with respect to both CRFs.
+
+    d KL / d p's potentials = Cov_p(feature, log p - log q) / tau; d KL / d q's potentials =
+    (q's marginals - p's marginals) / tau. Edge terms are contracted with the table rows step by step.
+
+    Parameters
+    ----------
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths
+        As for :func:`crf_kl`.
+    grad_output : (B,) float array, optional
+        Default all 1.
+
+    Returns
+    -------
+    KLGrad
+    """
+    return _kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths, grad_output, True)
+
+
+def crf_cross_entropy(
+    scores_p: ArrayLike,
+    scores_q: ArrayLike,
+    tokens: ArrayLike,
+    E1_p: ArrayLike,
+    E2_p: ArrayLike,
+    E1_q: ArrayLike,
+    E2_q: ArrayLike,
+    temperature: float = 1.0,
+    lengths: Optional[ArrayLike] = None,
+) -> Any:
+    """The cross-entropy -E_p[log q(y)] = H(p) + KL(p || q) of two beam CRFs on the same beam.
+
+    Parameters and returns as for :func:`crf_kl`.
+    """
+    kl = crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths)
+    return kl + crf_entropy(scores_p, tokens, E1_p, E2_p, temperature, lengths).astype(kl.dtype)
 
 
 def sequence_score(

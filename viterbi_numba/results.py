@@ -21,6 +21,8 @@ __all__ = [
     "CRFSample",
     "PartitionGrad",
     "LikelihoodGrad",
+    "EntropyGrad",
+    "KLGrad",
 ]
 
 
@@ -170,3 +172,47 @@ class LikelihoodGrad(NamedTuple):
     grad_scores: Any
     grad_E1: Any
     grad_E2: Any
+
+
+class EntropyGrad(NamedTuple):
+    """Output of :func:`~viterbi_numba.crf_entropy_grad`.
+
+    Attributes
+    ----------
+    entropy : (B,) float
+        ``H(p_tau) = -E[log p_tau(y)]`` per sequence.
+    grad_scores : (B, T, K) float
+        Gradient of ``sum_b grad_output[b] * H[b]`` with respect to the beam scores (0 at padded positions).
+    grad_E1, grad_E2 : (V, D) float
+        Its gradients with respect to the tables.
+    """
+
+    entropy: Any
+    grad_scores: Any
+    grad_E1: Any
+    grad_E2: Any
+
+
+class KLGrad(NamedTuple):
+    """Output of :func:`~viterbi_numba.crf_kl_grad`: KL(p || q) and the gradients of
+    ``sum_b grad_output[b] * KL[b]`` with respect to both CRFs.
+
+    Attributes
+    ----------
+    kl : (B,) float
+        ``KL(p_tau || q_tau) = E_p[log p(y) - log q(y)]`` per sequence.
+    grad_scores_p, grad_scores_q : (B, T, K) float
+        With respect to each CRF's beam scores.
+    grad_E1_p, grad_E2_p : (V, D) float
+        With respect to p's tables.
+    grad_E1_q, grad_E2_q : (V_q, D_q) float
+        With respect to q's tables.
+    """
+
+    kl: Any
+    grad_scores_p: Any
+    grad_E1_p: Any
+    grad_E2_p: Any
+    grad_scores_q: Any
+    grad_E1_q: Any
+    grad_E2_q: Any

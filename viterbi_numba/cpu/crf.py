@@ -380,3 +380,218 @@ def sequence_score_kernel(scores, tokens, E1, E2, lengths, beam_idx, out_score):
                     total += np.float64(src[d]) * np.float64(dst[d])
                 total += scores[b, t, y]
             out_score[b, n] = total
+
+
+# --------------------------------------------------------------------------------------------------
+# entropy: expectations of log p along the backward factorisation
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _conditionals(alpha_prev, trans, inv_temp, col_max_t, col_sum_t, log_sums, cond, log_cond):
+    """cond[i, j] = p(y_{t-1} = i | y_t = j) from the forward state, and log_cond its log; an unreachable
+    row (alpha_prev[i] = -inf) gets cond 0 and log_cond 0 (it never contributes, and 0 * log 0 is 0)."""
+    K = alpha_prev.shape[0]
+    for j in range(K):
+        log_sums[j] = np.log(col_sum_t[j])
+    for i in range(K):
+        a = alpha_prev[i]
+        row, cond_row, log_row = trans[i], cond[i], log_cond[i]
+        if a == -np.inf:
+            for j in range(K):
+                cond_row[j] = 0.0
+                log_row[j] = 0.0
+        else:
+            for j in range(K):
+                z = a + row[j] * inv_temp - col_max_t[j]
+                cond_row[j] = fast_exp(z) / col_sum_t[j]
+                log_row[j] = z - log_sums[j]
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _log_ratios(log_cond, q_alpha_prev, q_trans, inv_temp, q_col_max_t, q_col_sum_t, log_sums):
+    """log_cond[i, j] -= log q(y_{t-1} = i | y_t = j): the step's log ratio of p's and q's backward
+    conditionals (read only where p's conditional is > 0; a row q cannot reach gives +inf there)."""
+    K = q_alpha_prev.shape[0]
+    for j in range(K):
+        log_sums[j] = np.log(q_col_sum_t[j])
+    for i in range(K):
+        a = q_alpha_prev[i]
+        row, log_row = q_trans[i], log_cond[i]
+        for j in range(K):
+            log_row[j] -= a + row[j] * inv_temp - q_col_max_t[j] - log_sums[j]
+
+
+@njit(cache=True, inline="always")
+def _last_position(alpha_last, mu, log_mu):
+    """mu = softmax(alpha_last), log_mu its log (0 where mu is 0)."""
+    K = alpha_last.shape[0]
+    total = 0.0
+    for j in range(K):
+        mu[j] = fast_exp(alpha_last[j])
+        total += mu[j]
+    log_total = np.log(total)
+    for j in range(K):
+        mu[j] /= total
+        log_mu[j] = alpha_last[j] - log_total if mu[j] > 0 else 0.0
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def log_ratio_kernel(
+    tokens,
+    E1,
+    E2,
+    lengths,
+    inv_temp,
+    alpha,
+    col_max,
+    col_sum,
+    q_E1,
+    q_E2,
+    q_alpha,
+    q_col_max,
+    q_col_sum,
+    use_q,
+    first,
+    count,
+    want_grads,
+    out_expected,
+    cov_nodes,
+    grad_src,
+    grad_dst,
+    marginals,
+    q_grad_src,
+    q_grad_dst,
+):
+    """E_p[log p(y) - log q(y)] of sequences b = first .. first+count-1 (the KL divergence; without
+    ``use_q``, E_p[log p(y)] = -H), from ``forward_kernel``'s state of p (and of q, a CRF on the same
+    beam tokens with tables q_E1, q_E2), and, with ``want_grads``:
+
+    * ``cov_nodes[b]`` (T, K): Cov_p([y_t = k], log p - log q); the edge covariances contracted with
+      p's table rows into ``grad_src`` / ``grad_dst`` (``backward_kernel``'s layout). d/d p's
+      potential of E_p[log p - log q] is Cov / tau.
+    * with ``use_q``: p's node marginals ``marginals[b]`` and its edge marginals contracted with q's
+      rows into ``q_grad_src`` / ``q_grad_dst`` (for the gradient with respect to q).
+
+    log p (and log q) are summed along the backward factorisation p(y) = mu_{L-1}(y_{L-1}) prod_t
+    c_t(y_{t-1} | y_t): normalised logs, never the path scores, so nothing cancels; the value is a sum
+    of conditional entropies (KL divergences), >= 0 up to rounding. The covariances come from a forward
+    sweep F_t(j) = E[log ratio of y_0..y_t | y_t = j] and a backward sweep G_t(j) = mu_t(j) E[the
+    rest | y_t = j] (docs/design.md §4).
+    """
+    B, T, K = tokens.shape
+    D = E1.shape[1]
+    Dq = q_E1.shape[1]
+    dtype = alpha.dtype
+    for c in prange(count):
+        b = first + c
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        q_src_emb = np.empty((K, Dq), dtype=dtype)
+        q_dst_emb = np.empty((K, Dq), dtype=dtype)
+        q_trans = np.empty((K, K), dtype=dtype)
+        cond = np.empty((K, K), dtype=dtype)
+        log_cond = np.empty((K, K), dtype=dtype)
+        xi = np.empty((K, K), dtype=dtype)
+        mu = np.empty(K, dtype=dtype)
+        mu_prev = np.empty(K, dtype=dtype)
+        ghat = np.empty(K, dtype=dtype)
+        ghat_prev = np.empty(K, dtype=dtype)
+        log_last = np.empty(K, dtype=dtype)
+        q_mu = np.empty(K, dtype=dtype)
+        q_log_last = np.empty(K, dtype=dtype)
+        log_sums = np.empty(K, dtype=dtype)
+        _last_position(alpha[b, length - 1], mu, log_last)
+        if use_q:
+            _last_position(q_alpha[b, length - 1], q_mu, q_log_last)
+            for j in range(K):
+                if mu[j] > 0:
+                    log_last[j] -= q_log_last[j]
+        expected = 0.0
+        F = np.zeros((T if want_grads else 1, K), dtype=dtype)
+        if want_grads:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
+            for t in range(1, length):
+                _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+                _conditionals(alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, cond, log_cond)
+                if use_q:
+                    _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
+                    _log_ratios(
+                        log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums
+                    )
+                for i in range(K):
+                    f = F[t - 1, i]
+                    cond_row, log_row = cond[i], log_cond[i]
+                    for j in range(K):
+                        if cond_row[j] > 0:
+                            F[t, j] += cond_row[j] * (f + log_row[j])
+            for j in range(K):
+                if mu[j] > 0:
+                    expected += np.float64(mu[j]) * (np.float64(F[length - 1, j]) + np.float64(log_last[j]))
+        else:
+            for j in range(K):
+                if mu[j] > 0:
+                    expected += np.float64(mu[j]) * np.float64(log_last[j])
+        mean = dtype.type(expected)
+        nodes = cov_nodes[b]
+        if want_grads:
+            for j in range(K):
+                ghat[j] = mu[j] * log_last[j]
+                nodes[length - 1, j] = mu[j] * (F[length - 1, j] - mean) + ghat[j]
+                if use_q:
+                    marginals[b, length - 1, j] = mu[j]
+        # backward sweep, last position first (without gradients: the value, one term per edge)
+        for t in range(length - 1, 0, -1):
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            _conditionals(alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, cond, log_cond)
+            if use_q:
+                _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
+                _log_ratios(log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums)
+            if not want_grads:
+                for i in range(K):
+                    cond_row, log_row = cond[i], log_cond[i]
+                    m = 0.0
+                    for j in range(K):
+                        x = cond_row[j] * mu[j]
+                        if x > 0:
+                            expected += np.float64(x * log_row[j])
+                        m += x
+                    mu_prev[i] = m
+                mu, mu_prev = mu_prev, mu
+                continue
+            for i in range(K):
+                f = F[t - 1, i] - mean
+                cond_row, log_row = cond[i], log_cond[i]
+                edge_row = trans[i]  # becomes the edge covariances
+                xi_row = xi[i]
+                g = 0.0
+                m = 0.0
+                for j in range(K):
+                    x = cond_row[j] * mu[j]
+                    share = cond_row[j] * ghat[j]
+                    if cond_row[j] > 0:
+                        edge_row[j] = x * (f + log_row[j]) + share
+                        g += x * log_row[j] + share
+                    else:
+                        edge_row[j] = 0.0
+                    xi_row[j] = x
+                    m += x
+                ghat_prev[i] = g
+                mu_prev[i] = m
+            _xi_times(trans, dst_emb, grad_src[c, t - 1])
+            _xi_t_times(trans, src_emb, grad_dst[c, t])
+            if use_q:
+                _xi_times(xi, q_dst_emb, q_grad_src[c, t - 1])
+                _xi_t_times(xi, q_src_emb, q_grad_dst[c, t])
+            for i in range(K):
+                nodes[t - 1, i] = mu_prev[i] * (F[t - 1, i] - mean) + ghat_prev[i]
+                if use_q:
+                    marginals[b, t - 1, i] = mu_prev[i]
+            mu, mu_prev = mu_prev, mu
+            ghat, ghat_prev = ghat_prev, ghat
+        if want_grads:
+            for t in range(length, T):
+                for j in range(K):
+                    nodes[t, j] = 0.0
+                    if use_q:
+                        marginals[b, t, j] = 0.0
+        out_expected[b] = expected

@@ -31,7 +31,16 @@ from .._validate import (
     scale_fits,
     squared_row_norm,
 )
-from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
+from ..results import (
+    Beam,
+    CRFSample,
+    EntropyGrad,
+    KLGrad,
+    PartitionGrad,
+    SamplerGrad,
+    StochasticViterbiResult,
+    ViterbiResult,
+)
 from . import crf as crf_kernels
 from . import decode as decode_kernels
 
@@ -280,17 +289,24 @@ def _table_gradients(
     in (b, t, k) order. Only as many sequences as there are threads hold rows at a time, so the memory
     is O(threads * T * K * D) and the sums do not depend on the thread count.
     """
+    return _table_gradient_pairs(run_kernel, tokens, lengths, [(scale, table_shape)])[0]
+
+
+def _table_gradient_pairs(
+    run_kernel: Callable, tokens: np.ndarray, lengths: np.ndarray, tables: list[tuple[np.ndarray, tuple[int, int]]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_table_gradients` for a kernel that writes rows for several pairs of tables at once:
+    ``tables`` lists (scale (B,), (V, D)) per pair; ``run_kernel(first, count, src_0, dst_0, src_1, ...)``."""
     B, T, K = tokens.shape
-    dtype = scale.dtype
     chunk = max(1, min(B, get_num_threads()))
-    grad_src, grad_dst = np.zeros((2, chunk, T, K, table_shape[1]), dtype=dtype)
-    grad_E1 = np.zeros(table_shape, dtype=dtype)
-    grad_E2 = np.zeros(table_shape, dtype=dtype)
+    rows = [np.zeros((2, chunk, T, K, shape[1]), dtype=scale.dtype) for scale, shape in tables]
+    grads = [(np.zeros(shape, dtype=scale.dtype), np.zeros(shape, dtype=scale.dtype)) for scale, shape in tables]
     for first in range(0, B, chunk):
         count = min(chunk, B - first)
-        run_kernel(first, count, grad_src, grad_dst)
-        decode_kernels.scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2)
-    return grad_E1, grad_E2
+        run_kernel(first, count, *(row for pair in rows for row in pair))
+        for (scale, _), (grad_src, grad_dst), (grad_E1, grad_E2) in zip(tables, rows, grads):
+            decode_kernels.scatter_rows(tokens, lengths, first, count, scale, grad_src, grad_dst, grad_E1, grad_E2)
+    return grads
 
 
 class ForwardState(NamedTuple):
@@ -531,6 +547,94 @@ class CPUOps:
                 grad_E2,
             )
         return grad_scores, grad_E1, grad_E2
+
+    def _log_ratio(
+        self, state: ForwardState, q_state: Optional[ForwardState], want_grads: bool
+    ) -> tuple[np.ndarray, Any, Any]:
+        """E_p[log p - log q] (B,) float64 (q None: E_p[log p] = -H) and, with ``want_grads``, a function
+        run(first, count, grad_src, grad_dst, q_grad_src, q_grad_dst) of the kernel's rows, and the
+        (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``)."""
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        use_q = q_state is not None
+        q = q_state if q_state is not None else state
+        expected = np.zeros(B, dtype=np.float64)
+        cov = np.zeros((B, T, K) if want_grads else (1, 1, 1), dtype=crf.dtype)
+        marginals = np.zeros((B, T, K) if want_grads and use_q else (1, 1, 1), dtype=crf.dtype)
+
+        def run(first: int, count: int, *rows: np.ndarray) -> None:
+            crf_kernels.log_ratio_kernel(
+                crf.tokens,
+                crf.E1,
+                crf.E2,
+                crf.lengths,
+                state.inv_temp,
+                state.alpha,
+                state.col_max,
+                state.col_sum,
+                q.crf.E1,
+                q.crf.E2,
+                q.alpha,
+                q.col_max,
+                q.col_sum,
+                use_q,
+                first,
+                count,
+                want_grads,
+                expected,
+                cov,
+                *rows[:2],
+                marginals,
+                *rows[2:],
+            )
+
+        if not want_grads and B:
+            with kernel_scope(K, crf.dtype):
+                run(0, B, *np.zeros((4, 1, 1, 1, 1), dtype=crf.dtype))
+        return expected, run, (cov, marginals)
+
+    def entropy(self, state: ForwardState, weights: Optional[np.ndarray]) -> EntropyGrad:
+        """H_tau (B,) and, for host weights (B,), the gradients of sum_b weights[b] * H_tau[b] (None
+        without weights)."""
+        crf = state.crf
+        expected, run, (cov, _) = self._log_ratio(state, None, weights is not None)
+        if weights is None:
+            return EntropyGrad((-expected).astype(crf.dtype), None, None, None)
+        scale = -weights * state.inv_temp  # dH / d potential = -Cov(feature, log p) / tau
+        no_q_rows = np.zeros((2, 1, 1, 1, 1), dtype=crf.dtype)
+        with kernel_scope(crf.scores.shape[2], crf.dtype):
+            grad_E1, grad_E2 = _table_gradients(
+                lambda first, count, src, dst: run(first, count, src, dst, *no_q_rows),
+                crf.tokens,
+                crf.lengths,
+                scale,
+                crf.E1.shape,
+            )
+        return EntropyGrad((-expected).astype(crf.dtype), cov * scale[:, None, None], grad_E1, grad_E2)
+
+    def kl(self, state: ForwardState, q_state: ForwardState, weights: Optional[np.ndarray]) -> KLGrad:
+        """KL(p || q) (B,) of two CRFs on one beam and, for host weights (B,), the gradients of
+        sum_b weights[b] * KL[b] with respect to both (None without weights)."""
+        crf, q_crf = state.crf, q_state.crf
+        expected, run, (cov, mu_p) = self._log_ratio(state, q_state, weights is not None)
+        if weights is None:
+            return KLGrad(expected.astype(crf.dtype), None, None, None, None, None, None)
+        scale = weights * state.inv_temp  # d KL / d p's potential = Cov(feature, log p - log q) / tau
+        with kernel_scope(crf.scores.shape[2], crf.dtype):
+            (grad_E1, grad_E2), (minus_E1_q, minus_E2_q) = _table_gradient_pairs(
+                run, crf.tokens, crf.lengths, [(scale, crf.E1.shape), (-scale, q_crf.E1.shape)]
+            )
+        # d KL / d q's potential = (q's marginals - p's) / tau: log Z_q's gradient minus p's expected features
+        q_grad = self.log_partition_grad(q_state, weights)
+        return KLGrad(
+            expected.astype(crf.dtype),  # filled by the runs above
+            cov * scale[:, None, None],
+            grad_E1,
+            grad_E2,
+            q_grad.grad_scores - mu_p * scale[:, None, None],
+            q_grad.grad_E1 + minus_E1_q,
+            q_grad.grad_E2 + minus_E2_q,
+        )
 
     @staticmethod
     def _path_scores(crf: BeamCRF, paths: np.ndarray) -> np.ndarray:

@@ -17,7 +17,16 @@ import numpy as np
 from numba import config
 
 from .._validate import BeamCRF, Draws, SamplerGradInputs, emission_values
-from ..results import Beam, CRFSample, PartitionGrad, SamplerGrad, StochasticViterbiResult, ViterbiResult
+from ..results import (
+    Beam,
+    CRFSample,
+    EntropyGrad,
+    KLGrad,
+    PartitionGrad,
+    SamplerGrad,
+    StochasticViterbiResult,
+    ViterbiResult,
+)
 from .arrays import DeviceArrays, grid, multiprocessors
 from .kernels import kernels
 from .kernels.block import MAX_THREADS, SHARED_BUDGET, TRANSITIONS_BUDGET, block_limits, rank_for, threads_for
@@ -484,6 +493,16 @@ class GPUOps:
                 paths, crf.tokens, crf.lengths, scale, crf.E1, crf.E2, grad_scores[1], grad_E1[1], grad_E2[1]
             )
         return grad_scores[0], grad_E1[0], grad_E2[0]
+
+    def entropy(self, state: ForwardState, weights: Optional[Any]) -> EntropyGrad:
+        raise NotImplementedError(
+            "crf_entropy has no GPU kernel yet (issue 15 adds it); pass NumPy arrays for the CPU kernels"
+        )
+
+    def kl(self, state: ForwardState, q_state: ForwardState, weights: Optional[Any]) -> KLGrad:
+        raise NotImplementedError(
+            "crf_kl has no GPU kernel yet (issue 15 adds it); pass NumPy arrays for the CPU kernels"
+        )
 
     def _path_scores(self, crf: BeamCRF, paths: Any) -> tuple[Any, Any]:
         B, _, N = paths.shape

@@ -1,0 +1,91 @@
+"""crf_kl, crf_kl_grad and crf_cross_entropy (two beam CRFs on one beam), against enumeration and
+torch autograd of enumeration."""
+
+import itertools
+
+import numpy as np
+import pytest
+import reference as ref
+from conftest import make_problem
+
+import viterbi_numba as vn
+
+torch = pytest.importorskip("torch")
+
+
+def _torch_log_probs(scores, tokens, E1, E2, temperature, length, b):
+    K = scores.shape[2]
+    logits = []
+    for y in itertools.product(range(K), repeat=length):
+        s = scores[b, 0, y[0]]
+        for t in range(1, length):
+            s = s + scores[b, t, y[t]] + (E1[tokens[b, t - 1, y[t - 1]]] * E2[tokens[b, t, y[t]]]).sum()
+        logits.append(s / temperature)
+    logits = torch.stack(logits)
+    return logits - torch.logsumexp(logits, 0)
+
+
+def _torch_kl(p, q, tokens, temperature, lengths):
+    out = []
+    for b in range(len(lengths)):
+        log_p = _torch_log_probs(*p[:1], tokens, *p[1:], temperature, int(lengths[b]), b)
+        log_q = _torch_log_probs(*q[:1], tokens, *q[1:], temperature, int(lengths[b]), b)
+        out.append((log_p.exp() * (log_p - log_q)).sum())
+    return torch.stack(out)
+
+
+def _two_crfs(seed, B=3, T=4, K=3, V=7, D=2, Dq=3):
+    rng = np.random.default_rng(seed)
+    scores_p, tokens, E1_p, E2_p = make_problem(rng, B, T, K, V=V, D=D)
+    scores_q = scores_p + 0.5 * rng.standard_normal(scores_p.shape)
+    E1_q, E2_q = (0.6 * rng.standard_normal((V + 2, Dq)) for _ in range(2))  # q's own (V_q, D_q)
+    return scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 3e-5)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kl_and_gradients_match_enumeration(dtype, tol, temperature):
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q = _two_crfs(4)
+    lengths = np.array([4, 2, 3])
+    weights = np.array([1.0, -0.5, 2.0])
+    want = ref.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths)
+    floats = [a.astype(dtype) for a in (scores_p, scores_q)]
+    tables = [a.astype(dtype) for a in (E1_p, E2_p, E1_q, E2_q)]
+    np.testing.assert_allclose(vn.crf_kl(*floats, tokens, *tables, temperature, lengths), want, rtol=tol, atol=tol)
+    got = vn.crf_kl_grad(*floats, tokens, *tables, temperature, lengths, weights)
+    leaves = [torch.tensor(a, requires_grad=True) for a in (scores_p, E1_p, E2_p, scores_q, E1_q, E2_q)]
+    kl = _torch_kl(leaves[:3], leaves[3:], tokens, temperature, lengths)
+    (kl * torch.tensor(weights)).sum().backward()
+    np.testing.assert_allclose(got.kl, kl.detach().numpy(), rtol=tol, atol=tol)
+    names = ("grad_scores_p", "grad_E1_p", "grad_E2_p", "grad_scores_q", "grad_E1_q", "grad_E2_q")
+    for name, leaf in zip(names, leaves):
+        np.testing.assert_allclose(getattr(got, name), leaf.grad.numpy(), rtol=tol, atol=tol, err_msg=name)
+    # cross-entropy = H(p) + KL
+    cross = vn.crf_cross_entropy(*floats, tokens, *tables, temperature, lengths)
+    entropy = ref.crf_entropy(scores_p, tokens, E1_p, E2_p, temperature, lengths)
+    np.testing.assert_allclose(cross, entropy + want, rtol=tol, atol=tol)
+
+
+def test_kl_is_zero_for_the_same_crf_and_positive_otherwise():
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q = _two_crfs(6, B=4, T=6, K=5, V=9, D=3)
+    lengths = np.array([6, 1, 4, 6])
+    same = vn.crf_kl_grad(scores_p, scores_p, tokens, E1_p, E2_p, E1_p, E2_p, 0.8, lengths)
+    assert np.all(np.abs(same.kl) < 1e-12)
+    for name in same._fields[1:]:
+        assert np.abs(getattr(same, name)).max() < 1e-12, name  # a minimum: every gradient vanishes
+    kl = vn.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, 0.8, lengths)
+    assert np.all(kl[[0, 2, 3]] > 0) and np.all(kl >= 0)
+
+
+def test_kl_errors_name_the_side():
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q = _two_crfs(1)
+    with pytest.raises(ValueError, match="E1_q and E2_q must have the same shape"):
+        vn.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q[:, :2])
+    bad = scores_q.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="scores_q"):
+        vn.crf_kl(scores_p, bad, tokens, E1_p, E2_p, E1_q, E2_q)
+    with pytest.raises(ValueError, match="tokens"):
+        vn.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q[:3], E2_q[:3])  # q's vocabulary is too small
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(3,\)"):
+        vn.crf_kl_grad(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, grad_output=np.ones(2))
