@@ -4,7 +4,8 @@
   (same constructor, parameters, methods and outputs), on the kernels; ``beam_probs`` is differentiable
   exactly as in the write-up (through the sampled predecessors), by a backward kernel.
 * :class:`DynamicCRF` — fairseq's ``DynamicCRF`` interface (``forward`` = log-likelihood,
-  ``forward_decoder`` = Viterbi) plus ``sample``: exact samples with differentiable log-probabilities.
+  ``forward_decoder`` = Viterbi) plus ``sample`` (exact samples with differentiable log-probabilities),
+  ``entropy`` and ``kl`` (exact, differentiable: an entropy bonus, a KL penalty to a reference).
 * :func:`as_numpy`, :func:`lengths_from_masks`, :func:`seed_tensor`, :func:`seed_from` — conversions.
 
 The modules are made of the operators of :mod:`viterbi_numba.adapters.torch_ops`
@@ -268,3 +269,55 @@ class DynamicCRF(nn.Module):
             seed_tensor(generator),
         )
         return tokens, log_prob
+
+    def entropy(
+        self,
+        emissions: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+        beam: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The exact entropy H(p_tau) (B,) of the CRF over each position's top-k beam, differentiable with
+        respect to ``emissions``, ``E1`` and ``E2`` (an entropy bonus)."""
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        beam_scores, beam_tokens = _ops.topk_beam(emissions, beam if beam is not None else self.beam)
+        lengths = _lengths(masks, B, T)
+        return _ops.crf_entropy(beam_scores, beam_tokens, self.E1.weight, self.E2.weight, lengths, temperature)[0]
+
+    def kl(
+        self,
+        emissions: torch.Tensor,
+        reference: DynamicCRF,
+        reference_emissions: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+        beam: Optional[int] = None,
+    ) -> torch.Tensor:
+        """KL(p || q) (B,): p is this CRF on ``emissions``' top-k beam, q the ``reference`` CRF (another
+        DynamicCRF, such as a frozen copy of the initial policy) with ``reference_emissions`` gathered at
+        the same beam tokens. Differentiable with respect to both (detach the reference's side to freeze
+        it). For two models whose top-k beams differ, this is the KL of the two CRFs restricted to p's beam.
+        """
+        emissions = _emissions(emissions)
+        reference_emissions = _emissions(reference_emissions)
+        if not isinstance(reference, DynamicCRF):
+            raise TypeError(f"reference must be a DynamicCRF, got {type(reference).__name__}")
+        if reference_emissions.shape != emissions.shape:
+            raise ValueError(
+                f"reference_emissions must have the shape of emissions {tuple(emissions.shape)}, "
+                f"got {tuple(reference_emissions.shape)}"
+            )
+        B, T, _ = emissions.shape
+        beam_scores, beam_tokens = _ops.topk_beam(emissions, beam if beam is not None else self.beam)
+        return _ops.crf_kl(
+            beam_scores,
+            reference_emissions.gather(2, beam_tokens),
+            beam_tokens,
+            self.E1.weight,
+            self.E2.weight,
+            reference.E1.weight,
+            reference.E2.weight,
+            _lengths(masks, B, T),
+            temperature,
+        )

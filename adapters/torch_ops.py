@@ -31,8 +31,11 @@ Operators (floats in the compute dtype, ids int64):
 * ``marginals`` — (B, T, K).
 * ``log_likelihood`` — log_likelihood (B,), beam_scores, beam_tokens (B, T, K), the targets' slots
   (B, T, 1), then the saved state; differentiable (log_likelihood).
-* ``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward`` — the backward
-  formulas' operators: grad_scores (B, T, K), grad_E1, grad_E2 (V, D).
+* ``crf_entropy`` — H (B,), then the saved state; differentiable (H).
+* ``crf_kl`` — KL(p || q) (B,) of two CRFs on one beam; differentiable with respect to both.
+* ``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward``,
+  ``crf_entropy_backward`` — the backward formulas' operators: grad_scores (B, T, K), grad_E1, grad_E2
+  (V, D); ``crf_kl_backward``: those of p, then of q.
 """
 
 from __future__ import annotations
@@ -569,6 +572,92 @@ def _log_likelihood_grad(ctx: Any, grad_log_likelihood: Tensor, *_unused: Any) -
 _autograd(log_likelihood, _log_likelihood_grad, _log_likelihood_setup)
 
 
+@_operator
+def crf_entropy(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.crf_entropy`: H (B,), then the forward pass's saved state."""
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    return _tensor(forward.entropy()), *_saved(forward.saved)
+
+
+@_fake(crf_entropy)
+def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    dtype = compute_dtype(scores, E1, E2)
+    return _float_like(scores, (scores.shape[0],), dtype), *_state_like(scores, dtype)
+
+
+def _entropy_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _crf_setup(ctx, inputs, output, temperature=inputs[5], paths=None)
+
+
+def _entropy_grad(ctx: Any, grad_entropy: Tensor, *_state: Any) -> tuple:
+    scores, tokens, E1, E2, lengths, _paths, *state = ctx.saved_tensors
+    grads = torch.ops.viterbi_numba.crf_entropy_backward(
+        grad_entropy, scores, tokens, E1, E2, lengths, ctx.temperature, *state
+    )
+    grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
+    return grad_scores, None, grad_E1, grad_E2, None, None
+
+
+_autograd(crf_entropy, _entropy_grad, _entropy_setup)
+
+
+@_operator
+def crf_kl(
+    scores_p: Tensor,
+    scores_q: Tensor,
+    tokens: Tensor,
+    E1_p: Tensor,
+    E2_p: Tensor,
+    E1_q: Tensor,
+    E2_q: Tensor,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """:func:`viterbi_numba.crf_kl`: KL(p || q) (B,) of two CRFs on one beam."""
+    return _tensor(
+        vn.crf_kl(
+            *_kl_arrays(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q), temperature, _array(lengths, "lengths")
+        )
+    )
+
+
+def _kl_arrays(*tensors: Tensor) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
+    """(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q) as the array API takes them, in one dtype."""
+    names = ("scores_p", "scores_q", "tokens", "E1_p", "E2_p", "E1_q", "E2_q")
+    dtype = compute_dtype(*(t for t in tensors if t.dtype.is_floating_point))
+    p, q, tokens, E1_p, E2_p, E1_q, E2_q = (_array(t, name, dtype) for t, name in zip(tensors, names))
+    return p, q, tokens, E1_p, E2_p, E1_q, E2_q
+
+
+@_fake(crf_kl)
+def _(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    return _float_like(scores_p, (scores_p.shape[0],), compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q))
+
+
+def _kl_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.temperature = inputs[8]
+    ctx.save_for_backward(*inputs[:8])
+
+
+def _kl_grad(ctx: Any, grad_kl: Tensor) -> tuple:
+    inputs = ctx.saved_tensors
+    grads = torch.ops.viterbi_numba.crf_kl_backward(grad_kl, *inputs, ctx.temperature)
+    floats = (inputs[0], inputs[3], inputs[4], inputs[1], inputs[5], inputs[6])  # scores_p, E1_p, E2_p, scores_q, ...
+    g_scores_p, g_E1_p, g_E2_p, g_scores_q, g_E1_q, g_E2_q = _in_dtypes(grads, *floats)
+    return g_scores_p, g_scores_q, None, g_E1_p, g_E2_p, g_E1_q, g_E2_q, None, None
+
+
+_autograd(crf_kl, _kl_grad, _kl_setup)
+
+
 # --------------------------------------------------------------------------------------------------
 # the backward formulas' operators
 # --------------------------------------------------------------------------------------------------
@@ -642,3 +731,63 @@ def log_partition_backward(
 @_fake(log_partition_backward)
 def _(grad_log_z, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
     return _grads_like(scores, E1, compute_dtype(scores, E1, E2))
+
+
+@_operator
+def crf_entropy_backward(
+    grad_entropy: Tensor,
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    temperature: float,
+    log_z: Tensor,
+    alpha: Tensor,
+    col_max: Tensor,
+    col_sum: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_b grad_entropy[b] * H[b]`` (:meth:`viterbi_numba.CRFForward.entropy_grad`) from a
+    forward pass's saved state."""
+    forward = _restored(scores, tokens, E1, E2, lengths, temperature, (log_z, alpha, col_max, col_sum))
+    grads = forward.entropy_grad(_array(grad_entropy, "grad_entropy", compute_dtype(scores, E1, E2)))
+    return _tensor(grads.grad_scores), _tensor(grads.grad_E1), _tensor(grads.grad_E2)
+
+
+@_fake(crf_entropy_backward)
+def _(grad_entropy, scores, tokens, E1, E2, lengths, temperature, log_z, alpha, col_max, col_sum):  # type: ignore[no-untyped-def]
+    return _grads_like(scores, E1, compute_dtype(scores, E1, E2))
+
+
+@_operator
+def crf_kl_backward(
+    grad_kl: Tensor,
+    scores_p: Tensor,
+    scores_q: Tensor,
+    tokens: Tensor,
+    E1_p: Tensor,
+    E2_p: Tensor,
+    E1_q: Tensor,
+    E2_q: Tensor,
+    lengths: Optional[Tensor],
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_b grad_kl[b] * KL[b]`` (:func:`viterbi_numba.crf_kl_grad`): with respect to
+    scores_p, E1_p, E2_p, scores_q, E1_q, E2_q (the forward passes run again)."""
+    arrays = _kl_arrays(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q)
+    dtype = compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q)
+    grads = vn.crf_kl_grad(*arrays, temperature, _array(lengths, "lengths"), _array(grad_kl, "grad_kl", dtype))
+    return tuple(_tensor(grad) for grad in grads[1:])
+
+
+@_fake(crf_kl_backward)
+def _(grad_kl, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature):  # type: ignore[no-untyped-def]
+    dtype = compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q)
+    return (
+        _float_like(scores_p, scores_p.shape, dtype),
+        _float_like(E1_p, E1_p.shape, dtype),
+        _float_like(E1_p, E1_p.shape, dtype),
+        _float_like(scores_q, scores_q.shape, dtype),
+        _float_like(E1_q, E1_q.shape, dtype),
+        _float_like(E1_q, E1_q.shape, dtype),
+    )

@@ -319,3 +319,49 @@ def test_seed_tensor_follows_its_generator():
     a = seed_tensor(torch.Generator().manual_seed(4))
     assert torch.equal(a, seed_tensor(torch.Generator().manual_seed(4))) and a.dtype == torch.int64
     assert torch_ops.compute_dtype(torch.zeros(1, dtype=torch.bfloat16), None) == torch.float32
+
+
+def test_entropy_and_kl_operators_and_modules():
+    import viterbi_numba as vn
+
+    emissions, scores, E1, E2, tokens, lengths = _inputs()
+    seed_scores = scores.detach()
+    cases = {
+        "crf_entropy": (scores, tokens, E1, E2, lengths, 0.8),
+        "crf_kl": (scores, (0.5 * seed_scores).requires_grad_(), tokens, E1, E2, (E1 * 0.3).detach(), E2, lengths, 0.9),
+    }
+    for name, args in cases.items():
+        assert set(torch.library.opcheck(getattr(ops, name).default, args).values()) == {"SUCCESS"}, name
+    H = ops.crf_entropy(scores, tokens, E1, E2, lengths, 0.8)[0]
+    arrays = [t.detach().numpy() for t in (scores, tokens, E1, E2)]
+    np.testing.assert_allclose(H.detach().numpy(), vn.crf_entropy(*arrays, 0.8, lengths.numpy()), rtol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda s, e1, e2: ops.crf_entropy(s, tokens, e1, e2, lengths, 0.8)[0], (scores, E1, E2), eps=1e-6, atol=1e-6
+    )
+    other = (0.5 * seed_scores).requires_grad_()
+    E1_q = E1.detach() * 0.3  # made before gradcheck moves E1 in place
+    assert torch.autograd.gradcheck(
+        lambda s, q, e1: ops.crf_kl(s, q, tokens, e1, E2, E1_q, E2, lengths, 0.9),
+        (scores, other, E1),
+        eps=1e-6,
+        atol=1e-6,
+    )
+    # the modules: an entropy bonus and a KL penalty to a frozen copy, compiled with the eager values
+    crf = _crf()
+    reference = _crf()
+    with torch.no_grad():
+        reference.E1.weight.mul_(0.5)
+    reference.requires_grad_(False)
+    masks = torch.arange(T)[None, :] < lengths[:, None]
+
+    def regularisers(emissions):
+        kl = crf.kl(emissions, reference, emissions.detach() * 0.9, masks=masks)
+        return crf.entropy(emissions, masks=masks).sum() - kl.sum(), kl
+
+    eager, kl = regularisers(emissions)
+    assert torch.all(kl > 0)
+    assert torch.allclose(crf.kl(emissions, crf, emissions), torch.zeros(B, dtype=torch.float64), atol=1e-12)
+    compiled = torch.compile(regularisers, fullgraph=True, backend="aot_eager")(emissions)[0]
+    torch.testing.assert_close(compiled, eager)
+    (grad,) = torch.autograd.grad(eager, emissions)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
