@@ -9,6 +9,7 @@ PPO update whose ratio re-scores the sampled tokens with ``DynamicCRF.forward``.
     python examples/grpo_toy.py                    # exact samples (crf.sample)
     python examples/grpo_toy.py --sampler stochastic-viterbi  # the write-up's sampler (StochasticViterbiSamples)
     python examples/grpo_toy.py --compile          # the sampling step and the PPO loss under torch.compile
+    python examples/grpo_toy.py --entropy-bonus 0.01 --kl-ref 0.05  # exact regularisers (DynamicCRF.entropy, .kl)
 
 With ``--compile`` the two model-side functions (draw the group and score it; the clipped PPO loss) are
 compiled with ``fullgraph=True``: the CRF's operators are ``torch.library`` custom ops, so the whole of
@@ -18,6 +19,7 @@ each is one graph, and the samples are the eager run's (the seeds come from torc
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections import Counter
 
@@ -62,12 +64,30 @@ class Captioner(nn.Module):
 
 
 def train(
-    sampler="exact", steps=400, batch=16, group=8, lr=0.03, clip=0.2, ppo_epochs=2, seed=0, compile=False, log=None
+    sampler="exact",
+    steps=400,
+    batch=16,
+    group=8,
+    lr=0.03,
+    clip=0.2,
+    ppo_epochs=2,
+    seed=0,
+    compile=False,
+    entropy_bonus=0.0,
+    kl_ref=0.0,
+    log=None,
+    entropies=None,
 ):
-    """Run GRPO; returns the mean reward of every step's samples."""
+    """Run GRPO; returns the mean reward of every step's samples (and appends the policy's mean exact
+    entropy per step to ``entropies`` when given).
+
+    ``entropy_bonus`` C subtracts C * mean H(p) from the loss; ``kl_ref`` C adds C * mean KL(p || ref),
+    ref being a frozen copy of the initial policy (both exact, DynamicCRF.entropy and DynamicCRF.kl).
+    """
     torch.manual_seed(seed)
     task = Task(seed=seed)
     model = Captioner(task)
+    frozen = copy.deepcopy(model).requires_grad_(False)  # the KL reference: the initial policy
     writeup_sampler = StochasticViterbiSamples(task.vocab, low_rank=8, beam_size=model.crf.beam, num_samples=group)
     writeup_sampler.E1, writeup_sampler.E2 = model.crf.E1, model.crf.E2  # the same tables
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -84,9 +104,15 @@ def train(
         return flat, model.crf(emissions.repeat_interleave(group, 0), flat)
 
     def ppo_loss(x, flat, old_log_prob, advantages):
-        log_prob = model.crf(model.emissions(x).repeat_interleave(group, 0), flat)
+        emissions = model.emissions(x)
+        log_prob = model.crf(emissions.repeat_interleave(group, 0), flat)
         ratio = torch.exp(log_prob - old_log_prob)
-        return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+        loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+        if entropy_bonus:
+            loss = loss - entropy_bonus * model.crf.entropy(emissions).mean()
+        if kl_ref:
+            loss = loss + kl_ref * model.crf.kl(emissions, frozen.crf, frozen.emissions(x)).mean()
+        return loss
 
     if compile:
         draw, ppo_loss = torch.compile(draw, fullgraph=True), torch.compile(ppo_loss, fullgraph=True)
@@ -104,6 +130,9 @@ def train(
             loss.backward()
             optimizer.step()
         rewards_per_step.append(rewards.mean().item())
+        if entropies is not None:
+            with torch.no_grad():
+                entropies.append(model.crf.entropy(model.emissions(x)).mean().item())
         if log is not None and (step % 10 == 0 or step == steps - 1):
             log(f"step {step:4d}  mean reward {rewards_per_step[-1]:.3f}")
     return rewards_per_step
@@ -115,10 +144,26 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the sampling step and the loss")
+    parser.add_argument("--entropy-bonus", type=float, default=0.0, help="C: the loss subtracts C * mean H(p)")
+    parser.add_argument("--kl-ref", type=float, default=0.0, help="C: the loss adds C * mean KL(p || initial p)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rewards = train(args.sampler, steps=args.steps, seed=args.seed, compile=args.compile, log=print)
+    entropies = []
+    rewards = train(
+        args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        compile=args.compile,
+        entropy_bonus=args.entropy_bonus,
+        kl_ref=args.kl_ref,
+        log=print,
+        entropies=entropies,
+    )
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
+    print(
+        f"policy entropy {sum(entropies[:20]) / 20:.2f} (first 20 steps) -> {sum(entropies[-20:]) / 20:.2f} "
+        "(last 20 steps) nats"
+    )
     print(
         f"{args.sampler} sampler{' (compiled)' if args.compile else ''}: mean reward {first:.3f} (first 20 steps) "
         f"-> {last:.3f} (last 20 steps) "

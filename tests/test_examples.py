@@ -29,6 +29,17 @@ def test_compiled_run_draws_the_eager_samples():
     assert compiled == pytest.approx(eager, abs=0.05)
 
 
+def test_the_exact_regularisers_do_what_they_say():
+    # 60 steps: the entropy bonus keeps the policy's entropy up; the KL penalty keeps it nearer the
+    # initial policy, whose entropy is high, so it too ends with more entropy than plain GRPO
+    plain, bonus, penalty = [], [], []
+    grpo_toy.train("exact", steps=60, entropies=plain)
+    grpo_toy.train("exact", steps=60, entropy_bonus=0.05, entropies=bonus)
+    grpo_toy.train("exact", steps=60, kl_ref=0.2, entropies=penalty)
+    last = lambda values: sum(values[-20:]) / 20  # noqa: E731
+    assert last(bonus) > last(plain) + 1.0 and last(penalty) > last(plain) + 0.3, (plain, bonus, penalty)
+
+
 def test_token_f1():
     assert grpo_toy.token_f1([1, 2, 3], [1, 2, 3]) == 1.0
     assert grpo_toy.token_f1([1, 1, 4], [1, 2, 3]) == pytest.approx(1 / 3)
