@@ -386,12 +386,13 @@ def sequence_score_kernel(scores, tokens, E1, E2, lengths, beam_idx, out_score):
 # entropy: expectations of log p along the backward factorisation
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _conditionals(alpha_prev, trans, inv_temp, col_max_t, col_sum_t, log_sums, cond, log_cond):
+def _conditionals(alpha_prev, trans, inv_temp, col_max_t, col_sum_t, log_sums, inv_sums, cond, log_cond):
     """cond[i, j] = p(y_{t-1} = i | y_t = j) from the forward state, and log_cond its log; an unreachable
     row (alpha_prev[i] = -inf) gets cond 0 and log_cond 0 (it never contributes, and 0 * log 0 is 0)."""
     K = alpha_prev.shape[0]
     for j in range(K):
         log_sums[j] = np.log(col_sum_t[j])
+        inv_sums[j] = 1.0 / col_sum_t[j]  # K divisions, not K^2
     for i in range(K):
         a = alpha_prev[i]
         row, cond_row, log_row = trans[i], cond[i], log_cond[i]
@@ -402,7 +403,7 @@ def _conditionals(alpha_prev, trans, inv_temp, col_max_t, col_sum_t, log_sums, c
         else:
             for j in range(K):
                 z = a + row[j] * inv_temp - col_max_t[j]
-                cond_row[j] = fast_exp(z) / col_sum_t[j]
+                cond_row[j] = fast_exp(z) * inv_sums[j]
                 log_row[j] = z - log_sums[j]
 
 
@@ -468,8 +469,8 @@ def log_ratio_kernel(
     * ``cov_nodes[b]`` (T, K): Cov_p([y_t = k], log p - log q); the edge covariances contracted with
       p's table rows into ``grad_src`` / ``grad_dst`` (``backward_kernel``'s layout). d/d p's
       potential of E_p[log p - log q] is Cov / tau.
-    * with ``use_q``: p's node marginals ``marginals[b]`` and its edge marginals contracted with q's
-      rows into ``q_grad_src`` / ``q_grad_dst`` (for the gradient with respect to q).
+    * with ``use_q``: q's node marginals minus p's, ``marginals[b]``, and q's edge marginals minus p's
+      contracted with q's rows into ``q_grad_src`` / ``q_grad_dst``: d KL / d q's potential is that / tau.
 
     log p (and log q) are summed along the backward factorisation p(y) = mu_{L-1}(y_{L-1}) prod_t
     c_t(y_{t-1} | y_t): normalised logs, never the path scores, so nothing cancels; the value is a sum
@@ -499,8 +500,10 @@ def log_ratio_kernel(
         ghat_prev = np.empty(K, dtype=dtype)
         log_last = np.empty(K, dtype=dtype)
         q_mu = np.empty(K, dtype=dtype)
+        q_mu_prev = np.empty(K, dtype=dtype)
         q_log_last = np.empty(K, dtype=dtype)
         log_sums = np.empty(K, dtype=dtype)
+        inv_sums = np.empty(K, dtype=dtype)
         _last_position(alpha[b, length - 1], mu, log_last)
         if use_q:
             _last_position(q_alpha[b, length - 1], q_mu, q_log_last)
@@ -512,7 +515,9 @@ def log_ratio_kernel(
         if want_grads:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
             for t in range(1, length):
                 _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
-                _conditionals(alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, cond, log_cond)
+                _conditionals(
+                    alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
+                )
                 if use_q:
                     _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
                     _log_ratios(
@@ -538,11 +543,13 @@ def log_ratio_kernel(
                 ghat[j] = mu[j] * log_last[j]
                 nodes[length - 1, j] = mu[j] * (F[length - 1, j] - mean) + ghat[j]
                 if use_q:
-                    marginals[b, length - 1, j] = mu[j]
+                    marginals[b, length - 1, j] = q_mu[j] - mu[j]
         # backward sweep, last position first (without gradients: the value, one term per edge)
         for t in range(length - 1, 0, -1):
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
-            _conditionals(alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, cond, log_cond)
+            _conditionals(
+                alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
+            )
             if use_q:
                 _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
                 _log_ratios(log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums)
@@ -579,14 +586,30 @@ def log_ratio_kernel(
                 mu_prev[i] = m
             _xi_times(trans, dst_emb, grad_src[c, t - 1])
             _xi_t_times(trans, src_emb, grad_dst[c, t])
-            if use_q:
+            if use_q:  # q's edge marginals minus p's, contracted with q's rows; q's node marginals
+                for j in range(K):
+                    inv_sums[j] = q_mu[j] / q_col_sum[b, t, j]
+                for i in range(K):
+                    a = q_alpha[b, t - 1, i]
+                    row, xi_row = q_trans[i], xi[i]
+                    m = 0.0
+                    if a == -np.inf:
+                        for j in range(K):
+                            xi_row[j] = -xi_row[j]
+                    else:
+                        for j in range(K):
+                            x = fast_exp(a + row[j] * inv_temp - q_col_max[b, t, j]) * inv_sums[j]
+                            xi_row[j] = x - xi_row[j]
+                            m += x
+                    q_mu_prev[i] = m
                 _xi_times(xi, q_dst_emb, q_grad_src[c, t - 1])
                 _xi_t_times(xi, q_src_emb, q_grad_dst[c, t])
             for i in range(K):
                 nodes[t - 1, i] = mu_prev[i] * (F[t - 1, i] - mean) + ghat_prev[i]
                 if use_q:
-                    marginals[b, t - 1, i] = mu_prev[i]
+                    marginals[b, t - 1, i] = q_mu_prev[i] - mu_prev[i]
             mu, mu_prev = mu_prev, mu
+            q_mu, q_mu_prev = q_mu_prev, q_mu
             ghat, ghat_prev = ghat_prev, ghat
         if want_grads:
             for t in range(length, T):

@@ -616,24 +616,23 @@ class CPUOps:
         """KL(p || q) (B,) of two CRFs on one beam and, for host weights (B,), the gradients of
         sum_b weights[b] * KL[b] with respect to both (None without weights)."""
         crf, q_crf = state.crf, q_state.crf
-        expected, run, (cov, mu_p) = self._log_ratio(state, q_state, weights is not None)
+        expected, run, (cov, marginal_gap) = self._log_ratio(state, q_state, weights is not None)
         if weights is None:
             return KLGrad(expected.astype(crf.dtype), None, None, None, None, None, None)
         scale = weights * state.inv_temp  # d KL / d p's potential = Cov(feature, log p - log q) / tau
         with kernel_scope(crf.scores.shape[2], crf.dtype):
-            (grad_E1, grad_E2), (minus_E1_q, minus_E2_q) = _table_gradient_pairs(
-                run, crf.tokens, crf.lengths, [(scale, crf.E1.shape), (-scale, q_crf.E1.shape)]
+            # d KL / d q's potential = (q's marginals - p's) / tau, which the kernel gives
+            (grad_E1, grad_E2), (grad_E1_q, grad_E2_q) = _table_gradient_pairs(
+                run, crf.tokens, crf.lengths, [(scale, crf.E1.shape), (scale, q_crf.E1.shape)]
             )
-        # d KL / d q's potential = (q's marginals - p's) / tau: log Z_q's gradient minus p's expected features
-        q_grad = self.log_partition_grad(q_state, weights)
         return KLGrad(
             expected.astype(crf.dtype),  # filled by the runs above
             cov * scale[:, None, None],
             grad_E1,
             grad_E2,
-            q_grad.grad_scores - mu_p * scale[:, None, None],
-            q_grad.grad_E1 + minus_E1_q,
-            q_grad.grad_E2 + minus_E2_q,
+            marginal_gap * scale[:, None, None],
+            grad_E1_q,
+            grad_E2_q,
         )
 
     @staticmethod
