@@ -89,3 +89,31 @@ def test_kl_errors_name_the_side():
         vn.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q[:3], E2_q[:3])  # q's vocabulary is too small
     with pytest.raises(ValueError, match=r"grad_output must have shape \(3,\)"):
         vn.crf_kl_grad(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, grad_output=np.ones(2))
+
+
+@pytest.mark.parametrize("side", ["p", "q"])
+def test_every_bad_input_names_its_side(side):
+    arrays = dict(zip(("scores_p", "scores_q", "tokens", "E1_p", "E2_p", "E1_q", "E2_q"), _two_crfs(2)))
+
+    def call(**changes):
+        return vn.crf_kl(
+            **{**arrays, **{f"{k}_{side}" if k in ("scores", "E1", "E2") else k: v for k, v in changes.items()}}
+        )
+
+    scores = arrays[f"scores_{side}"].copy()
+    scores[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=rf"scores_{side} contains NaN or \+inf \(first at batch 1, position 2\)"):
+        call(scores=scores)
+    E1 = arrays[f"E1_{side}"]
+    with pytest.raises(ValueError, match=rf"E1_{side} and E2_{side} must have the same shape"):
+        call(E1=E1[:, :1])
+    with pytest.raises(TypeError, match=rf"E2_{side} must be a floating-point array"):
+        call(E2=arrays[f"E2_{side}"].astype(np.int32))
+    bad = E1.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match=rf"E1_{side} contains NaN or inf"):
+        call(E1=bad)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 4\]"):
+        call(lengths=np.array([0, 4, 4]))
+    with pytest.raises(ValueError, match="temperature must be"):
+        call(temperature=0.0)

@@ -5,6 +5,8 @@ import pytest
 from conftest import make_problem
 
 from viterbi_numba import (
+    crf_entropy,
+    crf_entropy_grad,
     crf_forward,
     crf_sample,
     log_likelihood,
@@ -57,8 +59,9 @@ def _score_paths(scores, tokens, E1, E2, **kwargs):
 
 
 _cs, _lp, _mg, _lpg = map(_on_beam, (crf_sample, log_partition, marginals, log_partition_grad))
-BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _on_beam(_score_paths)]
-TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg]
+_ent, _entg = map(_on_beam, (crf_entropy, crf_entropy_grad))
+BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _ent, _entg, _on_beam(_score_paths)]
+TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg, _ent, _entg]
 
 
 # --- topk_beam -------------------------------------------------------------------------------------
