@@ -32,7 +32,8 @@ Operators (floats in the compute dtype, ids int64):
 * ``log_likelihood`` — log_likelihood (B,), beam_scores, beam_tokens (B, T, K), the targets' slots
   (B, T, 1), then the saved state; differentiable (log_likelihood).
 * ``crf_entropy`` — H (B,), then the saved state; differentiable (H).
-* ``crf_kl`` — KL(p || q) (B,) of two CRFs on one beam; differentiable with respect to both.
+* ``crf_kl`` — KL(p || q) (B,) of two CRFs on one beam, then p's and q's saved states; differentiable
+  (KL) with respect to both.
 * ``stochastic_viterbi_backward``, ``crf_paths_backward``, ``log_partition_backward``,
   ``crf_entropy_backward`` — the backward formulas' operators: grad_scores (B, T, K), grad_E1, grad_E2
   (V, D); ``crf_kl_backward``: those of p, then of q.
@@ -620,13 +621,14 @@ def crf_kl(
     E2_q: Tensor,
     lengths: Optional[Tensor] = None,
     temperature: float = 1.0,
-) -> Tensor:
-    """:func:`viterbi_numba.crf_kl`: KL(p || q) (B,) of two CRFs on one beam."""
-    return _tensor(
-        vn.crf_kl(
-            *_kl_arrays(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q), temperature, _array(lengths, "lengths")
-        )
-    )
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.crf_kl`: KL(p || q) (B,) of two CRFs on one beam, then p's and q's saved
+    forward states (log_z, alpha, col_max, col_sum each)."""
+    sp, sq, tokens_, E1p, E2p, E1q, E2q = _kl_arrays(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q)
+    lengths_ = _array(lengths, "lengths")
+    p = vn.crf_forward(sp, tokens_, E1p, E2p, temperature, lengths_)
+    q = vn.crf_forward(sq, tokens_, E1q, E2q, temperature, lengths_)
+    return _tensor(p.kl(q)), *_saved(p.saved), *_saved(q.saved)
 
 
 def _kl_arrays(*tensors: Tensor) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
@@ -639,17 +641,24 @@ def _kl_arrays(*tensors: Tensor) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
 
 @_fake(crf_kl)
 def _(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
-    return _float_like(scores_p, (scores_p.shape[0],), compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q))
+    dtype = compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q)
+    return (
+        _float_like(scores_p, (scores_p.shape[0],), dtype),
+        *_state_like(scores_p, dtype),
+        *_state_like(scores_p, dtype),
+    )
 
 
-def _kl_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+def _kl_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.temperature = inputs[8]
-    ctx.save_for_backward(*inputs[:8])
+    ctx.save_for_backward(*inputs[:8], *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _kl_grad(ctx: Any, grad_kl: Tensor) -> tuple:
-    inputs = ctx.saved_tensors
-    grads = torch.ops.viterbi_numba.crf_kl_backward(grad_kl, *inputs, ctx.temperature)
+def _kl_grad(ctx: Any, grad_kl: Tensor, *_state: Any) -> tuple:
+    saved = ctx.saved_tensors
+    inputs = saved[:8]
+    grads = torch.ops.viterbi_numba.crf_kl_backward(grad_kl, *inputs, ctx.temperature, *saved[8:])
     floats = (inputs[0], inputs[3], inputs[4], inputs[1], inputs[5], inputs[6])  # scores_p, E1_p, E2_p, scores_q, ...
     g_scores_p, g_E1_p, g_E2_p, g_scores_q, g_E1_q, g_E2_q = _in_dtypes(grads, *floats)
     return g_scores_p, g_scores_q, None, g_E1_p, g_E2_p, g_E1_q, g_E2_q, None, None
@@ -669,9 +678,17 @@ def _restored(
     lengths: Optional[Tensor],
     temperature: float,
     state: tuple[Tensor, ...],
+    dtype: Optional[torch.dtype] = None,
 ) -> vn.CRFForward:
-    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
-    dtype = compute_dtype(scores, E1, E2)
+    """The forward pass that saved ``state`` (in ``dtype``, default the compute dtype of its floats)."""
+    dtype = dtype or compute_dtype(scores, E1, E2)
+    crf_arrays = (
+        _array(scores, "scores", dtype),
+        _array(tokens, "tokens"),
+        _array(E1, "E1", dtype),
+        _array(E2, "E2", dtype),
+        _array(lengths, "lengths"),
+    )
     log_z, alpha, col_max, col_sum = (
         _array(array, name, dtype) for array, name in zip(state, ("log_z", "alpha", "col_max", "col_sum"))
     )
@@ -771,17 +788,26 @@ def crf_kl_backward(
     E2_q: Tensor,
     lengths: Optional[Tensor],
     temperature: float,
+    log_z_p: Tensor,
+    alpha_p: Tensor,
+    col_max_p: Tensor,
+    col_sum_p: Tensor,
+    log_z_q: Tensor,
+    alpha_q: Tensor,
+    col_max_q: Tensor,
+    col_sum_q: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``sum_b grad_kl[b] * KL[b]`` (:func:`viterbi_numba.crf_kl_grad`): with respect to
-    scores_p, E1_p, E2_p, scores_q, E1_q, E2_q (the forward passes run again)."""
-    arrays = _kl_arrays(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q)
+    """Gradients of ``sum_b grad_kl[b] * KL[b]`` (:meth:`viterbi_numba.CRFForward.kl_grad`) from both
+    forward passes' saved states: with respect to scores_p, E1_p, E2_p, scores_q, E1_q, E2_q."""
     dtype = compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q)
-    grads = vn.crf_kl_grad(*arrays, temperature, _array(lengths, "lengths"), _array(grad_kl, "grad_kl", dtype))
+    p = _restored(scores_p, tokens, E1_p, E2_p, lengths, temperature, (log_z_p, alpha_p, col_max_p, col_sum_p), dtype)
+    q = _restored(scores_q, tokens, E1_q, E2_q, lengths, temperature, (log_z_q, alpha_q, col_max_q, col_sum_q), dtype)
+    grads = p.kl_grad(q, _array(grad_kl, "grad_kl", dtype))
     return tuple(_tensor(grad) for grad in grads[1:])
 
 
 @_fake(crf_kl_backward)
-def _(grad_kl, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature):  # type: ignore[no-untyped-def]
+def _(grad_kl, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature, *state):  # type: ignore[no-untyped-def]
     dtype = compute_dtype(scores_p, scores_q, E1_p, E2_p, E1_q, E2_q)
     return (
         _float_like(scores_p, scores_p.shape, dtype),

@@ -117,3 +117,26 @@ def test_every_bad_input_names_its_side(side):
         call(lengths=np.array([0, 4, 4]))
     with pytest.raises(ValueError, match="temperature must be"):
         call(temperature=0.0)
+
+
+def test_kept_forward_passes_give_the_kl_and_check_the_reference():
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q = _two_crfs(9)
+    lengths = np.array([4, 3, 2])
+    p = vn.crf_forward(scores_p, tokens, E1_p, E2_p, 0.8, lengths)
+    q = vn.crf_forward(scores_q, tokens, E1_q, E2_q, 0.8, lengths)
+    want = vn.crf_kl_grad(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, 0.8, lengths, np.array([1.0, 2.0, 0.5]))
+    got = p.kl_grad(q, np.array([1.0, 2.0, 0.5]))
+    for name in want._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    np.testing.assert_allclose(p.kl(q), want.kl, rtol=1e-13)  # the value alone is summed in another order
+    with pytest.raises(TypeError, match="reference must be a CRFForward"):
+        p.kl(scores_q)
+    with pytest.raises(ValueError, match="reference must have this pass's temperature"):
+        p.kl(vn.crf_forward(scores_q, tokens, E1_q, E2_q, 0.9, lengths))
+    with pytest.raises(ValueError, match=r"reference must be a forward pass on this beam's shape"):
+        p.kl(vn.crf_forward(scores_q[:2], tokens[:2], E1_q, E2_q, 0.8, lengths[:2]))
+    with pytest.raises(TypeError, match="reference must be computed in this pass's dtype"):
+        p.kl(vn.crf_forward(scores_q.astype(np.float32), tokens, E1_q.astype(np.float32), E2_q.astype(np.float32), 0.8))
+    small = vn.crf_forward(scores_q, tokens % 3, E1_q[:3], E2_q[:3], 0.8, lengths)  # q's vocabulary is 3 tokens
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 3\)"):
+        p.kl(small)

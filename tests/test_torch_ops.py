@@ -341,7 +341,7 @@ def test_entropy_and_kl_operators_and_modules():
     other = (0.5 * seed_scores).requires_grad_()
     E1_q = E1.detach() * 0.3  # made before gradcheck moves E1 in place
     assert torch.autograd.gradcheck(
-        lambda s, q, e1: ops.crf_kl(s, q, tokens, e1, E2, E1_q, E2, lengths, 0.9),
+        lambda s, q, e1: ops.crf_kl(s, q, tokens, e1, E2, E1_q, E2, lengths, 0.9)[0],
         (scores, other, E1),
         eps=1e-6,
         atol=1e-6,

@@ -565,6 +565,22 @@ def kl_crfs(
     return p, q
 
 
+def same_beam(arrays: Arrays, p: BeamCRF, p_inv_temp: Any, q: BeamCRF, q_inv_temp: Any) -> None:
+    """A reference forward pass q can be read on p's beam (``CRFForward.kl``): the same (B, T, K), dtype
+    and temperature, and p's token ids within q's vocabulary (q's tables are read at them)."""
+    if tuple(q.scores.shape) != tuple(p.scores.shape):
+        raise ValueError(
+            f"reference must be a forward pass on this beam's shape (B, T, K) = {tuple(p.scores.shape)}, "
+            f"got {tuple(q.scores.shape)}"
+        )
+    if q.dtype != p.dtype:
+        raise TypeError(f"reference must be computed in this pass's dtype {p.dtype}, got {q.dtype}")
+    if float(q_inv_temp) != float(p_inv_temp):
+        raise ValueError("reference must have this pass's temperature")
+    vocab = q.E1.shape[0]
+    arrays.checks().in_range(p.tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+
+
 def saved_forward(arrays: Arrays, crf: BeamCRF, saved: Any) -> tuple[Any, Any, Any, Any]:
     """A forward pass's saved arrays (log Z (B,), alpha, column maxima and sums (B, T, K), as
     ``CRFForward.saved`` gives them) in the compute dtype, shapes checked."""

@@ -135,6 +135,31 @@ class CRFForward:
             weights = _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), self._state.crf.dtype)
             return ops.entropy(self._state, weights)
 
+    def kl(self, reference: CRFForward) -> Any:
+        """KL(p || q) (B,) with this forward pass as p and ``reference`` as q (as :func:`crf_kl`)."""
+        return self._kl(reference, None, False).kl
+
+    def kl_grad(self, reference: CRFForward, grad_output: Optional[ArrayLike] = None) -> KLGrad:
+        """KL(p || q) and the gradients of ``sum_b grad_output[b] * KL[b]`` (as :func:`crf_kl_grad`).
+
+        ``reference`` is a forward pass of q on this pass's beam: the same (B, T, K), dtype and temperature,
+        read at this pass's token ids (checked to lie in q's vocabulary) and lengths.
+        """
+        return self._kl(reference, grad_output, True)
+
+    def _kl(self, reference: CRFForward, grad_output: Any, want_grads: bool) -> KLGrad:
+        if not isinstance(reference, CRFForward):
+            raise TypeError(f"reference must be a CRFForward (crf_forward of q), got {type(reference).__name__}")
+        if type(reference._ops) is not type(self._ops):
+            raise TypeError("reference is on another device than this forward pass")
+        ops, p, q = self._ops, self._state, reference._state
+        with ops.call():
+            _validate.same_beam(ops.arrays, p.crf, p.inv_temp, q.crf, q.inv_temp)
+            weights = (
+                _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), p.crf.dtype) if want_grads else None
+            )
+            return ops.kl(p, q, weights)
+
     def paths_grad(self, beam_idx: ArrayLike, weights: Optional[ArrayLike] = None) -> tuple[Any, Any, Any]:
         """Gradients of ``sum_{b,n} weights[b, n] * log p_tau(y_bn)`` for beam paths y.
 
