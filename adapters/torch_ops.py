@@ -120,10 +120,16 @@ def _array(tensor: Optional[Tensor], name: str, dtype: Optional[torch.dtype] = N
 
 
 def _crf_arrays(
-    scores: Tensor, tokens: Tensor, E1: Tensor, E2: Tensor, lengths: Optional[Tensor]
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    dtype: Optional[torch.dtype] = None,
 ) -> tuple[Any, Any, Any, Any, Any]:
-    """(scores, tokens, E1, E2, lengths) as the array API takes them, floats in one compute dtype."""
-    dtype = compute_dtype(scores, E1, E2)
+    """(scores, tokens, E1, E2, lengths) as the array API takes them, floats in ``dtype`` (default their
+    compute dtype)."""
+    dtype = dtype or compute_dtype(scores, E1, E2)
     return (
         _array(scores, "scores", dtype),
         _array(tokens, "tokens"),
@@ -131,6 +137,14 @@ def _crf_arrays(
         _array(E2, "E2", dtype),
         _array(lengths, "lengths"),
     )
+
+
+def _forward(
+    scores: Tensor, tokens: Tensor, E1: Tensor, E2: Tensor, lengths: Optional[Tensor], temperature: float
+) -> vn.CRFForward:
+    """The kept forward pass (:func:`viterbi_numba.crf_forward`) of an operator's tensors."""
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
+    return vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
 
 
 def _tensor(array: Any) -> Tensor:
@@ -402,8 +416,7 @@ def crf_sample(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`viterbi_numba.crf_sample`: log_prob (B, N), beam_idx, tokens (B, T, N), then the forward
     pass's saved state (what the backward pass reads)."""
-    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
-    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    forward = _forward(scores, tokens, E1, E2, lengths, temperature)
     draws = forward.sample(num_samples, seed=_seed(seed), uniforms=_array(uniforms, "uniforms", compute_dtype(scores)))
     return _tensor(draws.log_prob), _tensor(draws.beam_idx), _tensor(draws.tokens), *_saved(forward.saved)
 
@@ -461,32 +474,39 @@ def log_partition(
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`viterbi_numba.log_partition`: log Z (B,), then the forward pass's saved state."""
-    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
-    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    forward = _forward(scores, tokens, E1, E2, lengths, temperature)
     log_z, *state = _saved(forward.saved)
     return log_z.clone(), log_z, *state
 
 
-@_fake(log_partition)
-def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+def _value_and_state_like(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
+    """The fake of an operator (scores, tokens, E1, E2, lengths, temperature) -> (a value per sequence,
+    the forward pass's saved state): ``log_partition``, ``crf_entropy``."""
     dtype = compute_dtype(scores, E1, E2)
     return _float_like(scores, (scores.shape[0],), dtype), *_state_like(scores, dtype)
 
 
-def _log_partition_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _crf_setup(ctx, inputs, output, temperature=inputs[5], paths=None)
+def _value_autograd(operator: Any, backward_name: str) -> None:
+    """Registers the autograd of such an operator, whose backward operator ``backward_name`` takes
+    (grad (B,), scores, tokens, E1, E2, lengths, temperature, *saved state) and returns the gradients
+    with respect to scores, E1 and E2."""
+
+    def setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _crf_setup(ctx, inputs, output, temperature=inputs[5], paths=None)
+
+    def backward(ctx: Any, grad_value: Tensor, *_state: Any) -> tuple:
+        scores, tokens, E1, E2, lengths, _paths, *state = ctx.saved_tensors
+        grads = getattr(torch.ops.viterbi_numba, backward_name)(
+            grad_value, scores, tokens, E1, E2, lengths, ctx.temperature, *state
+        )
+        grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
+        return grad_scores, None, grad_E1, grad_E2, None, None
+
+    _autograd(operator, backward, setup)
 
 
-def _log_partition_grad(ctx: Any, grad_log_z: Tensor, *_state: Any) -> tuple:
-    scores, tokens, E1, E2, lengths, _paths, *state = ctx.saved_tensors
-    grads = torch.ops.viterbi_numba.log_partition_backward(
-        grad_log_z, scores, tokens, E1, E2, lengths, ctx.temperature, *state
-    )
-    grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
-    return grad_scores, None, grad_E1, grad_E2, None, None
-
-
-_autograd(log_partition, _log_partition_grad, _log_partition_setup)
+_fake(log_partition)(_value_and_state_like)
+_value_autograd(log_partition, "log_partition_backward")
 
 
 @_operator
@@ -499,8 +519,7 @@ def marginals(
     temperature: float = 1.0,
 ) -> Tensor:
     """:func:`viterbi_numba.marginals`: node marginals (B, T, K), 0 at padded positions (not differentiable)."""
-    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
-    return _tensor(vn.marginals(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4]))
+    return _tensor(_forward(scores, tokens, E1, E2, lengths, temperature).marginals())
 
 
 @_fake(marginals)
@@ -583,31 +602,12 @@ def crf_entropy(
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`viterbi_numba.crf_entropy`: H (B,), then the forward pass's saved state."""
-    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths)
-    forward = vn.crf_forward(*crf_arrays[:4], temperature=temperature, lengths=crf_arrays[4])
+    forward = _forward(scores, tokens, E1, E2, lengths, temperature)
     return _tensor(forward.entropy()), *_saved(forward.saved)
 
 
-@_fake(crf_entropy)
-def _(scores, tokens, E1, E2, lengths=None, temperature=1.0):  # type: ignore[no-untyped-def]
-    dtype = compute_dtype(scores, E1, E2)
-    return _float_like(scores, (scores.shape[0],), dtype), *_state_like(scores, dtype)
-
-
-def _entropy_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _crf_setup(ctx, inputs, output, temperature=inputs[5], paths=None)
-
-
-def _entropy_grad(ctx: Any, grad_entropy: Tensor, *_state: Any) -> tuple:
-    scores, tokens, E1, E2, lengths, _paths, *state = ctx.saved_tensors
-    grads = torch.ops.viterbi_numba.crf_entropy_backward(
-        grad_entropy, scores, tokens, E1, E2, lengths, ctx.temperature, *state
-    )
-    grad_scores, grad_E1, grad_E2 = _in_dtypes(grads, scores, E1, E2)
-    return grad_scores, None, grad_E1, grad_E2, None, None
-
-
-_autograd(crf_entropy, _entropy_grad, _entropy_setup)
+_fake(crf_entropy)(_value_and_state_like)
+_value_autograd(crf_entropy, "crf_entropy_backward")
 
 
 @_operator
@@ -682,13 +682,7 @@ def _restored(
 ) -> vn.CRFForward:
     """The forward pass that saved ``state`` (in ``dtype``, default the compute dtype of its floats)."""
     dtype = dtype or compute_dtype(scores, E1, E2)
-    crf_arrays = (
-        _array(scores, "scores", dtype),
-        _array(tokens, "tokens"),
-        _array(E1, "E1", dtype),
-        _array(E2, "E2", dtype),
-        _array(lengths, "lengths"),
-    )
+    crf_arrays = _crf_arrays(scores, tokens, E1, E2, lengths, dtype)
     log_z, alpha, col_max, col_sum = (
         _array(array, name, dtype) for array, name in zip(state, ("log_z", "alpha", "col_max", "col_sum"))
     )

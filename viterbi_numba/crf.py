@@ -10,7 +10,7 @@ any float input is float64, else float32; padded positions hold ``PAD`` / 0.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import _validate
 from ._devices import backend_of
@@ -437,16 +437,16 @@ def _kl(
     temperature: Any,
     lengths: Any,
     grad_output: Any,
-    want_grads: bool,
-) -> KLGrad:
+    finish: Callable[[Any, Any, Any, Any], Any],
+) -> Any:
+    """Validates two CRFs on one beam, runs both forward passes and returns ``finish(ops, p_state,
+    q_state, weights)`` inside the call (weights: the validated ``grad_output``, all 1 when None)."""
     ops = backend_of(scores_p=scores_p, scores_q=scores_q, tokens=tokens, E1_p=E1_p, E2_p=E2_p, E1_q=E1_q, E2_q=E2_q)
     with ops.call():
         p, q = _validate.kl_crfs(ops.arrays, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature)
         inv_temp = _validate.inv_temperature(temperature, p.dtype)
-        weights = _validate.weights(ops.arrays, grad_output, (p.scores.shape[0],), p.dtype) if want_grads else None
-        p_state: Any = ops.crf_forward(p, inv_temp)
-        q_state: Any = ops.crf_forward(q, inv_temp)
-        return ops.kl(p_state, q_state, weights)
+        weights = _validate.weights(ops.arrays, grad_output, (p.scores.shape[0],), p.dtype)
+        return finish(ops, ops.crf_forward(p, inv_temp), ops.crf_forward(q, inv_temp), weights)
 
 
 def crf_kl(
@@ -486,7 +486,19 @@ def crf_kl(
     -------
     (B,) float array in the compute dtype.
     """
-    return _kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths, None, False).kl
+    return _kl(
+        scores_p,
+        scores_q,
+        tokens,
+        E1_p,
+        E2_p,
+        E1_q,
+        E2_q,
+        temperature,
+        lengths,
+        None,
+        lambda ops, p, q, _: ops.kl(p, q, None).kl,
+    )
 
 
 def crf_kl_grad(
@@ -517,7 +529,19 @@ def crf_kl_grad(
     -------
     KLGrad
     """
-    return _kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths, grad_output, True)
+    return _kl(
+        scores_p,
+        scores_q,
+        tokens,
+        E1_p,
+        E2_p,
+        E1_q,
+        E2_q,
+        temperature,
+        lengths,
+        grad_output,
+        lambda ops, p, q, weights: ops.kl(p, q, weights),
+    )
 
 
 def crf_cross_entropy(
@@ -535,8 +559,19 @@ def crf_cross_entropy(
 
     Parameters and returns as for :func:`crf_kl`.
     """
-    kl = crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, temperature, lengths)
-    return kl + crf_entropy(scores_p, tokens, E1_p, E2_p, temperature, lengths).astype(kl.dtype)
+    return _kl(
+        scores_p,
+        scores_q,
+        tokens,
+        E1_p,
+        E2_p,
+        E1_q,
+        E2_q,
+        temperature,
+        lengths,
+        None,
+        lambda ops, p, q, _: ops.kl(p, q, None).kl + ops.entropy(p, None).entropy,  # p's forward pass, once
+    )
 
 
 def sequence_score(
