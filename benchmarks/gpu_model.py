@@ -55,6 +55,8 @@ MARKERS = {
     "forward_steps": ("LDG", "passes"),
     "chains_steps": ("LDG", "passes"),
     "backward_steps": (r"MUFU\.EX2", "passes"),
+    "ratio_forward_steps": (r"MUFU\.EX2", "passes"),
+    "ratio_backward_steps": (r"MUFU\.EX2", "passes"),
     "topk_kernel": ("LDG", "region"),
     # the kernels before the redesign (one block per sequence or chain, transitions recomputed per pass)
     "viterbi_kernel": ("FFMA", "passes"),
@@ -256,9 +258,26 @@ def _main(loops_: list[dict], test) -> float:
     return loop["instructions"] / loop["markers"]
 
 
+RATIO_KERNELS = ("ratio_forward_steps", "ratio_backward_steps")
+WITH_Q = " (KL)"  # a ratio kernel's loop with a reference q (the compiler makes one loop per value of use_q)
+
+
+def ratio_costs(loops_: list[dict]) -> tuple[float, float]:
+    """SASS instructions per transition entry of a ratio kernel's two loops: without q (the entropy, the
+    shorter, one transition load per entry) and with q (the KL; unrolled alike)."""
+    if len(loops_) < 2:
+        return 0.0, 0.0
+    shorter, longer = sorted(loops_, key=lambda loop: loop["instructions"])[:2]
+    entries = shorter["loads"]
+    return shorter["instructions"] / entries, longer["instructions"] / entries
+
+
 def unit_cost(name: str, loops_: list[dict]) -> float:
     """SASS instructions per unit of work: per multiply-add (products, the old kernels), per transition
-    entry of a step (recursions: the sum over its passes, the chains' crossing pass at half a row)."""
+    entry of a step (recursions: the sum over its passes, the chains' crossing pass at half a row; the
+    ratio kernels without q, ``ratio_costs`` for both)."""
+    if name in RATIO_KERNELS:
+        return ratio_costs(loops_)[0]
     if name == "viterbi_steps":
         return _main(loops_, lambda loop: loop["compare"] and loop["loads"])
     if name == "forward_steps":
@@ -289,6 +308,7 @@ def bounds(name: str, cost: float, gpu: tuple) -> dict | None:
 
     B, T, K, N, D = SEED["B"], SEED["T"], SEED["K"], SEED["N"], SEED["D"]
     sms, clock, bandwidth = gpu
+    name = name.removesuffix(WITH_Q)
     steps = T - 1
     cells = B * steps * K * K
     serial = 0.0  # one thread's instructions per step
@@ -300,7 +320,7 @@ def bounds(name: str, cost: float, gpu: tuple) -> dict | None:
         work, blocks, warps = cells * D, B * steps * (-(-K // TILE)) ** 2, 8
     elif name in ("xi_rows", "xi_columns"):
         work, blocks, warps = cells * D, B * steps * -(-K // PRODUCT_TILE), 8
-    elif name in ("viterbi_steps", "forward_steps"):
+    elif name in ("viterbi_steps", "forward_steps", "ratio_forward_steps"):
         layout = _layout(B, K, PARTS, sms)
         work, blocks, warps = cells, layout.blocks, layout.threads // 32
         lanes = layout.threads // layout.parts
@@ -315,7 +335,7 @@ def bounds(name: str, cost: float, gpu: tuple) -> dict | None:
         serial = -(-pairs // layout.threads) * K * cost
         memory = B * T * K * N * (4 + 4 + 8)  # beam_probs, path_scores, backpointers
         barriers = steps
-    elif name == "backward_steps":
+    elif name in ("backward_steps", "ratio_backward_steps"):
         layout = _layout(B, K, ROW_LANES, sms)
         work, blocks, warps = cells, layout.blocks, layout.threads // 32
         rows = -(-K // layout.split)
@@ -352,16 +372,26 @@ def bounds(name: str, cost: float, gpu: tuple) -> dict | None:
 
 BARRIER_US = 1.5  # an assumed cost of one cooperative grid barrier (microseconds), until a GPU measures it
 
-CALLS = {  # public call at the seed's size: (its main kernels, the issue's target in ms)
+FORWARD = ("transitions_kernel", "forward_steps")
+BACKWARD = ("transitions_kernel", "backward_steps", "xi_rows", "xi_columns")
+CALLS = {  # public call at the seed's size: (its main kernels, the issue's target)
     "viterbi_decode": (("transitions_kernel", "viterbi_steps"), 0.5),
-    "log_partition (forward)": (("transitions_kernel", "forward_steps"), 0.5),
+    "log_partition (forward)": (FORWARD, 0.5),
     "stochastic_viterbi N=8": (("transitions_kernel", "chains_steps"), 1.0),
-    "crf_sample N=8": (("transitions_kernel", "forward_steps", "sample_kernel"), 0.6),
-    "backward (marginals and table gradients)": (
-        ("transitions_kernel", "backward_steps", "xi_rows", "xi_columns"),
-        2.0,
+    "crf_sample N=8": (FORWARD + ("sample_kernel",), 0.6),
+    "backward (marginals and table gradients)": (BACKWARD, 2.0),
+    "log_partition_grad (forward, backward)": (FORWARD + BACKWARD, "-"),
+    "crf_entropy_grad": (
+        FORWARD + ("transitions_kernel", "ratio_forward_steps", "transitions_kernel", "ratio_backward_steps")
+        + ("xi_rows", "xi_columns"),
+        "2x log_partition_grad",
     ),
-}
+    "crf_kl_grad": (
+        FORWARD * 2 + ("transitions_kernel",) * 2 + ("ratio_forward_steps" + WITH_Q,) + ("transitions_kernel",) * 2
+        + ("ratio_backward_steps" + WITH_Q,) + ("xi_rows", "xi_columns") * 2,
+        "2.5x log_partition_grad",
+    ),
+}  # fmt: skip
 BEFORE_CALLS = {
     "viterbi_decode": ("viterbi_kernel",),
     "log_partition (forward)": ("forward_kernel",),
@@ -593,9 +623,15 @@ def report(after: dict, before: dict | None) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         costs = {}
+        rows = []
         for name, entry in table.items():
-            cost = unit_cost(name, entry["hot_loops"])
-            costs[name] = cost
+            costs[name] = unit_cost(name, entry["hot_loops"])
+            rows.append((name, entry))
+            if name in RATIO_KERNELS:
+                costs[name + WITH_Q] = ratio_costs(entry["hot_loops"])[1]
+                rows.append((name + WITH_Q, entry))
+        for name, entry in rows:
+            cost = costs[name]
             h100 = bounds(name, cost, GPUS["H100 SXM"])
             h200 = bounds(name, cost, GPUS["H200"])
             model = (
@@ -615,9 +651,9 @@ def report(after: dict, before: dict | None) -> str:
             found = [bounds(n, costs.get(n, 0.0), GPUS["H200"]) for n in names]
             total = sum(b["bound_ms"] for b in found if b)
             barriers = sum(b["barriers"] for b in found if b)
+            listed = ", ".join(f"{n} x{names.count(n)}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
             lines.append(
-                f"| {call} | {', '.join(names)} | {total:.3f} | {total + barriers * BARRIER_US / 1e3:.3f} | "
-                f"{CALLS[call][1]} |"
+                f"| {call} | {listed} | {total:.3f} | {total + barriers * BARRIER_US / 1e3:.3f} | {CALLS[call][1]} |"
             )
         lines.append("")
     lines += topk_report()

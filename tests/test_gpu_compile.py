@@ -28,6 +28,8 @@ MAIN_KERNELS = {
     "backward_steps",
     "xi_rows",
     "xi_columns",
+    "ratio_forward_steps",
+    "ratio_backward_steps",
 }
 
 

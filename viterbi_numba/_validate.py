@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
-import re
 import secrets
 from typing import Any, Iterator, NamedTuple, Optional, Protocol
 
@@ -186,10 +185,10 @@ def finite_values(values: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens") -> None:
+def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens", side: str = "") -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(
-            f"{name} must be token ids in [0, {vocab}) (rows of E1/E2), "
+            f"{name} must be token ids in [0, {vocab}) (rows of E1{side}/E2{side}), "
             f"got values from {tokens.min()} to {tokens.max()}"
         )
 
@@ -212,9 +211,9 @@ def beam_score_values(scores: np.ndarray, lengths: np.ndarray, name: str = "scor
         raise ValueError(f"{name}: the whole beam is -inf at batch {b}, position {t}; no path can pass there")
 
 
-def table_values(E1: np.ndarray, E2: np.ndarray) -> None:
-    finite_values(E1, "E1")
-    finite_values(E2, "E2")
+def table_values(E1: np.ndarray, E2: np.ndarray, side: str = "") -> None:
+    finite_values(E1, f"E1{side}")
+    finite_values(E2, f"E2{side}")
 
 
 # The range (docs/design.md §6): with M = T (spread + |E1| |E2|), the largest magnitude a kernel meets,
@@ -275,11 +274,14 @@ def scale_values(
     temperature: float,
     exact: bool,
     scores_name: str = "scores",
+    side: str = "",
 ) -> None:
     """The kernels' magnitudes stay in the compute dtype's range, and for exact inference (``exact``)
     where log-probabilities keep their precision (``OVERFLOW_LIMIT``, ``EXACT_LIMIT``). A transition
     score is at most ``|E1 row| |E2 row|`` (Cauchy-Schwarz). The rule is decided in the compute dtype,
-    as on the GPU; the message's numbers are worked out in float64."""
+    as on the GPU; the message's numbers are worked out in float64. ``side`` ends the tables' names
+    (``E1_q``)."""
+    e1, e2 = f"E1{side}", f"E2{side}"
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)
     steps = scores.shape[1]
     spread = beam_spread(scores.astype(dtype, copy=False), lengths)
@@ -297,11 +299,11 @@ def scale_values(
     transition = float(np.sqrt(squared_row_norm(E1.astype(np.float64)) * squared_row_norm(E2.astype(np.float64))))
     untempered = steps * (spread + transition)
     tempered = untempered / temperature
-    what = f"T (score spread + largest |E1 row| |E2 row|) = {untempered:.3g}"
+    what = f"T (score spread + largest |{e1} row| |{e2} row|) = {untempered:.3g}"
     wider = " or compute in float64" if dtype == np.float32 else ""
     if not steps * transition <= limit:
         raise ValueError(
-            f"E1, E2: transition scores E1[a] . E2[b] can reach {transition:.3g} (the largest row norms "
+            f"{e1}, {e2}: transition scores {e1}[a] . {e2}[b] can reach {transition:.3g} (the largest row norms "
             f"multiplied), too large for {dtype} over T = {steps} steps (at most {limit / steps:.3g}); "
             f"scale the tables down{wider}"
         )
@@ -318,7 +320,7 @@ def scale_values(
         )
     if exact and untempered > precise:
         raise ValueError(
-            f"{scores_name}, E1, E2: too large for exact inference in {dtype}: {what} exceeds {precise:g}, "
+            f"{scores_name}, {e1}, {e2}: too large for exact inference in {dtype}: {what} exceeds {precise:g}, "
             f"where log-probabilities lose their precision; scale them down{wider}"
         )
     if exact and tempered > precise:
@@ -389,19 +391,20 @@ def lengths(arrays: Arrays, value: Any, batch: int, steps: int) -> Any:
     return arrays.checks().in_range(values, 1, steps + 1, lambda host: length_values(host, steps))
 
 
-def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks]) -> tuple[Any, Any]:
+def tables(arrays: Arrays, E1: Any, E2: Any, checks: Optional[Checks], side: str = "") -> tuple[Any, Any]:
     """E1, E2 (V, D) of one shape, non-empty, finite (the finiteness is checked by ``checks``; only the
-    shapes without them)."""
-    E1 = arrays.float_array(E1, "E1", 2)
-    E2 = arrays.float_array(E2, "E2", 2)
+    shapes without them); ``side`` ends their names in errors (``E1_q``)."""
+    e1, e2 = f"E1{side}", f"E2{side}"
+    E1 = arrays.float_array(E1, e1, 2)
+    E2 = arrays.float_array(E2, e2, 2)
     if E1.shape != E2.shape:
-        raise ValueError(f"E1 and E2 must have the same shape (V, D), got {E1.shape} and {E2.shape}")
+        raise ValueError(f"{e1} and {e2} must have the same shape (V, D), got {E1.shape} and {E2.shape}")
     if E1.shape[0] == 0 or E1.shape[1] == 0:
-        raise ValueError(f"E1 and E2 must be non-empty (V, D), got {E1.shape}")
+        raise ValueError(f"{e1} and {e2} must be non-empty (V, D), got {E1.shape}")
     if arrays.max_rank is not None and E1.shape[1] > arrays.max_rank:
-        raise ValueError(f"E1, E2: the GPU kernels take D <= {arrays.max_rank}, got D = {E1.shape[1]}")
+        raise ValueError(f"{e1}, {e2}: the GPU kernels take D <= {arrays.max_rank}, got D = {E1.shape[1]}")
     if checks is not None:
-        checks.tables(E1, E2, table_values)
+        checks.tables(E1, E2, lambda host_E1, host_E2: table_values(host_E1, host_E2, side))
     return E1, E2
 
 
@@ -418,36 +421,40 @@ def beam_crf(
     exact: bool = False,
     scores_name: str = "scores",
     values_checked: bool = False,
+    side: str = "",
 ) -> BeamCRF:
     """The inputs of every operation on a given beam (docs/design.md §1); ``tokens_checked``: the tokens
     are top-K's own output, in range already; ``lengths_checked``: ``lengths_value`` is what
     :func:`lengths` returned. The magnitudes the kernels will meet at ``temperature_value`` are checked
     (:func:`scale_values`; ``exact``: for exact inference; ``scores_name`` names the scores there), unless
     ``values_checked``: a forward pass of these inputs checked them (shapes, token ids and lengths, which
-    bound the kernels' reads, are checked all the same)."""
-    scores = arrays.float_array(scores, "scores", 3)
+    bound the kernels' reads, are checked all the same). ``side`` ends the names of the scores and the
+    tables in errors (``scores_q``, ``E1_q``: one of two CRFs)."""
+    name = f"scores{side}"
+    scores = arrays.float_array(scores, name, 3)
     B, T, K = scores.shape
     if T == 0:
-        raise ValueError(f"scores must have at least one position (T >= 1), got shape {scores.shape}")
+        raise ValueError(f"{name} must have at least one position (T >= 1), got shape {scores.shape}")
     if K == 0:
-        raise ValueError(f"scores must have a beam of at least one slot (K >= 1), got shape {scores.shape}")
+        raise ValueError(f"{name} must have a beam of at least one slot (K >= 1), got shape {scores.shape}")
     if arrays.max_beam is not None and K > arrays.max_beam:
-        raise ValueError(f"scores: the GPU kernels take a beam of at most {arrays.max_beam} slots, got K = {K}")
+        raise ValueError(f"{name}: the GPU kernels take a beam of at most {arrays.max_beam} slots, got K = {K}")
     tokens = arrays.int_array(tokens, "tokens", (B, T, K))
-    E1, E2 = tables(arrays, E1, E2, None)
+    E1, E2 = tables(arrays, E1, E2, None, side)
     dtype = compute_dtype(scores.dtype, E1.dtype, E2.dtype)  # the GPU refuses mixed dtypes here, before any screen
-    scores, E1, E2 = (arrays.cast(array, dtype, name) for array, name in ((scores, "scores"), (E1, "E1"), (E2, "E2")))
+    named = ((scores, name), (E1, f"E1{side}"), (E2, f"E2{side}"))
+    scores, E1, E2 = (arrays.cast(array, dtype, array_name) for array, array_name in named)
     checks = arrays.checks()
     if not values_checked:
-        checks.tables(E1, E2, table_values)
+        checks.tables(E1, E2, lambda host_E1, host_E2: table_values(host_E1, host_E2, side))
     vocab = E1.shape[0]
     if not tokens_checked:
-        tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+        tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab, side=side))
     lengths_array = lengths_value if lengths_checked else lengths(arrays, lengths_value, B, T)
     if values_checked:
         temperature(temperature_value)
         return BeamCRF(scores, tokens, E1, E2, lengths_array)
-    checks.beam(scores, lengths_array, beam_score_values)
+    checks.beam(scores, lengths_array, lambda host, host_lengths: beam_score_values(host, host_lengths, name))
     tau = temperature(temperature_value)  # after the arrays' value checks: their errors come first
     checks.scale(
         scores,
@@ -457,7 +464,7 @@ def beam_crf(
         tau,
         exact,
         lambda host_scores, host_lengths, host_E1, host_E2: scale_values(
-            host_scores, host_lengths, host_E1, host_E2, tau, exact, scores_name
+            host_scores, host_lengths, host_E1, host_E2, tau, exact, scores_name + side, side
         ),
     )
     return BeamCRF(scores, tokens, E1, E2, lengths_array)
@@ -545,22 +552,16 @@ def kl_crfs(
     """Two beam CRFs on the same beam tokens and lengths (p, q), each checked as :func:`beam_crf` checks
     one for exact inference, in one compute dtype; q's tables may have their own (V, D). Errors name
     ``scores_p``, ``E1_p``, ... ."""
-    crfs = []
-    for side, scores, E1, E2 in (("p", scores_p, E1_p, E2_p), ("q", scores_q, E1_q, E2_q)):
-        try:
-            crfs.append(
-                beam_crf(arrays, scores, tokens, E1, E2, lengths_value, temperature_value=temperature_value, exact=True)
-            )
-        except (TypeError, ValueError) as error:
-            message = re.sub(r"\b(E1|E2|scores)\b", rf"\1_{side}", str(error))
-            raise type(error)(message) from None
-    p, q = crfs
+    p, q = (
+        beam_crf(
+            arrays, scores, tokens, E1, E2, lengths_value, temperature_value=temperature_value, exact=True, side=side
+        )
+        for side, scores, E1, E2 in (("_p", scores_p, E1_p, E2_p), ("_q", scores_q, E1_q, E2_q))
+    )
     dtype = compute_dtype(p.dtype, q.dtype)
     p, q = (
-        crf._replace(
-            **{name: arrays.cast(getattr(crf, name), dtype, f"{name}_{side}") for name in ("scores", "E1", "E2")}
-        )
-        for crf, side in ((p, "p"), (q, "q"))
+        crf._replace(**{name: arrays.cast(getattr(crf, name), dtype, f"{name}{side}") for name in _FLOATS})
+        for crf, side in ((p, "_p"), (q, "_q"))
     )
     return p, q
 

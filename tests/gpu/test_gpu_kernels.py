@@ -191,6 +191,43 @@ def test_a_saved_forward_pass_rebuilds_on_the_gpu(dtype):
         vn.CRFForward.from_saved(*inputs, (saved[0], saved[0], saved[2], saved[3]), 0.9, lengths)
 
 
+def entropy_kl_pairs(scores, tokens, E1, E2, lengths, dtype, temperature=0.8):
+    """(GPU, CPU) results of every entropy and KL function on a policy p and a reference q on its beam
+    (q with its own vocabulary and rank)."""
+    rng = np.random.default_rng(11)
+    V, _ = E1.shape
+    scores_q = (scores + rng.standard_normal(scores.shape)).astype(dtype)
+    E1_q, E2_q = (rng.standard_normal((V + 3, 2)).astype(dtype) * 0.5 for _ in range(2))
+    weights = np.array([0.5, -2.0])[: len(scores)]
+    kl_args = (scores, scores_q, tokens, E1, E2, E1_q, E2_q, temperature, lengths)
+    d_kl = (*dev(*kl_args[:7]), temperature, lengths)
+    d = dev(scores, tokens, E1, E2)
+    pairs = [
+        (vn.crf_entropy(*d, temperature, lengths), vn.crf_entropy(scores, tokens, E1, E2, temperature, lengths)),
+        (vn.crf_kl(*d_kl), vn.crf_kl(*kl_args)),
+        (vn.crf_cross_entropy(*d_kl), vn.crf_cross_entropy(*kl_args)),
+    ]
+    gpu = vn.crf_entropy_grad(*d, temperature, lengths, weights)
+    cpu = vn.crf_entropy_grad(scores, tokens, E1, E2, temperature, lengths, weights)
+    pairs += [(getattr(gpu, name), getattr(cpu, name)) for name in cpu._fields]
+    gpu = vn.crf_kl_grad(*d_kl, weights)
+    cpu = vn.crf_kl_grad(*kl_args, weights)
+    pairs += [(getattr(gpu, name), getattr(cpu, name)) for name in cpu._fields]
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy_and_kl_match_cpu(dtype):
+    scores, tokens, E1, E2, lengths = problem(dtype, K=6)
+    for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, lengths, dtype):
+        assert np.all(np.isfinite(cpu))
+        close(gpu, cpu, dtype, 10)
+    # a kept pass against a reference's kept pass, and KL(p || p) = 0
+    d = dev(scores, tokens, E1, E2)
+    p = vn.crf_forward(*d, 0.8, lengths)
+    np.testing.assert_allclose(host(p.kl(vn.crf_forward(*d, 0.8, lengths))), 0.0, atol=TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_log_likelihood_and_gradients_match_cpu(dtype):
     rng = np.random.default_rng(4)
@@ -362,6 +399,8 @@ def test_several_chunks_of_steps(monkeypatch, steps_per_chunk):
     cpu = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
     for name in cpu._fields:
         close(getattr(gpu, name), getattr(cpu, name), np.float64, 10)
+    for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, lengths, np.float64):
+        close(gpu, cpu, np.float64, 10)
 
 
 def test_one_position_and_empty_batches():
@@ -381,6 +420,10 @@ def test_one_position_and_empty_batches():
     assert host(vn.viterbi_decode(*empty).beam_idx).shape == (0, 1)
     assert host(vn.crf_sample(*empty, 2, seed=1).log_prob).shape == (0, 2)
     assert host(vn.log_partition_grad(*empty).grad_E1).shape == E1.shape
+    for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, None, np.float64):  # T = 1
+        close(gpu, cpu, np.float64, 10)
+    empty_kl = dev(scores[:0], scores[:0], tokens[:0], E1, E2, E1[:, :2], E2[:, :2])
+    assert host(vn.crf_kl_grad(*empty_kl).grad_E1_q).shape == E1[:, :2].shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -406,6 +449,8 @@ def test_minus_infinity_beam_slots(dtype):
         host(vn.crf_sample(*d, 3, lengths=lengths, uniforms=uniforms).beam_idx),
         vn.crf_sample(scores, tokens, E1, E2, 3, lengths=lengths, uniforms=uniforms).beam_idx,
     )
+    for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, lengths, dtype):
+        close(gpu, cpu, dtype, 10)
 
 
 ON_CARD = os.environ.get("NUMBA_ENABLE_CUDASIM") != "1"

@@ -408,9 +408,10 @@ def _conditionals(alpha_prev, trans, inv_temp, col_max_t, col_sum_t, log_sums, i
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _log_ratios(log_cond, q_alpha_prev, q_trans, inv_temp, q_col_max_t, q_col_sum_t, log_sums):
-    """log_cond[i, j] -= log q(y_{t-1} = i | y_t = j): the step's log ratio of p's and q's backward
-    conditionals (read only where p's conditional is > 0; a row q cannot reach gives +inf there)."""
+def _log_ratios(log_cond, q_alpha_prev, q_trans, inv_temp, q_col_max_t, q_col_sum_t, log_sums, own):
+    """log_cond[i, j] = own * log_cond[i, j] - log q(y_{t-1} = i | y_t = j): the step's log ratio of p's
+    and q's backward conditionals for own = 1 (read only where p's conditional is > 0; a row q cannot
+    reach gives +inf there), minus q's log conditional for own = 0 (the cross-entropy)."""
     K = q_alpha_prev.shape[0]
     for j in range(K):
         log_sums[j] = np.log(q_col_sum_t[j])
@@ -418,7 +419,7 @@ def _log_ratios(log_cond, q_alpha_prev, q_trans, inv_temp, q_col_max_t, q_col_su
         a = q_alpha_prev[i]
         row, log_row = q_trans[i], log_cond[i]
         for j in range(K):
-            log_row[j] -= a + row[j] * inv_temp - q_col_max_t[j] - log_sums[j]
+            log_row[j] = own * log_row[j] - (a + row[j] * inv_temp - q_col_max_t[j] - log_sums[j])
 
 
 @njit(cache=True, inline="always")
@@ -451,6 +452,7 @@ def log_ratio_kernel(
     q_col_max,
     q_col_sum,
     use_q,
+    own,
     first,
     count,
     want_grads,
@@ -462,9 +464,10 @@ def log_ratio_kernel(
     q_grad_src,
     q_grad_dst,
 ):
-    """E_p[log p(y) - log q(y)] of sequences b = first .. first+count-1 (the KL divergence; without
-    ``use_q``, E_p[log p(y)] = -H), from ``forward_kernel``'s state of p (and of q, a CRF on the same
-    beam tokens with tables q_E1, q_E2), and, with ``want_grads``:
+    """E_p[own * log p(y) - log q(y)] of sequences b = first .. first+count-1 (the KL divergence for
+    own = 1, the cross-entropy for own = 0; without ``use_q``, E_p[log p(y)] = -H), from
+    ``forward_kernel``'s state of p (and of q, a CRF on the same beam tokens with tables q_E1, q_E2),
+    and, with ``want_grads`` (and own = 1):
 
     * ``cov_nodes[b]`` (T, K): Cov_p([y_t = k], log p - log q); the edge covariances contracted with
       p's table rows into ``grad_src`` / ``grad_dst`` (``backward_kernel``'s layout). d/d p's
@@ -509,7 +512,7 @@ def log_ratio_kernel(
             _last_position(q_alpha[b, length - 1], q_mu, q_log_last)
             for j in range(K):
                 if mu[j] > 0:
-                    log_last[j] -= q_log_last[j]
+                    log_last[j] = own * log_last[j] - q_log_last[j]
         expected = 0.0
         F = np.zeros((T if want_grads else 1, K), dtype=dtype)
         if want_grads:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
@@ -521,7 +524,7 @@ def log_ratio_kernel(
                 if use_q:
                     _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
                     _log_ratios(
-                        log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums
+                        log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums, own
                     )
                 for i in range(K):
                     f = F[t - 1, i]
@@ -552,7 +555,9 @@ def log_ratio_kernel(
             )
             if use_q:
                 _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
-                _log_ratios(log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums)
+                _log_ratios(
+                    log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums, own
+                )
             if not want_grads:
                 for i in range(K):
                     cond_row, log_row = cond[i], log_cond[i]

@@ -549,10 +549,10 @@ class CPUOps:
         return grad_scores, grad_E1, grad_E2
 
     def _log_ratio(
-        self, state: ForwardState, q_state: Optional[ForwardState], want_grads: bool
+        self, state: ForwardState, q_state: Optional[ForwardState], want_grads: bool, own: float = 1.0
     ) -> tuple[np.ndarray, Any, Any]:
-        """E_p[log p - log q] (B,) float64 (q None: E_p[log p] = -H) and, with ``want_grads``, a function
-        run(first, count, grad_src, grad_dst, q_grad_src, q_grad_dst) of the kernel's rows, and the
+        """E_p[own * log p - log q] (B,) float64 (q None: E_p[log p] = -H) and, with ``want_grads`` (own = 1),
+        a function run(first, count, grad_src, grad_dst, q_grad_src, q_grad_dst) of the kernel's rows, and the
         (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``)."""
         crf = state.crf
         B, T, K = crf.scores.shape
@@ -578,6 +578,7 @@ class CPUOps:
                 q.col_max,
                 q.col_sum,
                 use_q,
+                crf.dtype.type(own),
                 first,
                 count,
                 want_grads,
@@ -634,6 +635,10 @@ class CPUOps:
             grad_E1_q,
             grad_E2_q,
         )
+
+    def cross_entropy(self, state: ForwardState, q_state: ForwardState) -> np.ndarray:
+        """-E_p[log q] (B,) of two CRFs on one beam, in the compute dtype."""
+        return self._log_ratio(state, q_state, False, 0.0)[0].astype(state.crf.dtype)
 
     @staticmethod
     def _path_scores(crf: BeamCRF, paths: np.ndarray) -> np.ndarray:

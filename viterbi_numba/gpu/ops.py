@@ -66,6 +66,8 @@ def dynamic_shared(name: str, K: int, dtype: Any, N: int = 1, k: int = 1) -> int
         "chains_steps": K * chains_per_block(K, N, np.dtype(dtype)),
         "sample_kernel": 2 * K,
         "backward_steps": 2 * K,
+        "ratio_forward_steps": 3 * K,
+        "ratio_backward_steps": 5 * K,
         "stochastic_viterbi_backward_kernel": 2 * K,
     }
     if name == "topk_kernel":
@@ -494,15 +496,95 @@ class GPUOps:
             )
         return grad_scores[0], grad_E1[0], grad_E2[0]
 
+    def _log_ratio(
+        self, state: ForwardState, q_state: Optional[ForwardState], own: float, sign: float, weights: Optional[Any]
+    ) -> tuple[Any, ...]:
+        """sign * E_p[own * log p - log q] (B,) as a native array (q None: without the log q term) and,
+        for device weights (B,), the gradients of sum_b weights[b] * sign * E_p[log p - log q] (own = 1)
+        as (grad_scores, grad_E1, grad_E2, grad_scores_q, grad_E1_q, grad_E2_q) natives, q's None without q.
+
+        The forward sweep (``ratio_forward_steps``, on both CRFs' transition blocks chunk by chunk) and
+        ``ratio_last`` give the value; the gradients take the backward sweep (``ratio_backward_steps``,
+        last chunk first), which turns each chunk's blocks into edge terms that ``xi_rows`` and
+        ``xi_columns`` contract with each side's table rows (docs/design.md §4)."""
+        lib = self.lib
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        dtype = crf.dtype
+        use_q = q_state is not None
+        q = q_state if q_state is not None else state
+        want_grads = weights is not None
+        value = lib.empty((B,), dtype)
+        grads = [lib.zeros((B, T, K) if want_grads else (1, 1, 1), dtype) for _ in range(2)]  # p's, q's scores
+        tables = [lib.zeros(side.E1.shape if want_grads else (1, 1), dtype) for side in (crf, crf, q.crf, q.crf)]
+        if B:
+            self._run_log_ratio(state, q, use_q, own, sign, weights, value[1], grads, tables)
+        if not want_grads:
+            return (value[0],)
+        p_grads = (grads[0][0], tables[0][0], tables[1][0])
+        q_grads = (grads[1][0], tables[2][0], tables[3][0]) if use_q else (None, None, None)
+        return (value[0],) + p_grads + q_grads
+
+    def _run_log_ratio(
+        self, state: ForwardState, q: ForwardState, use_q: bool, own: float, sign: float, weights: Any, value: Any,
+        grads: list, tables: list,
+    ) -> None:  # fmt: skip
+        """The launches of ``_log_ratio`` (B > 0) into its outputs' views."""
+        lib = self.lib
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        dtype = crf.dtype
+        want_grads = weights is not None
+        mean = lib.empty((B,), dtype)[1]
+        ratio_sums = lib.zeros((B, T, K), dtype)[1]
+        p_q = (state.alpha, state.col_max, state.col_sum, q.alpha, q.col_max, q.col_sum)
+
+        def chunks(reverse: bool) -> Any:
+            """(t0, chunk, p's blocks, q's blocks) of the same steps (without q, q's are p's)."""
+            if not use_q:
+                return ((t0, chunk, trans, trans) for t0, chunk, trans in self._transition_chunks(crf, reverse))
+            pairs = zip(self._transition_chunks(crf, reverse), self._transition_chunks(q.crf, reverse))
+            return ((t0, chunk, trans, q_trans) for (t0, chunk, trans), (_, _, q_trans) in pairs)
+
+        forward, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
+        for t0, chunk, trans, q_trans in chunks(False):
+            forward(
+                trans, q_trans, chunk, t0, crf.lengths, state.inv_temp, dtype.type(own), layout.split, layout.parts,
+                use_q, *p_q, ratio_sums,
+            )  # fmt: skip
+        scale = self._weight_scale(weights.reshape(B, 1), state.inv_temp, sign)[1] if want_grads else mean
+        nodes = [lib.empty((B, T, K) if want_grads else (1, 1, 1), dtype)[1] for _ in range(3)]  # mu, ghat, q_mu
+        kernels(dtype).ratio_last[B, threads_for(K), lib.stream](
+            crf.lengths, state.alpha, q.alpha, use_q, dtype.type(own), ratio_sums, want_grads, scale,
+            dtype.type(sign), mean, value, *nodes, grads[0][1], grads[1][1],
+        )  # fmt: skip
+        if not want_grads:
+            return
+        backward, layout = self._recursion("ratio_backward_steps", dtype, B, K, ROW_LANES)
+        for t0, chunk, edges, q_edges in chunks(True):
+            backward(
+                edges, q_edges, chunk, t0, crf.lengths, state.inv_temp, layout.split, use_q, *p_q, ratio_sums, mean,
+                scale, *nodes, grads[0][1], grads[1][1],
+            )  # fmt: skip
+            for side, blocks, first in ((crf, edges, 0), (q.crf, q_edges, 2))[: 1 + use_q]:
+                products = kernels(dtype, rank_for(side.E1.shape[1]))
+                for product, grad in ((products.xi_rows, tables[first]), (products.xi_columns, tables[first + 1])):
+                    product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
+                        blocks, chunk, t0, crf.tokens, side.E1, side.E2, crf.lengths, scale, grad[1]
+                    )
+
     def entropy(self, state: ForwardState, weights: Optional[Any]) -> EntropyGrad:
-        raise NotImplementedError(
-            "crf_entropy has no GPU kernel yet (issue 15 adds it); pass NumPy arrays for the CPU kernels"
-        )
+        if weights is None:
+            return EntropyGrad(self._log_ratio(state, None, 1.0, -1.0, None)[0], None, None, None)
+        return EntropyGrad(*self._log_ratio(state, None, 1.0, -1.0, weights)[:4])
 
     def kl(self, state: ForwardState, q_state: ForwardState, weights: Optional[Any]) -> KLGrad:
-        raise NotImplementedError(
-            "crf_kl has no GPU kernel yet (issue 15 adds it); pass NumPy arrays for the CPU kernels"
-        )
+        if weights is None:
+            return KLGrad(self._log_ratio(state, q_state, 1.0, 1.0, None)[0], *(None,) * 6)
+        return KLGrad(*self._log_ratio(state, q_state, 1.0, 1.0, weights))
+
+    def cross_entropy(self, state: ForwardState, q_state: ForwardState) -> Any:
+        return self._log_ratio(state, q_state, 0.0, 1.0, None)[0]
 
     def _path_scores(self, crf: BeamCRF, paths: Any) -> tuple[Any, Any]:
         B, _, N = paths.shape

@@ -9,7 +9,7 @@ from typing import Any
 from numba import config, cuda, int64, uint32
 
 from ... import _portable
-from .block import MAX_THREADS, PAD, Family
+from .block import FULL_MASK, MAX_THREADS, PAD, Family
 
 # xi_rows, xi_columns: a block of PRODUCT_EDGE^2 threads computes PRODUCT_TILE output rows x the rank, each thread
 # PRODUCT_SUB rows x RANK // PRODUCT_EDGE entries (in the simulator, 2 x 2 threads)
@@ -329,6 +329,306 @@ def build(blk) -> Family:
                                 total += sums[slot * ROW_LANES + q]
                             marginals[b, step - 1, i] = total
                         cuda.syncthreads()
+                step_barrier(split)
+
+    # ---------------------------------------------------------------------------------------------
+    # entropy and KL: E_p[own * log p - log q] along the backward factorisation (docs/design.md §4)
+    # ---------------------------------------------------------------------------------------------
+    if config.ENABLE_CUDASIM:
+
+        @cuda.jit(device=True)
+        def row_sum(value, sums):
+            """The sum of ``value`` over the ROW_LANES threads that share a row, to each of them (the
+            simulator has no shuffles: through ``sums``, shared, blockDim). Every thread must call it."""
+            tid = cuda.threadIdx.x
+            sums[tid] = value
+            cuda.syncthreads()
+            base = tid - tid % ROW_LANES
+            total = ZERO
+            for q in range(ROW_LANES):
+                total += sums[base + q]
+            cuda.syncthreads()
+            return total
+
+    else:
+
+        @cuda.jit(device=True)
+        def row_sum(value, sums):
+            """The sum of ``value`` over the ROW_LANES threads (a warp) that share a row, to each of them:
+            a butterfly of shuffles, no shared memory and no barrier. Every thread must call it."""
+            offset = ROW_LANES // 2
+            while offset > 0:
+                value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
+                offset //= 2
+            return value
+
+    @family.kernel(
+        (t.f1, t.f1, t.int64, t.int64, t.i1, t.f, t.f, t.int64, t.int64, t.boolean) + (t.f3, t.f3, t.f3) * 2 + (t.f3,)
+    )
+    def ratio_forward_steps(
+        trans,
+        q_trans,
+        chunk,
+        t0,
+        lengths,
+        inv_temp,
+        own,
+        split,
+        parts,
+        use_q,
+        alpha,
+        col_max,
+        col_sum,
+        q_alpha,
+        q_col_max,
+        q_col_sum,
+        ratio_sums,
+    ):
+        """Steps t = t0 + s of the forward sweep of ``cpu/crf.py``'s log_ratio_kernel: ratio_sums[b, t, j] =
+        sum_i c(i | j) (ratio_sums[b, t - 1, i] + own * log c(i | j) - log c_q(i | j)), the expected log
+        ratio of y_0 .. y_t given y_t = j, with p's backward conditional c(i | j) = exp(alpha[t - 1, i] +
+        trans[i, j] * inv_temp - col_max[t, j] - log col_sum[t, j]) and q's (``q_trans``, with ``use_q``)
+        alike. One pass per column (its normaliser is known); terms with c = 0 are skipped (0 log 0 = 0).
+        Columns and predecessors are shared out as in ``forward_steps``; dynamic shared memory: 3 K values."""
+        B, T, K = alpha.shape
+        tid = cuda.threadIdx.x
+        groups, first_col, last_col = split_span(K, split)
+        lanes, lane, mine, low, high = predecessor_share(K, parts)
+        stop = uint32(high)
+        stride = uint32(K)
+        shared = cuda.shared.array(0, nbtype)
+        prev = shared[:K]
+        a_prev = shared[K : 2 * K]
+        q_prev = shared[2 * K : 3 * K]
+        part_sum = cuda.shared.array(MAX_THREADS, nbtype)
+        steps = min(chunk, T - t0)
+        for first in range(0, B, groups):
+            b = first + cuda.blockIdx.x // split
+            length = lengths[b] if b < B else 0
+            for s in range(steps):
+                step = t0 + s
+                if step < length:
+                    for i in range(tid, K, cuda.blockDim.x):
+                        prev[i] = exchange_load(ratio_sums, b, step - 1, i)
+                        a_prev[i] = alpha[b, step - 1, i]
+                        q_prev[i] = q_alpha[b, step - 1, i] if use_q else ZERO
+                    cuda.syncthreads()
+                    row0 = uint32((b * chunk + s) * K * K)
+                    for base in range(first_col, last_col, lanes):
+                        j = base + lane
+                        total = ZERO
+                        if j < last_col and low < high:
+                            top = col_max[b, step, j] + math.log(col_sum[b, step, j])
+                            q_top = q_col_max[b, step, j] + math.log(q_col_sum[b, step, j]) if use_q else ZERO
+                            offset = row0 + uint32(low * K + j)
+                            i = uint32(low)
+                            while i < stop:
+                                log_c = a_prev[i] + trans[offset] * inv_temp - top
+                                c = fast_exp(log_c)
+                                if c > ZERO:  # also skips an unreachable predecessor (alpha = -inf)
+                                    term = own * log_c
+                                    if use_q:
+                                        term -= q_prev[i] + q_trans[offset] * inv_temp - q_top
+                                    total += c * (prev[i] + term)
+                                offset += stride
+                                i += uint32(1)
+                        part_sum[tid] = total
+                        cuda.syncthreads()
+                        if mine == 0 and j < last_col:
+                            for q in range(1, parts):
+                                total += part_sum[q * lanes + lane]
+                            ratio_sums[b, step, j] = total
+                        cuda.syncthreads()
+                step_barrier(split)
+
+    @family.kernel(
+        (t.i1, t.f3, t.f3, t.boolean, t.f, t.f3, t.boolean, t.f1, t.f, t.f1, t.f1) + (t.f3,) * 5, threads=MAX_THREADS
+    )
+    def ratio_last(
+        lengths,
+        alpha,
+        q_alpha,
+        use_q,
+        own,
+        ratio_sums,
+        want_grads,
+        scale,
+        sign,
+        out_mean,
+        out_value,
+        mu,
+        ghat,
+        q_mu,
+        grad_scores,
+        grad_scores_q,
+    ):
+        """A block per sequence, after the forward sweep: with mu = softmax(alpha[L - 1]) and the last
+        position's log ratio r_j = own * log mu_j - log mu_q_j, out_mean[b] = E = sum_j mu_j (ratio_sums[b,
+        L - 1, j] + r_j) and out_value[b] = sign * E. With ``want_grads``, the backward sweep's start:
+        mu, ghat = mu * r and q_mu at L - 1, and the node gradients there, scale[b] * (mu (ratio_sums - E)
+        + ghat) and scale[b] * (q_mu - mu)."""
+        b = cuda.blockIdx.x
+        K = alpha.shape[2]
+        last = lengths[b] - 1
+        tid = cuda.threadIdx.x
+        scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        partial = ZERO
+        q_partial = ZERO
+        for j in range(tid, K, cuda.blockDim.x):
+            partial += math.exp(alpha[b, last, j])
+            if use_q:
+                q_partial += math.exp(q_alpha[b, last, j])
+        log_total = math.log(block_sum(partial, scratch))  # >= 1: alpha's maximum is 0
+        q_log_total = math.log(block_sum(q_partial, scratch)) if use_q else ZERO
+        partial = ZERO
+        for j in range(tid, K, cuda.blockDim.x):
+            p = math.exp(alpha[b, last, j] - log_total)
+            if p > ZERO:
+                ratio = own * (alpha[b, last, j] - log_total)
+                if use_q:
+                    ratio -= q_alpha[b, last, j] - q_log_total
+                partial += p * (ratio_sums[b, last, j] + ratio)
+        mean = block_sum(partial, scratch)
+        if tid == 0:
+            out_mean[b] = mean
+            out_value[b] = sign * mean
+        if want_grads:
+            factor = scale[b]
+            for j in range(tid, K, cuda.blockDim.x):
+                p = math.exp(alpha[b, last, j] - log_total)
+                share = ZERO
+                node = ZERO
+                if p > ZERO:
+                    share = own * (alpha[b, last, j] - log_total)
+                    if use_q:
+                        share -= q_alpha[b, last, j] - q_log_total
+                    share *= p
+                    node = p * (ratio_sums[b, last, j] - mean) + share
+                mu[b, last, j] = p
+                ghat[b, last, j] = share
+                grad_scores[b, last, j] = factor * node
+                if use_q:
+                    q_p = math.exp(q_alpha[b, last, j] - q_log_total)
+                    q_mu[b, last, j] = q_p
+                    grad_scores_q[b, last, j] = factor * (q_p - p)
+
+    @family.kernel(
+        (t.f1, t.f1, t.int64, t.int64, t.i1, t.f, t.int64, t.boolean)
+        + (t.f3, t.f3, t.f3) * 2
+        + (t.f3, t.f1, t.f1)
+        + (t.f3,) * 5
+    )
+    def ratio_backward_steps(
+        edges,
+        q_edges,
+        chunk,
+        t0,
+        lengths,
+        inv_temp,
+        split,
+        use_q,
+        alpha,
+        col_max,
+        col_sum,
+        q_alpha,
+        q_col_max,
+        q_col_sum,
+        ratio_sums,
+        mean,
+        scale,
+        mu,
+        ghat,
+        q_mu,
+        grad_scores,
+        grad_scores_q,
+    ):
+        """Steps t = t0 + chunk - 1 down to t0 of the backward sweep of ``cpu/crf.py``'s log_ratio_kernel,
+        with own = 1 (the gradients of the entropy and the KL). For row i, with c = c(i | j), r = log c -
+        log c_q (log c without ``use_q``), x = c mu_t[j] and f = ratio_sums[b, t - 1, i] - mean[b]:
+
+        edges[i, j] = x (f + r) + c ghat_t[j]  (the edge covariance, in place of p's transitions)
+        ghat_{t-1}[i] = sum_j x r + c ghat_t[j],  mu_{t-1}[i] = sum_j x
+
+        and with ``use_q`` q_edges[i, j] = c_q mu_q_t[j] - x (q's edge marginal minus p's, in place of q's
+        transitions) and mu_q_{t-1}[i] = sum_j c_q mu_q_t[j]. The node gradients of position t - 1 go to
+        grad_scores (scale[b] (mu f + ghat)) and grad_scores_q (scale[b] (mu_q - mu)); ``xi_rows`` and
+        ``xi_columns`` turn the edge blocks into the table gradients. Rows are shared out as in
+        ``backward_steps``, a warp per row, whose sums meet in shuffles; dynamic shared memory: 5 K values."""
+        B, T, K = alpha.shape
+        tid = cuda.threadIdx.x
+        groups, first_row, last_row = split_span(K, split)
+        rows_per_round = cuda.blockDim.x // ROW_LANES
+        lane = tid % ROW_LANES
+        slot = tid // ROW_LANES
+        columns = uint32(K)
+        shared = cuda.shared.array(0, nbtype)
+        top = shared[:K]
+        mu_t = shared[K : 2 * K]
+        ghat_t = shared[2 * K : 3 * K]
+        q_top = shared[3 * K : 4 * K]
+        q_mu_t = shared[4 * K : 5 * K]
+        sums = cuda.shared.array(MAX_THREADS, nbtype)
+        steps = min(chunk, T - t0)
+        for first in range(0, B, groups):
+            b = first + cuda.blockIdx.x // split
+            length = lengths[b] if b < B else 0
+            for s in range(steps - 1, -1, -1):
+                step = t0 + s
+                if step < length:
+                    for j in range(tid, K, cuda.blockDim.x):
+                        top[j] = col_max[b, step, j] + math.log(col_sum[b, step, j])
+                        mu_t[j] = exchange_load(mu, b, step, j)
+                        ghat_t[j] = exchange_load(ghat, b, step, j)
+                        if use_q:
+                            q_top[j] = q_col_max[b, step, j] + math.log(q_col_sum[b, step, j])
+                            q_mu_t[j] = exchange_load(q_mu, b, step, j)
+                    cuda.syncthreads()
+                    centre = mean[b]
+                    factor = scale[b]
+                    block0 = uint32((b * chunk + s) * K * K)
+                    for base in range(first_row, last_row, rows_per_round):
+                        i = base + slot
+                        g = ZERO
+                        m = ZERO
+                        q_m = ZERO
+                        f = ZERO
+                        if i < last_row:
+                            a = alpha[b, step - 1, i]
+                            q_a = q_alpha[b, step - 1, i] if use_q else ZERO
+                            f = ratio_sums[b, step - 1, i] - centre
+                            offset = block0 + uint32(i * K + lane)
+                            j = uint32(lane)
+                            while j < columns:
+                                log_c = a + edges[offset] * inv_temp - top[j]
+                                c = fast_exp(log_c)
+                                x = c * mu_t[j]
+                                edge = ZERO
+                                log_c_q = ZERO
+                                if use_q:
+                                    log_c_q = q_a + q_edges[offset] * inv_temp - q_top[j]
+                                    x_q = fast_exp(log_c_q) * q_mu_t[j]
+                                    q_edges[offset] = x_q - x
+                                    q_m += x_q
+                                if c > ZERO:  # also a row no path reaches (alpha = -inf): zeros
+                                    log_c -= log_c_q
+                                    share = c * ghat_t[j]
+                                    edge = x * (f + log_c) + share
+                                    g += x * log_c + share
+                                    m += x
+                                edges[offset] = edge
+                                offset += uint32(ROW_LANES)
+                                j += uint32(ROW_LANES)
+                        g = row_sum(g, sums)
+                        m = row_sum(m, sums)
+                        if use_q:
+                            q_m = row_sum(q_m, sums)
+                        if lane == 0 and i < last_row:
+                            mu[b, step - 1, i] = m
+                            ghat[b, step - 1, i] = g
+                            grad_scores[b, step - 1, i] = factor * (m * f + g)
+                            if use_q:
+                                q_mu[b, step - 1, i] = q_m
+                                grad_scores_q[b, step - 1, i] = factor * (q_m - m)
                 step_barrier(split)
 
     def products(side: int, name: str) -> Any:
