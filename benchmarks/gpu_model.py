@@ -381,13 +381,13 @@ CALLS = {  # public call at the seed's size: (its main kernels, the issue's targ
     "crf_sample N=8": (FORWARD + ("sample_kernel",), 0.6),
     "backward (marginals and table gradients)": (BACKWARD, 2.0),
     "log_partition_grad (forward, backward)": (FORWARD + BACKWARD, "-"),
+    # from raw inputs: the forward sweep reads the forward passes' transition blocks (ops.forward_log_ratio)
     "crf_entropy_grad": (
-        FORWARD + ("transitions_kernel", "ratio_forward_steps", "transitions_kernel", "ratio_backward_steps")
-        + ("xi_rows", "xi_columns"),
+        FORWARD + ("ratio_forward_steps", "transitions_kernel", "ratio_backward_steps", "xi_rows", "xi_columns"),
         "2x log_partition_grad",
     ),
     "crf_kl_grad": (
-        FORWARD * 2 + ("transitions_kernel",) * 2 + ("ratio_forward_steps" + WITH_Q,) + ("transitions_kernel",) * 2
+        FORWARD * 2 + ("ratio_forward_steps" + WITH_Q,) + ("transitions_kernel",) * 2
         + ("ratio_backward_steps" + WITH_Q,) + ("xi_rows", "xi_columns") * 2,
         "2.5x log_partition_grad",
     ),

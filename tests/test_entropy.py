@@ -125,6 +125,13 @@ def test_kept_forward_pass_entropy():
     rng = np.random.default_rng(2)
     scores, tokens, E1, E2 = make_problem(rng, 2, 4, 3)
     forward = vn.crf_forward(scores, tokens, E1, E2, 0.7)
-    np.testing.assert_array_equal(forward.entropy(), vn.crf_entropy(scores, tokens, E1, E2, 0.7))
+    # crf_entropy sums the same terms in another order (with its forward pass, docs/design.md §4)
+    np.testing.assert_allclose(forward.entropy(), vn.crf_entropy(scores, tokens, E1, E2, 0.7), rtol=1e-13)
+    kept, direct = (
+        forward.entropy_grad(np.array([1.0, -2.0])),
+        vn.crf_entropy_grad(scores, tokens, E1, E2, 0.7, grad_output=np.array([1.0, -2.0])),
+    )
+    for name in direct._fields:
+        np.testing.assert_allclose(getattr(kept, name), getattr(direct, name), rtol=1e-12, atol=1e-13, err_msg=name)
     with pytest.raises(ValueError, match=r"grad_output must have shape \(2,\)"):
         forward.entropy_grad(np.ones(3))

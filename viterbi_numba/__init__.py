@@ -3,6 +3,7 @@
 Array API (NumPy or GPU arrays in, the same kind out; docs/design.md is the specification):
 
 * :func:`topk_beam` — per-position top-K beam, optionally forcing given tokens into it.
+* :func:`gather_beam` — another model's scores on a beam (a reference's beam scores for :func:`crf_kl`).
 * :func:`viterbi_decode` — the best beam path (max-product).
 * :func:`stochastic_viterbi` — the write-up's stochastic Viterbi sampler, one or N chains, and
   :func:`stochastic_viterbi_backward`, the gradient the write-up's autograd gives through ``beam_probs``.
@@ -35,7 +36,7 @@ from .crf import (
     marginals,
     sequence_score,
 )
-from .decode import stochastic_viterbi, stochastic_viterbi_backward, topk_beam, viterbi_decode
+from .decode import gather_beam, stochastic_viterbi, stochastic_viterbi_backward, topk_beam, viterbi_decode
 from .results import (
     PAD,
     Beam,
@@ -82,5 +83,6 @@ __all__ = [
     "stochastic_viterbi",
     "stochastic_viterbi_backward",
     "topk_beam",
+    "gather_beam",
     "viterbi_decode",
 ]

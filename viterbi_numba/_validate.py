@@ -193,6 +193,14 @@ def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens", side: 
         )
 
 
+def emission_token_values(tokens: np.ndarray, vocab: int) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(
+            f"tokens must be token ids in [0, {vocab}) (columns of emissions), "
+            f"got values from {tokens.min()} to {tokens.max()}"
+        )
+
+
 def emission_values(emissions: np.ndarray) -> None:
     if np.isnan(emissions).any() or np.isposinf(emissions).any():
         b, t = np.argwhere(~(np.isfinite(emissions) | np.isneginf(emissions)))[0][:2]
@@ -486,6 +494,18 @@ def topk_inputs(
         forced = arrays.int_array(force_tokens, force_name, (B, T))
         forced = arrays.checks().in_range(forced, -1, V, lambda host: forced_values(host, V, force_name))
     return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), k, forced
+
+
+def gather_inputs(arrays: Arrays, emissions: Any, tokens: Any) -> tuple[Any, Any]:
+    """(emissions (B, T, V) in the compute dtype, tokens (B, T, K) int64 in [0, V))."""
+    emissions = arrays.float_array(emissions, "emissions", 3)
+    B, T, V = emissions.shape
+    values = int_dtype(arrays.small_array(tokens, "tokens"), "tokens")
+    if values.ndim != 3 or tuple(values.shape[:2]) != (B, T):
+        raise ValueError(f"tokens must have shape (B, T, K) = ({B}, {T}, K) like emissions, got {tuple(values.shape)}")
+    tokens = arrays.int_array(values, "tokens", tuple(values.shape))
+    tokens = arrays.checks().in_range(tokens, 0, V, lambda host: emission_token_values(host, V))
+    return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), tokens
 
 
 def draws(

@@ -394,7 +394,7 @@ def crf_entropy(
     -------
     (B,) float array in the compute dtype.
     """
-    return crf_forward(scores, tokens, E1, E2, temperature, lengths).entropy()
+    return _entropy(scores, tokens, E1, E2, temperature, lengths, None, False).entropy
 
 
 def crf_entropy_grad(
@@ -423,7 +423,21 @@ def crf_entropy_grad(
     -------
     EntropyGrad
     """
-    return crf_forward(scores, tokens, E1, E2, temperature, lengths).entropy_grad(grad_output)
+    return _entropy(scores, tokens, E1, E2, temperature, lengths, grad_output, True)
+
+
+def _entropy(
+    scores: Any, tokens: Any, E1: Any, E2: Any, temperature: Any, lengths: Any, grad_output: Any, want_grads: bool
+) -> EntropyGrad:
+    """The entropy (and, with ``want_grads``, its gradients) from raw inputs: the forward pass and the
+    forward sweep of expectations run on one set of transition blocks (``ops.forward_log_ratio``)."""
+    ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
+    with ops.call():
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
+        inv_temp = _validate.inv_temperature(temperature, crf.dtype)
+        weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype) if want_grads else None
+        passes: Any = ops.forward_log_ratio(crf, None, inv_temp, 1.0)  # (p's state, None, ratio_sums)
+        return ops.entropy(passes[0], weights, passes[2])
 
 
 def _kl(
@@ -437,16 +451,19 @@ def _kl(
     temperature: Any,
     lengths: Any,
     grad_output: Any,
-    finish: Callable[[Any, Any, Any, Any], Any],
+    finish: Callable[[Any, Any, Any, Any, Any], Any],
+    own: float = 1.0,
 ) -> Any:
-    """Validates two CRFs on one beam, runs both forward passes and returns ``finish(ops, p_state,
-    q_state, weights)`` inside the call (weights: the validated ``grad_output``, all 1 when None)."""
+    """Validates two CRFs on one beam, runs both forward passes with the forward sweep of E_p[own log p -
+    log q] (``ops.forward_log_ratio``) and returns ``finish(ops, p_state, q_state, ratio_sums, weights)``
+    inside the call (weights: the validated ``grad_output``, all 1 when None)."""
     ops = backend_of(scores_p=scores_p, scores_q=scores_q, tokens=tokens, E1_p=E1_p, E2_p=E2_p, E1_q=E1_q, E2_q=E2_q)
     with ops.call():
         p, q = _validate.kl_crfs(ops.arrays, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature)
         inv_temp = _validate.inv_temperature(temperature, p.dtype)
         weights = _validate.weights(ops.arrays, grad_output, (p.scores.shape[0],), p.dtype)
-        return finish(ops, ops.crf_forward(p, inv_temp), ops.crf_forward(q, inv_temp), weights)
+        p_state, q_state, ratio_sums = ops.forward_log_ratio(p, q, inv_temp, own)
+        return finish(ops, p_state, q_state, ratio_sums, weights)
 
 
 def crf_kl(
@@ -464,7 +481,7 @@ def crf_kl(
 
     p (the policy) and q (a reference, such as a frozen copy) share the beam ``tokens`` and ``lengths``;
     each has its own beam scores and tables (q's emissions gathered at p's beam tokens:
-    ``np.take_along_axis(emissions_q, tokens, 2)``). For two models whose top-K beams differ this is the
+    :func:`~viterbi_numba.gather_beam`). For two models whose top-K beams differ this is the
     KL of the two CRFs restricted to p's beam. Summed along the backward factorisation as a sum of
     conditional KL divergences (docs/design.md §4): >= 0 up to rounding, 0 for q = p. +inf where q gives
     probability 0 (a -inf slot) to a path p can take.
@@ -497,7 +514,7 @@ def crf_kl(
         temperature,
         lengths,
         None,
-        lambda ops, p, q, _: ops.kl(p, q, None).kl,
+        lambda ops, p, q, sums, _: ops.kl(p, q, None, sums).kl,
     )
 
 
@@ -540,7 +557,7 @@ def crf_kl_grad(
         temperature,
         lengths,
         grad_output,
-        lambda ops, p, q, weights: ops.kl(p, q, weights),
+        lambda ops, p, q, sums, weights: ops.kl(p, q, weights, sums),
     )
 
 
@@ -570,7 +587,8 @@ def crf_cross_entropy(
         temperature,
         lengths,
         None,
-        lambda ops, p, q, _: ops.cross_entropy(p, q),
+        lambda ops, p, q, sums, _: ops.cross_entropy(p, q, sums),
+        own=0.0,
     )
 
 

@@ -21,6 +21,7 @@ from .results import PAD, Beam, SamplerGrad, StochasticViterbiResult, ViterbiRes
 __all__ = [
     "PAD",
     "topk_beam",
+    "gather_beam",
     "viterbi_decode",
     "stochastic_viterbi",
     "stochastic_viterbi_backward",
@@ -58,6 +59,30 @@ def topk_beam(emissions: ArrayLike, k: int, force_tokens: Optional[ArrayLike] = 
     with ops.call():
         emissions, k, forced = _validate.topk_inputs(ops.arrays, emissions, k, force_tokens)
         return ops.topk_beam(emissions, k, forced)
+
+
+def gather_beam(emissions: ArrayLike, tokens: ArrayLike) -> Any:
+    """Another model's scores on a beam: ``emissions[b, t, tokens[b, t, k]]``, like
+    ``np.take_along_axis(emissions, tokens, 2)`` (on the GPU too).
+
+    A reference model's emissions gathered at the policy's beam tokens are its beam scores for
+    :func:`~viterbi_numba.crf_kl` (``scores_q``).
+
+    Parameters
+    ----------
+    emissions : (B, T, V) float array
+        Per-position token scores (float16 is computed in float32).
+    tokens : (B, T, K) int array
+        Token ids in [0, V), such as ``topk_beam(...).tokens``.
+
+    Returns
+    -------
+    (B, T, K) float array in the compute dtype.
+    """
+    ops = backend_of(emissions=emissions, tokens=tokens)
+    with ops.call():
+        emissions, tokens = _validate.gather_inputs(ops.arrays, emissions, tokens)
+        return ops.gather_beam(emissions, tokens)
 
 
 def viterbi_decode(

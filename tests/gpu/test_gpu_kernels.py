@@ -222,10 +222,23 @@ def test_entropy_and_kl_match_cpu(dtype):
     for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, lengths, dtype):
         assert np.all(np.isfinite(cpu))
         close(gpu, cpu, dtype, 10)
-    # a kept pass against a reference's kept pass, and KL(p || p) = 0
+    # kept passes (whose forward sweep runs apart from the forward pass), and KL(p || p) = 0
     d = dev(scores, tokens, E1, E2)
     p = vn.crf_forward(*d, 0.8, lengths)
     np.testing.assert_allclose(host(p.kl(vn.crf_forward(*d, 0.8, lengths))), 0.0, atol=TOL[dtype])
+    weights = np.array([0.5, -2.0])
+    kept = p.entropy_grad(dev(weights)[0])
+    direct = vn.crf_entropy_grad(scores, tokens, E1, E2, 0.8, lengths, weights)
+    for name in direct._fields:
+        close(getattr(kept, name), getattr(direct, name), dtype, 10)
+    # a reference's scores gathered on the device
+    reference = np.random.default_rng(3).standard_normal((2, 4, 30)).astype(dtype)
+    beam_tokens = np.random.default_rng(4).integers(0, 30, (2, 4, 6))
+    np.testing.assert_array_equal(
+        host(vn.gather_beam(*dev(reference, beam_tokens))), np.take_along_axis(reference, beam_tokens, 2)
+    )
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 30\) \(columns of emissions\)"):
+        vn.gather_beam(*dev(reference, beam_tokens + 29))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -38,21 +38,30 @@ uniform_pair = portable.uniform_pair
 # forward algorithm
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _forward_step(prev, trans, inv_temp, col_max, col_sum):
-    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]).
-
-    Rows with prev[i] = -inf (unreachable beam slots) are skipped: they add exactly 0.
-    """
+def _column_max(prev, trans, inv_temp, col_max):
+    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; rows with prev[i] = -inf (unreachable beam
+    slots) are skipped."""
     K = prev.shape[0]
     for j in range(K):
         col_max[j] = -np.inf
-        col_sum[j] = 0.0
     for i in range(K):
         a = prev[i]
         if a != -np.inf:
             row = trans[i]
             for j in range(K):
                 col_max[j] = fmax(a + row[j] * inv_temp, col_max[j])
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward_step(prev, trans, inv_temp, col_max, col_sum):
+    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]).
+
+    Rows with prev[i] = -inf (unreachable beam slots) are skipped: they add exactly 0.
+    """
+    K = prev.shape[0]
+    _column_max(prev, trans, inv_temp, col_max)
+    for j in range(K):
+        col_sum[j] = 0.0
     for i in range(K):
         a = prev[i]
         if a != -np.inf:
@@ -62,37 +71,56 @@ def _forward_step(prev, trans, inv_temp, col_max, col_sum):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward_begin(scores_0, inv_temp, alpha_0):
+    """alpha_0 = (scores_0 - max) * inv_temp; returns the removed maximum, max * inv_temp (float64)."""
+    K = scores_0.shape[0]
+    shift = scores_0[0]
+    for j in range(1, K):
+        shift = max(shift, scores_0[j])
+    for j in range(K):
+        alpha_0[j] = (scores_0[j] - shift) * inv_temp
+    return np.float64(shift) * np.float64(inv_temp)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward_position(scores_t, inv_temp, col_max_t, col_sum_t, alpha_t):
+    """alpha_t from the step's column maxima and sums and the position's scores, normalised to a maximum
+    of 0; returns what was removed (float64), for the log normaliser."""
+    K = scores_t.shape[0]
+    shift = scores_t[0]
+    for j in range(1, K):
+        shift = max(shift, scores_t[j])
+    top = -np.inf
+    for j in range(K):
+        value = col_max_t[j] + np.log(col_sum_t[j]) + (scores_t[j] - shift) * inv_temp
+        alpha_t[j] = value
+        top = max(top, value)
+    for j in range(K):
+        alpha_t[j] -= top
+    return np.float64(top) + np.float64(shift) * np.float64(inv_temp)
+
+
+@njit(cache=True, inline="always")
+def _log_total(alpha_last):
+    """log sum_j exp(alpha_last[j]) in float64."""
+    total = 0.0
+    for j in range(alpha_last.shape[0]):
+        total += np.exp(np.float64(alpha_last[j]))
+    return np.log(total)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, src_emb, dst_emb, trans, alpha, col_max, col_sum):
     """Forward pass of one sequence; fills alpha, col_max, col_sum (T, K) up to ``length``; returns log Z.
 
     scores_b, tokens_b: (T, K). The log normaliser is accumulated in float64.
     """
-    K = scores_b.shape[1]
-    shift = scores_b[0, 0]
-    for j in range(1, K):
-        shift = max(shift, scores_b[0, j])
-    for j in range(K):
-        alpha[0, j] = (scores_b[0, j] - shift) * inv_temp
-    log_norm = np.float64(shift) * np.float64(inv_temp)
+    log_norm = _forward_begin(scores_b[0], inv_temp, alpha[0])
     for t in range(1, length):
         _transition_block(tokens_b[t - 1], tokens_b[t], E1, E2, src_emb, dst_emb, trans)
         _forward_step(alpha[t - 1], trans, inv_temp, col_max[t], col_sum[t])
-        shift = scores_b[t, 0]
-        for j in range(1, K):
-            shift = max(shift, scores_b[t, j])
-        top = -np.inf
-        for j in range(K):
-            value = col_max[t, j] + np.log(col_sum[t, j]) + (scores_b[t, j] - shift) * inv_temp
-            alpha[t, j] = value
-            top = max(top, value)
-        for j in range(K):
-            alpha[t, j] -= top
-        log_norm += np.float64(top) + np.float64(shift) * np.float64(inv_temp)
-    last = alpha[length - 1]
-    total = 0.0
-    for j in range(K):
-        total += np.exp(np.float64(last[j]))
-    return log_norm + np.log(total)
+        log_norm += _forward_position(scores_b[t], inv_temp, col_max[t], col_sum[t], alpha[t])
+    return log_norm + _log_total(alpha[length - 1])
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -436,6 +464,107 @@ def _last_position(alpha_last, mu, log_mu):
         log_mu[j] = alpha_last[j] - log_total if mu[j] > 0 else 0.0
 
 
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _sums_and_ratios(prev, trans, inv_temp, col_max, col_sum, sums_prev, sums, own, use_q, q_prev, q_trans, q_top):
+    """The forward step's column sums (``_forward_step``'s second pass, after ``_column_max``) and, from
+    the same exponentials e[i, j], the forward sweep of ``log_ratio_kernel``:
+
+    sums[j] = sum_i c(i | j) (sums_prev[i] + own log c(i | j) - log c_q(i | j))
+            = sum_i e[i, j] (sums_prev[i] + own z[i, j] - log c_q(i | j)) / col_sum[j] - own log col_sum[j]
+
+    with z = prev[i] + trans[i, j] * inv_temp - col_max[j], c = e / col_sum and, with ``use_q``, q's log
+    conditional q_prev[i] + q_trans[i, j] * inv_temp - q_top[j] (q_top: q's col_max + log col_sum)."""
+    K = prev.shape[0]
+    zero = col_sum.dtype.type(0)  # a float64 literal would widen float32 arithmetic
+    for j in range(K):
+        col_sum[j] = 0.0
+        sums[j] = 0.0
+    for i in range(K):
+        a = prev[i]
+        if a != -np.inf:
+            row = trans[i]
+            base = sums_prev[i]
+            q_a = q_prev[i]
+            q_row = q_trans[i]
+            for j in range(K):
+                z = a + row[j] * inv_temp - col_max[j]
+                e = fast_exp(z)
+                col_sum[j] += e
+                term = base + own * z
+                if use_q:
+                    term -= q_a + q_row[j] * inv_temp - q_top[j]
+                sums[j] += e * term if e > 0 else zero  # 0 log 0 = 0, and no 0 * inf
+    for j in range(K):
+        sums[j] = sums[j] / col_sum[j] - own * np.log(col_sum[j])
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def forward_ratio_kernel(
+    scores,
+    tokens,
+    E1,
+    E2,
+    q_scores,
+    q_E1,
+    q_E2,
+    lengths,
+    inv_temp,
+    use_q,
+    own,
+    out_log_z,
+    alpha,
+    col_max,
+    col_sum,
+    q_log_z,
+    q_alpha,
+    q_col_max,
+    q_col_sum,
+    ratio_sums,
+):
+    """``forward_kernel`` for p and, with ``use_q``, for q (a CRF on the same beam tokens), and the forward
+    sweep of ``log_ratio_kernel`` into ratio_sums (B, T, K) (0 on entry), step by step on the same
+    transition blocks: ratio_sums[b, t, j] = E_p[own log p - log q of y_0 .. y_t | y_t = j], and p's
+    exponentials serve both its column sums and the sweep (``_sums_and_ratios``). Without q, the q
+    arrays are not touched."""
+    B, T, K = scores.shape
+    D = E1.shape[1]
+    Dq = q_E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans = np.empty((K, K), dtype=dtype)
+        q_src_emb = np.empty((K, Dq), dtype=dtype)
+        q_dst_emb = np.empty((K, Dq), dtype=dtype)
+        q_trans = np.zeros((K, K), dtype=dtype)
+        q_top = np.zeros(K, dtype=dtype)
+        q_prev = np.zeros(K, dtype=dtype)
+        sums = ratio_sums[b]
+        log_norm = _forward_begin(scores[b, 0], inv_temp, alpha[b, 0])
+        q_log_norm = _forward_begin(q_scores[b, 0], inv_temp, q_alpha[b, 0]) if use_q else 0.0
+        for t in range(1, length):
+            if use_q:
+                _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
+                _forward_step(q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t])
+                for j in range(K):
+                    q_top[j] = q_col_max[b, t, j] + np.log(q_col_sum[b, t, j])
+                    q_prev[j] = q_alpha[b, t - 1, j]
+                q_log_norm += _forward_position(
+                    q_scores[b, t], inv_temp, q_col_max[b, t], q_col_sum[b, t], q_alpha[b, t]
+                )
+            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            _column_max(alpha[b, t - 1], trans, inv_temp, col_max[b, t])
+            _sums_and_ratios(
+                alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], sums[t - 1], sums[t], own, use_q,
+                q_prev, q_trans, q_top,
+            )  # fmt: skip
+            log_norm += _forward_position(scores[b, t], inv_temp, col_max[b, t], col_sum[b, t], alpha[b, t])
+        out_log_z[b] = log_norm + _log_total(alpha[b, length - 1])
+        if use_q:
+            q_log_z[b] = q_log_norm + _log_total(q_alpha[b, length - 1])
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def log_ratio_kernel(
     tokens,
@@ -453,6 +582,8 @@ def log_ratio_kernel(
     q_col_sum,
     use_q,
     own,
+    have_sums,
+    ratio_sums,
     first,
     count,
     want_grads,
@@ -479,12 +610,15 @@ def log_ratio_kernel(
     c_t(y_{t-1} | y_t): normalised logs, never the path scores, so nothing cancels; the value is a sum
     of conditional entropies (KL divergences), >= 0 up to rounding. The covariances come from a forward
     sweep F_t(j) = E[log ratio of y_0..y_t | y_t = j] and a backward sweep G_t(j) = mu_t(j) E[the
-    rest | y_t = j] (docs/design.md §4).
+    rest | y_t = j] (docs/design.md §4). With ``have_sums``, F is ``ratio_sums[b]`` as
+    ``forward_ratio_kernel`` left it (the forward sweep is not run again, and the value alone needs no
+    backward sweep).
     """
     B, T, K = tokens.shape
     D = E1.shape[1]
     Dq = q_E1.shape[1]
     dtype = alpha.dtype
+    zero = dtype.type(0)  # a float64 literal would widen float32 arithmetic
     for c in prange(count):
         b = first + c
         length = lengths[b]
@@ -507,6 +641,7 @@ def log_ratio_kernel(
         q_log_last = np.empty(K, dtype=dtype)
         log_sums = np.empty(K, dtype=dtype)
         inv_sums = np.empty(K, dtype=dtype)
+        ones = np.ones(K, dtype=dtype)
         _last_position(alpha[b, length - 1], mu, log_last)
         if use_q:
             _last_position(q_alpha[b, length - 1], q_mu, q_log_last)
@@ -514,8 +649,8 @@ def log_ratio_kernel(
                 if mu[j] > 0:
                     log_last[j] = own * log_last[j] - q_log_last[j]
         expected = 0.0
-        F = np.zeros((T if want_grads else 1, K), dtype=dtype)
-        if want_grads:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
+        F = ratio_sums[b] if have_sums else np.zeros((T if want_grads else 1, K), dtype=dtype)
+        if want_grads and not have_sums:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
             for t in range(1, length):
                 _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
                 _conditionals(
@@ -530,15 +665,13 @@ def log_ratio_kernel(
                     f = F[t - 1, i]
                     cond_row, log_row = cond[i], log_cond[i]
                     for j in range(K):
-                        if cond_row[j] > 0:
-                            F[t, j] += cond_row[j] * (f + log_row[j])
-            for j in range(K):
-                if mu[j] > 0:
-                    expected += np.float64(mu[j]) * (np.float64(F[length - 1, j]) + np.float64(log_last[j]))
-        else:
-            for j in range(K):
-                if mu[j] > 0:
-                    expected += np.float64(mu[j]) * np.float64(log_last[j])
+                        p = cond_row[j]
+                        F[t, j] += p * (f + log_row[j]) if p > 0 else zero
+        with_sums = want_grads or have_sums  # else the backward sweep adds the edges' terms
+        for j in range(K):
+            if mu[j] > 0:
+                before = np.float64(F[length - 1, j]) if with_sums else 0.0
+                expected += np.float64(mu[j]) * (before + np.float64(log_last[j]))
         mean = dtype.type(expected)
         nodes = cov_nodes[b]
         if want_grads:
@@ -548,7 +681,7 @@ def log_ratio_kernel(
                 if use_q:
                     marginals[b, length - 1, j] = q_mu[j] - mu[j]
         # backward sweep, last position first (without gradients: the value, one term per edge)
-        for t in range(length - 1, 0, -1):
+        for t in range(length - 1 if want_grads or not have_sums else 0, 0, -1):
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
             _conditionals(
                 alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
@@ -575,20 +708,15 @@ def log_ratio_kernel(
                 cond_row, log_row = cond[i], log_cond[i]
                 edge_row = trans[i]  # becomes the edge covariances
                 xi_row = xi[i]
-                g = 0.0
-                m = 0.0
-                for j in range(K):
-                    x = cond_row[j] * mu[j]
-                    share = cond_row[j] * ghat[j]
-                    if cond_row[j] > 0:
-                        edge_row[j] = x * (f + log_row[j]) + share
-                        g += x * log_row[j] + share
-                    else:
-                        edge_row[j] = 0.0
+                for j in range(K):  # no branch and no running sum, so it vectorises: row sums by gemv
+                    p = cond_row[j]
+                    x = p * mu[j]
+                    term = x * (log_row[j] if p > 0 else zero) + p * ghat[j]  # 0 log 0 = 0, and no 0 * inf
+                    cond_row[j] = term
+                    edge_row[j] = x * f + term
                     xi_row[j] = x
-                    m += x
-                ghat_prev[i] = g
-                mu_prev[i] = m
+            np.dot(cond, ones, ghat_prev)
+            np.dot(xi, ones, mu_prev)
             _xi_times(trans, dst_emb, grad_src[c, t - 1])
             _xi_t_times(trans, src_emb, grad_dst[c, t])
             if use_q:  # q's edge marginals minus p's, contracted with q's rows; q's node marginals
@@ -597,16 +725,15 @@ def log_ratio_kernel(
                 for i in range(K):
                     a = q_alpha[b, t - 1, i]
                     row, xi_row = q_trans[i], xi[i]
-                    m = 0.0
                     if a == -np.inf:
                         for j in range(K):
                             xi_row[j] = -xi_row[j]
                     else:
                         for j in range(K):
-                            x = fast_exp(a + row[j] * inv_temp - q_col_max[b, t, j]) * inv_sums[j]
-                            xi_row[j] = x - xi_row[j]
-                            m += x
-                    q_mu_prev[i] = m
+                            xi_row[j] = fast_exp(a + row[j] * inv_temp - q_col_max[b, t, j]) * inv_sums[j] - xi_row[j]
+                np.dot(xi, ones, q_mu_prev)  # q's row sums minus p's
+                for i in range(K):
+                    q_mu_prev[i] += mu_prev[i]
                 _xi_times(xi, q_dst_emb, q_grad_src[c, t - 1])
                 _xi_t_times(xi, q_src_emb, q_grad_dst[c, t])
             for i in range(K):

@@ -357,6 +357,10 @@ class CPUOps:
             raise ValueError(f"emissions contains NaN or +inf (first at batch {b}, position {t})")
         return Beam(out_scores, out_tokens)
 
+    def gather_beam(self, emissions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """emissions[b, t, tokens[b, t, k]] (B, T, K)."""
+        return np.take_along_axis(emissions, tokens, axis=2)
+
     def viterbi_decode(self, crf: BeamCRF, fairseq_steps: bool) -> ViterbiResult:
         B, T, _ = crf.scores.shape
         beam_idx = np.empty((B, T), dtype=np.int64)
@@ -548,12 +552,40 @@ class CPUOps:
             )
         return grad_scores, grad_E1, grad_E2
 
+    def forward_log_ratio(
+        self, crf: BeamCRF, q_crf: Optional[BeamCRF], inv_temp: Any, own: float
+    ) -> tuple[ForwardState, Optional[ForwardState], np.ndarray]:
+        """The forward passes of p and q (None: p alone) and the expected log ratios of their prefixes
+        (B, T, K), on one set of transition blocks (``crf_kernels.forward_ratio_kernel``)."""
+        B, T, K = crf.scores.shape
+        use_q = q_crf is not None
+        q = q_crf if q_crf is not None else crf
+        log_z, q_log_z = np.empty(B, dtype=np.float64), np.empty(B if use_q else 1, dtype=np.float64)
+        p_arrays = np.zeros((3, B, T, K), dtype=crf.dtype)  # padded positions: 0, not stale memory
+        q_arrays = np.zeros((3, B, T, K) if use_q else (3, 1, 1, 1), dtype=crf.dtype)
+        ratio_sums = np.zeros((B, T, K), dtype=crf.dtype)
+        if B:
+            with kernel_scope(K, crf.dtype):
+                crf_kernels.forward_ratio_kernel(
+                    crf.scores, crf.tokens, crf.E1, crf.E2, q.scores, q.E1, q.E2, crf.lengths, inv_temp, use_q,
+                    crf.dtype.type(own), log_z, *p_arrays, q_log_z, *q_arrays, ratio_sums,
+                )  # fmt: skip
+        p_state = ForwardState(crf, inv_temp, log_z, *p_arrays)
+        q_state = ForwardState(q_crf, inv_temp, q_log_z, *q_arrays) if q_crf is not None else None
+        return p_state, q_state, ratio_sums
+
     def _log_ratio(
-        self, state: ForwardState, q_state: Optional[ForwardState], want_grads: bool, own: float = 1.0
+        self,
+        state: ForwardState,
+        q_state: Optional[ForwardState],
+        want_grads: bool,
+        own: float = 1.0,
+        ratio_sums: Optional[np.ndarray] = None,
     ) -> tuple[np.ndarray, Any, Any]:
         """E_p[own * log p - log q] (B,) float64 (q None: E_p[log p] = -H) and, with ``want_grads`` (own = 1),
         a function run(first, count, grad_src, grad_dst, q_grad_src, q_grad_dst) of the kernel's rows, and the
-        (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``)."""
+        (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``); ``ratio_sums``:
+        ``forward_log_ratio``'s, for the same own."""
         crf = state.crf
         B, T, K = crf.scores.shape
         use_q = q_state is not None
@@ -579,6 +611,8 @@ class CPUOps:
                 q.col_sum,
                 use_q,
                 crf.dtype.type(own),
+                ratio_sums is not None,
+                ratio_sums if ratio_sums is not None else cov,
                 first,
                 count,
                 want_grads,
@@ -594,11 +628,13 @@ class CPUOps:
                 run(0, B, *np.zeros((4, 1, 1, 1, 1), dtype=crf.dtype))
         return expected, run, (cov, marginals)
 
-    def entropy(self, state: ForwardState, weights: Optional[np.ndarray]) -> EntropyGrad:
+    def entropy(
+        self, state: ForwardState, weights: Optional[np.ndarray], ratio_sums: Optional[np.ndarray] = None
+    ) -> EntropyGrad:
         """H_tau (B,) and, for host weights (B,), the gradients of sum_b weights[b] * H_tau[b] (None
-        without weights)."""
+        without weights); ``ratio_sums`` from ``forward_log_ratio`` (own = 1) saves the forward sweep."""
         crf = state.crf
-        expected, run, (cov, _) = self._log_ratio(state, None, weights is not None)
+        expected, run, (cov, _) = self._log_ratio(state, None, weights is not None, 1.0, ratio_sums)
         if weights is None:
             return EntropyGrad((-expected).astype(crf.dtype), None, None, None)
         scale = -weights * state.inv_temp  # dH / d potential = -Cov(feature, log p) / tau
@@ -613,11 +649,18 @@ class CPUOps:
             )
         return EntropyGrad((-expected).astype(crf.dtype), cov * scale[:, None, None], grad_E1, grad_E2)
 
-    def kl(self, state: ForwardState, q_state: ForwardState, weights: Optional[np.ndarray]) -> KLGrad:
+    def kl(
+        self,
+        state: ForwardState,
+        q_state: ForwardState,
+        weights: Optional[np.ndarray],
+        ratio_sums: Optional[np.ndarray] = None,
+    ) -> KLGrad:
         """KL(p || q) (B,) of two CRFs on one beam and, for host weights (B,), the gradients of
-        sum_b weights[b] * KL[b] with respect to both (None without weights)."""
+        sum_b weights[b] * KL[b] with respect to both (None without weights); ``ratio_sums`` from
+        ``forward_log_ratio`` (own = 1) saves the forward sweep."""
         crf, q_crf = state.crf, q_state.crf
-        expected, run, (cov, marginal_gap) = self._log_ratio(state, q_state, weights is not None)
+        expected, run, (cov, marginal_gap) = self._log_ratio(state, q_state, weights is not None, 1.0, ratio_sums)
         if weights is None:
             return KLGrad(expected.astype(crf.dtype), None, None, None, None, None, None)
         scale = weights * state.inv_temp  # d KL / d p's potential = Cov(feature, log p - log q) / tau
@@ -636,9 +679,12 @@ class CPUOps:
             grad_E2_q,
         )
 
-    def cross_entropy(self, state: ForwardState, q_state: ForwardState) -> np.ndarray:
-        """-E_p[log q] (B,) of two CRFs on one beam, in the compute dtype."""
-        return self._log_ratio(state, q_state, False, 0.0)[0].astype(state.crf.dtype)
+    def cross_entropy(
+        self, state: ForwardState, q_state: ForwardState, ratio_sums: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        """-E_p[log q] (B,) of two CRFs on one beam, in the compute dtype; ``ratio_sums`` from
+        ``forward_log_ratio`` with own = 0."""
+        return self._log_ratio(state, q_state, False, 0.0, ratio_sums)[0].astype(state.crf.dtype)
 
     @staticmethod
     def _path_scores(crf: BeamCRF, paths: np.ndarray) -> np.ndarray:

@@ -132,6 +132,46 @@ class ForwardState(NamedTuple):
         return (self.log_z, *self.natives)
 
 
+class _ForwardRun:
+    """One forward pass on the GPU while its chunks of transition blocks come (``GPUOps.crf_forward``):
+    ``forward_start`` when made, ``forward_steps`` per chunk, ``forward_finish`` at the end."""
+
+    def __init__(self, ops: GPUOps, crf: BeamCRF, inv_temp: Any):
+        lib = ops.lib
+        B, T, K = crf.scores.shape
+        dtype = crf.dtype
+        self.ops, self.crf, self.inv_temp = ops, crf, inv_temp
+        self.log_z = lib.empty((B,), dtype)
+        self.saved = [lib.zeros((B, T, K), dtype) for _ in range(3)]  # padded positions: 0, not stale memory
+        self.alpha, self.col_max, self.col_sum = (view for _, view in self.saved)
+        self.raw = lib.empty((B, T, K), dtype)[1]
+        self.shift, self.norm = lib.empty((B, T), dtype)[1], lib.empty((B, 2), dtype)[1]
+        if B:
+            kernels(dtype).forward_start[B, threads_for(K), lib.stream](
+                crf.scores, crf.lengths, inv_temp, self.shift, self.raw, self.norm
+            )
+            self.steps, self.layout = ops._recursion("forward_steps", dtype, B, K, PARTS)
+
+    def chunk(self, t0: int, chunk: int, trans: Any) -> None:
+        crf = self.crf
+        self.steps(
+            trans, chunk, t0, crf.scores, self.shift, crf.lengths, self.inv_temp, self.layout.split, self.layout.parts,
+            self.raw, self.alpha, self.col_max, self.col_sum, self.norm,
+        )  # fmt: skip
+
+    def finish(self) -> ForwardState:
+        crf, lib = self.crf, self.ops.lib
+        B, _, K = crf.scores.shape
+        if B:
+            kernels(crf.dtype).forward_finish[
+                B, threads_for(K), lib.stream, dynamic_shared("forward_finish", K, crf.dtype)
+            ](crf.lengths, self.inv_temp, self.shift, self.raw, self.alpha, self.norm, self.log_z[1])
+        natives = (self.saved[0][0], self.saved[1][0], self.saved[2][0])
+        return ForwardState(
+            crf, self.inv_temp, self.log_z[0], self.log_z[1], self.alpha, self.col_max, self.col_sum, natives
+        )
+
+
 class GPUOps:
     """The GPU backend's operations for the library of a GPU array ``sample``."""
 
@@ -188,6 +228,12 @@ class GPUOps:
             )
         checks.settle()
         return Beam(scores_native, tokens_native)
+
+    def gather_beam(self, emissions: Any, tokens: Any) -> Any:
+        out = self.lib.empty(tokens.shape, emissions.dtype)
+        if tokens.size:
+            kernels(emissions.dtype).gather_beam[grid(tokens.size), 256, self.lib.stream](emissions, tokens, out[1])
+        return out[0]
 
     def _transition_chunks(self, crf: BeamCRF, reverse: bool = False) -> Any:
         """Yield (t0, chunk, trans): the transition blocks (B, chunk, K, K), flattened, of the steps t0 ..
@@ -347,41 +393,41 @@ class GPUOps:
 
     # --- exact inference ----------------------------------------------------------------------------
     def crf_forward(self, crf: BeamCRF, inv_temp: Any) -> ForwardState:
-        lib = self.lib
+        run = _ForwardRun(self, crf, inv_temp)
+        for t0, chunk, trans in self._transition_chunks(crf) if crf.scores.shape[0] else ():
+            run.chunk(t0, chunk, trans)
+        return run.finish()
+
+    def forward_log_ratio(
+        self, crf: BeamCRF, q_crf: Optional[BeamCRF], inv_temp: Any, own: float
+    ) -> tuple[ForwardState, Optional[ForwardState], Any]:
+        """The forward passes of p and q (None: p alone) and the expected log ratios of their prefixes
+        (B, T, K) view: chunk by chunk, each CRF's transition blocks serve its forward steps and then the
+        forward sweep (``ratio_forward_steps``)."""
         B, T, K = crf.scores.shape
         dtype = crf.dtype
-        compiled = kernels(dtype)
-        log_z = lib.empty((B,), dtype)
-        saved = [lib.zeros((B, T, K), dtype) for _ in range(3)]  # padded positions: 0, not stale memory
-        alpha, col_max, col_sum = (view for _, view in saved)
-        raw = lib.empty((B, T, K), dtype)[1]
-        shift, norm = lib.empty((B, T), dtype)[1], lib.empty((B, 2), dtype)[1]
+        runs = [_ForwardRun(self, side, inv_temp) for side in (crf, q_crf) if side is not None]
+        ratio_sums = self.lib.zeros((B, T, K), dtype)[1]
         if B:
-            threads = threads_for(K)
-            compiled.forward_start[B, threads, lib.stream](crf.scores, crf.lengths, inv_temp, shift, raw, norm)
-            steps, layout = self._recursion("forward_steps", dtype, B, K, PARTS)
-            for t0, chunk, trans in self._transition_chunks(crf):
-                steps(
-                    trans,
-                    chunk,
-                    t0,
-                    crf.scores,
-                    shift,
-                    crf.lengths,
-                    inv_temp,
-                    layout.split,
-                    layout.parts,
-                    raw,
-                    alpha,
-                    col_max,
-                    col_sum,
-                    norm,
-                )
-            compiled.forward_finish[B, threads, lib.stream, dynamic_shared("forward_finish", K, dtype)](
-                crf.lengths, inv_temp, shift, raw, alpha, norm, log_z[1]
-            )
-        natives = (saved[0][0], saved[1][0], saved[2][0])
-        return ForwardState(crf, inv_temp, log_z[0], log_z[1], alpha, col_max, col_sum, natives)
+            sweep, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
+            for t0, chunk, trans, q_trans in self._chunk_pairs(crf, q_crf, False):
+                for run, blocks in zip(runs, (trans, q_trans)):
+                    run.chunk(t0, chunk, blocks)
+                sweep(
+                    trans, q_trans, chunk, t0, crf.lengths, inv_temp, dtype.type(own), layout.split, layout.parts,
+                    q_crf is not None, runs[0].alpha, runs[0].col_max, runs[0].col_sum, runs[-1].alpha,
+                    runs[-1].col_max, runs[-1].col_sum, ratio_sums,
+                )  # fmt: skip
+        states = [run.finish() for run in runs]
+        return states[0], states[1] if q_crf is not None else None, ratio_sums
+
+    def _chunk_pairs(self, crf: BeamCRF, q_crf: Optional[BeamCRF], reverse: bool) -> Any:
+        """(t0, chunk, p's blocks, q's blocks) of the same steps (``_transition_chunks``; without q, q's
+        blocks are p's)."""
+        if q_crf is None:
+            return ((t0, chunk, trans, trans) for t0, chunk, trans in self._transition_chunks(crf, reverse))
+        pairs = zip(self._transition_chunks(crf, reverse), self._transition_chunks(q_crf, reverse))
+        return ((t0, chunk, trans, q_trans) for (t0, chunk, trans), (_, _, q_trans) in pairs)
 
     def restore_forward(self, crf: BeamCRF, inv_temp: Any, views: tuple, natives: tuple) -> ForwardState:
         """The ForwardState of saved arrays: ``views`` as ``_validate.saved_forward`` made them, ``natives``
@@ -497,7 +543,13 @@ class GPUOps:
         return grad_scores[0], grad_E1[0], grad_E2[0]
 
     def _log_ratio(
-        self, state: ForwardState, q_state: Optional[ForwardState], own: float, sign: float, weights: Optional[Any]
+        self,
+        state: ForwardState,
+        q_state: Optional[ForwardState],
+        own: float,
+        sign: float,
+        weights: Optional[Any],
+        ratio_sums: Optional[Any] = None,
     ) -> tuple[Any, ...]:
         """sign * E_p[own * log p - log q] (B,) as a native array (q None: without the log q term) and,
         for device weights (B,), the gradients of sum_b weights[b] * sign * E_p[log p - log q] (own = 1)
@@ -506,7 +558,8 @@ class GPUOps:
         The forward sweep (``ratio_forward_steps``, on both CRFs' transition blocks chunk by chunk) and
         ``ratio_last`` give the value; the gradients take the backward sweep (``ratio_backward_steps``,
         last chunk first), which turns each chunk's blocks into edge terms that ``xi_rows`` and
-        ``xi_columns`` contract with each side's table rows (docs/design.md §4)."""
+        ``xi_columns`` contract with each side's table rows (docs/design.md §4). ``ratio_sums``:
+        ``forward_log_ratio``'s, for the same own (the forward sweep is not run again)."""
         lib = self.lib
         crf = state.crf
         B, T, K = crf.scores.shape
@@ -518,7 +571,7 @@ class GPUOps:
         grads = [lib.zeros((B, T, K) if want_grads else (1, 1, 1), dtype) for _ in range(2)]  # p's, q's scores
         tables = [lib.zeros(side.E1.shape if want_grads else (1, 1), dtype) for side in (crf, crf, q.crf, q.crf)]
         if B:
-            self._run_log_ratio(state, q, use_q, own, sign, weights, value[1], grads, tables)
+            self._run_log_ratio(state, q, use_q, own, sign, weights, ratio_sums, value[1], grads, tables)
         if not want_grads:
             return (value[0],)
         p_grads = (grads[0][0], tables[0][0], tables[1][0])
@@ -526,8 +579,8 @@ class GPUOps:
         return (value[0],) + p_grads + q_grads
 
     def _run_log_ratio(
-        self, state: ForwardState, q: ForwardState, use_q: bool, own: float, sign: float, weights: Any, value: Any,
-        grads: list, tables: list,
+        self, state: ForwardState, q: ForwardState, use_q: bool, own: float, sign: float, weights: Any,
+        ratio_sums: Any, value: Any, grads: list, tables: list,
     ) -> None:  # fmt: skip
         """The launches of ``_log_ratio`` (B > 0) into its outputs' views."""
         lib = self.lib
@@ -536,22 +589,16 @@ class GPUOps:
         dtype = crf.dtype
         want_grads = weights is not None
         mean = lib.empty((B,), dtype)[1]
-        ratio_sums = lib.zeros((B, T, K), dtype)[1]
         p_q = (state.alpha, state.col_max, state.col_sum, q.alpha, q.col_max, q.col_sum)
-
-        def chunks(reverse: bool) -> Any:
-            """(t0, chunk, p's blocks, q's blocks) of the same steps (without q, q's are p's)."""
-            if not use_q:
-                return ((t0, chunk, trans, trans) for t0, chunk, trans in self._transition_chunks(crf, reverse))
-            pairs = zip(self._transition_chunks(crf, reverse), self._transition_chunks(q.crf, reverse))
-            return ((t0, chunk, trans, q_trans) for (t0, chunk, trans), (_, _, q_trans) in pairs)
-
-        forward, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
-        for t0, chunk, trans, q_trans in chunks(False):
-            forward(
-                trans, q_trans, chunk, t0, crf.lengths, state.inv_temp, dtype.type(own), layout.split, layout.parts,
-                use_q, *p_q, ratio_sums,
-            )  # fmt: skip
+        q_crf = q.crf if use_q else None
+        if ratio_sums is None:
+            ratio_sums = lib.zeros((B, T, K), dtype)[1]
+            forward, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
+            for t0, chunk, trans, q_trans in self._chunk_pairs(crf, q_crf, False):
+                forward(
+                    trans, q_trans, chunk, t0, crf.lengths, state.inv_temp, dtype.type(own), layout.split,
+                    layout.parts, use_q, *p_q, ratio_sums,
+                )  # fmt: skip
         scale = self._weight_scale(weights.reshape(B, 1), state.inv_temp, sign)[1] if want_grads else mean
         nodes = [lib.empty((B, T, K) if want_grads else (1, 1, 1), dtype)[1] for _ in range(3)]  # mu, ghat, q_mu
         kernels(dtype).ratio_last[B, threads_for(K), lib.stream](
@@ -561,7 +608,7 @@ class GPUOps:
         if not want_grads:
             return
         backward, layout = self._recursion("ratio_backward_steps", dtype, B, K, ROW_LANES)
-        for t0, chunk, edges, q_edges in chunks(True):
+        for t0, chunk, edges, q_edges in self._chunk_pairs(crf, q_crf, True):
             backward(
                 edges, q_edges, chunk, t0, crf.lengths, state.inv_temp, layout.split, use_q, *p_q, ratio_sums, mean,
                 scale, *nodes, grads[0][1], grads[1][1],
@@ -573,18 +620,20 @@ class GPUOps:
                         blocks, chunk, t0, crf.tokens, side.E1, side.E2, crf.lengths, scale, grad[1]
                     )
 
-    def entropy(self, state: ForwardState, weights: Optional[Any]) -> EntropyGrad:
+    def entropy(self, state: ForwardState, weights: Optional[Any], ratio_sums: Optional[Any] = None) -> EntropyGrad:
         if weights is None:
-            return EntropyGrad(self._log_ratio(state, None, 1.0, -1.0, None)[0], None, None, None)
-        return EntropyGrad(*self._log_ratio(state, None, 1.0, -1.0, weights)[:4])
+            return EntropyGrad(self._log_ratio(state, None, 1.0, -1.0, None, ratio_sums)[0], None, None, None)
+        return EntropyGrad(*self._log_ratio(state, None, 1.0, -1.0, weights, ratio_sums)[:4])
 
-    def kl(self, state: ForwardState, q_state: ForwardState, weights: Optional[Any]) -> KLGrad:
+    def kl(
+        self, state: ForwardState, q_state: ForwardState, weights: Optional[Any], ratio_sums: Optional[Any] = None
+    ) -> KLGrad:
         if weights is None:
-            return KLGrad(self._log_ratio(state, q_state, 1.0, 1.0, None)[0], *(None,) * 6)
-        return KLGrad(*self._log_ratio(state, q_state, 1.0, 1.0, weights))
+            return KLGrad(self._log_ratio(state, q_state, 1.0, 1.0, None, ratio_sums)[0], *(None,) * 6)
+        return KLGrad(*self._log_ratio(state, q_state, 1.0, 1.0, weights, ratio_sums))
 
-    def cross_entropy(self, state: ForwardState, q_state: ForwardState) -> Any:
-        return self._log_ratio(state, q_state, 0.0, 1.0, None)[0]
+    def cross_entropy(self, state: ForwardState, q_state: ForwardState, ratio_sums: Optional[Any] = None) -> Any:
+        return self._log_ratio(state, q_state, 0.0, 1.0, None, ratio_sums)[0]
 
     def _path_scores(self, crf: BeamCRF, paths: Any) -> tuple[Any, Any]:
         B, _, N = paths.shape

@@ -200,4 +200,13 @@ def build(blk) -> Family:
             b = e // N
             out[b, e - b * N] = path_score[b, e - b * N] * inv_temp - log_z[b]
 
+    @family.kernel((t.f3, t.i3, t.f3))
+    def gather_beam(emissions, tokens, out):
+        """out[b, t, k] = emissions[b, t, tokens[b, t, k]], a thread per entry (tokens in range: checked)."""
+        B, T, K = tokens.shape
+        e = cuda.grid(1)
+        if e < B * T * K:
+            b, t, k = split_index(e, T, K)
+            out[b, t, k] = emissions[b, t, tokens[b, t, k]]
+
     return family
