@@ -266,7 +266,7 @@ def ratio_costs(loops_: list[dict]) -> tuple[float, float]:
     """SASS instructions per transition entry of a ratio kernel's two loops: without q (the entropy, the
     shorter, one transition load per entry) and with q (the KL; unrolled alike)."""
     if len(loops_) < 2:
-        return 0.0, 0.0
+        raise ValueError(f"a ratio kernel should have a loop without q and one with q, found {len(loops_)}")
     shorter, longer = sorted(loops_, key=lambda loop: loop["instructions"])[:2]
     entries = shorter["loads"]
     return shorter["instructions"] / entries, longer["instructions"] / entries

@@ -138,8 +138,23 @@ def test_kept_forward_passes_give_the_kl_and_check_the_reference():
     with pytest.raises(TypeError, match="reference must be computed in this pass's dtype"):
         p.kl(vn.crf_forward(scores_q.astype(np.float32), tokens, E1_q.astype(np.float32), E2_q.astype(np.float32), 0.8))
     small = vn.crf_forward(scores_q, tokens % 3, E1_q[:3], E2_q[:3], 0.8, lengths)  # q's vocabulary is 3 tokens
-    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 3\) \(rows of the reference's E1/E2\)"):
         p.kl(small)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_kl_is_infinite_where_q_cannot_end_a_path_p_can(T):
+    """A last-position slot that q scores -inf and p does not: KL = +inf (a sum of conditional KLs whose
+    last term is infinite), not a finite number."""
+    scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q = _two_crfs(5, B=2, T=T, K=3, V=7, D=2)
+    scores_q[0, T - 1, 1] = -np.inf
+    kl = vn.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q)
+    assert kl[0] == np.inf and np.isfinite(kl[1]) and kl[1] > 0
+    want = ref.crf_kl(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, 1.0, None)
+    np.testing.assert_allclose(kl[1], want[1], rtol=1e-10)
+    assert vn.crf_cross_entropy(scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q)[0] == np.inf
+    p = vn.crf_forward(scores_p, tokens, E1_p, E2_p)
+    assert p.kl(vn.crf_forward(scores_q, tokens, E1_q, E2_q))[0] == np.inf
 
 
 def test_gather_beam_reads_a_reference_on_the_policy_beam():

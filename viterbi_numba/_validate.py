@@ -185,19 +185,11 @@ def finite_values(values: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens", side: str = "") -> None:
+def token_id_values(tokens: np.ndarray, vocab: int, name: str = "tokens", of: str = "rows of E1/E2") -> None:
+    """Ids in [0, vocab); ``of`` says what they index."""
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(
-            f"{name} must be token ids in [0, {vocab}) (rows of E1{side}/E2{side}), "
-            f"got values from {tokens.min()} to {tokens.max()}"
-        )
-
-
-def emission_token_values(tokens: np.ndarray, vocab: int) -> None:
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise ValueError(
-            f"tokens must be token ids in [0, {vocab}) (columns of emissions), "
-            f"got values from {tokens.min()} to {tokens.max()}"
+            f"{name} must be token ids in [0, {vocab}) ({of}), got values from {tokens.min()} to {tokens.max()}"
         )
 
 
@@ -457,7 +449,8 @@ def beam_crf(
         checks.tables(E1, E2, lambda host_E1, host_E2: table_values(host_E1, host_E2, side))
     vocab = E1.shape[0]
     if not tokens_checked:
-        tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab, side=side))
+        rows = f"rows of E1{side}/E2{side}"
+        tokens = checks.in_range(tokens, 0, vocab, lambda host: token_id_values(host, vocab, of=rows))
     lengths_array = lengths_value if lengths_checked else lengths(arrays, lengths_value, B, T)
     if values_checked:
         temperature(temperature_value)
@@ -504,7 +497,7 @@ def gather_inputs(arrays: Arrays, emissions: Any, tokens: Any) -> tuple[Any, Any
     if values.ndim != 3 or tuple(values.shape[:2]) != (B, T):
         raise ValueError(f"tokens must have shape (B, T, K) = ({B}, {T}, K) like emissions, got {tuple(values.shape)}")
     tokens = arrays.int_array(values, "tokens", tuple(values.shape))
-    tokens = arrays.checks().in_range(tokens, 0, V, lambda host: emission_token_values(host, V))
+    tokens = arrays.checks().in_range(tokens, 0, V, lambda host: token_id_values(host, V, of="columns of emissions"))
     return arrays.cast(emissions, compute_dtype(emissions.dtype), "emissions"), tokens
 
 
@@ -586,9 +579,10 @@ def kl_crfs(
     return p, q
 
 
-def same_beam(arrays: Arrays, p: BeamCRF, p_inv_temp: Any, q: BeamCRF, q_inv_temp: Any) -> None:
+def same_beam(arrays: Arrays, p: BeamCRF, p_inv_temp: Any, q: BeamCRF, q_inv_temp: Any) -> BeamCRF:
     """A reference forward pass q can be read on p's beam (``CRFForward.kl``): the same (B, T, K), dtype
-    and temperature, and p's token ids within q's vocabulary (q's tables are read at them)."""
+    and temperature, and p's token ids within q's vocabulary. Returns q's inputs read on p's beam: p's
+    token ids (as checked for q's tables: the copy the GPU kernels read) and lengths."""
     if tuple(q.scores.shape) != tuple(p.scores.shape):
         raise ValueError(
             f"reference must be a forward pass on this beam's shape (B, T, K) = {tuple(p.scores.shape)}, "
@@ -599,7 +593,9 @@ def same_beam(arrays: Arrays, p: BeamCRF, p_inv_temp: Any, q: BeamCRF, q_inv_tem
     if float(q_inv_temp) != float(p_inv_temp):
         raise ValueError("reference must have this pass's temperature")
     vocab = q.E1.shape[0]
-    arrays.checks().in_range(p.tokens, 0, vocab, lambda host: token_id_values(host, vocab))
+    rows = "rows of the reference's E1/E2"
+    tokens = arrays.checks().in_range(p.tokens, 0, vocab, lambda host: token_id_values(host, vocab, of=rows))
+    return q._replace(tokens=tokens, lengths=p.lengths)
 
 
 def saved_forward(arrays: Arrays, crf: BeamCRF, saved: Any) -> tuple[Any, Any, Any, Any]:

@@ -154,7 +154,7 @@ class CRFForward:
             raise TypeError("reference is on another device than this forward pass")
         ops, p, q = self._ops, self._state, reference._state
         with ops.call():
-            _validate.same_beam(ops.arrays, p.crf, p.inv_temp, q.crf, q.inv_temp)
+            q = q._replace(crf=_validate.same_beam(ops.arrays, p.crf, p.inv_temp, q.crf, q.inv_temp))
             weights = (
                 _validate.weights(ops.arrays, grad_output, (self.batch_shape[0],), p.crf.dtype) if want_grads else None
             )
@@ -383,7 +383,7 @@ def crf_entropy(
 
     Summed along the backward factorisation p(y) = p(y_{L-1}) prod_t p(y_{t-1} | y_t) as a sum of
     conditional entropies (docs/design.md §4): no cancellation between log Z and E[S] / tau, and H >= 0
-    up to rounding. One forward pass and one backward sweep.
+    up to rounding. One forward pass, with the sweep of expectations inside it.
 
     Parameters
     ----------
@@ -436,8 +436,9 @@ def _entropy(
         crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
         inv_temp = _validate.inv_temperature(temperature, crf.dtype)
         weights = _validate.weights(ops.arrays, grad_output, (crf.scores.shape[0],), crf.dtype) if want_grads else None
-        passes: Any = ops.forward_log_ratio(crf, None, inv_temp, 1.0)  # (p's state, None, ratio_sums)
-        return ops.entropy(passes[0], weights, passes[2])
+        passes: Any = ops.forward_log_ratio(crf, None, inv_temp, 1.0)
+        state, _, prefix_ratios = passes
+        return ops.entropy(state, weights, prefix_ratios)
 
 
 def _kl(
@@ -455,15 +456,15 @@ def _kl(
     own: float = 1.0,
 ) -> Any:
     """Validates two CRFs on one beam, runs both forward passes with the forward sweep of E_p[own log p -
-    log q] (``ops.forward_log_ratio``) and returns ``finish(ops, p_state, q_state, ratio_sums, weights)``
+    log q] (``ops.forward_log_ratio``) and returns ``finish(ops, p_state, q_state, prefix_ratios, weights)``
     inside the call (weights: the validated ``grad_output``, all 1 when None)."""
     ops = backend_of(scores_p=scores_p, scores_q=scores_q, tokens=tokens, E1_p=E1_p, E2_p=E2_p, E1_q=E1_q, E2_q=E2_q)
     with ops.call():
         p, q = _validate.kl_crfs(ops.arrays, scores_p, scores_q, tokens, E1_p, E2_p, E1_q, E2_q, lengths, temperature)
         inv_temp = _validate.inv_temperature(temperature, p.dtype)
         weights = _validate.weights(ops.arrays, grad_output, (p.scores.shape[0],), p.dtype)
-        p_state, q_state, ratio_sums = ops.forward_log_ratio(p, q, inv_temp, own)
-        return finish(ops, p_state, q_state, ratio_sums, weights)
+        p_state, q_state, prefix_ratios = ops.forward_log_ratio(p, q, inv_temp, own)
+        return finish(ops, p_state, q_state, prefix_ratios, weights)
 
 
 def crf_kl(
@@ -491,7 +492,7 @@ def crf_kl(
     scores_p, scores_q : (B, T, K) float arrays
         Each CRF's beam scores.
     tokens : (B, T, K) int array
-        The beam's token ids, in [0, V) for both tables.
+        The beam's token ids, in [0, V) and in [0, V_q) (rows of both CRFs' tables).
     E1_p, E2_p : (V, D) float arrays
         p's tables.
     E1_q, E2_q : (V_q, D_q) float arrays

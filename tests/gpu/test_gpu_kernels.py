@@ -241,6 +241,38 @@ def test_entropy_and_kl_match_cpu(dtype):
         vn.gather_beam(*dev(reference, beam_tokens + 29))
 
 
+def test_kl_value_errors_found_on_the_device_name_the_side():
+    """The deferred checks (read back at the call's end) name q's arrays as the CPU does."""
+    scores, tokens, E1, E2, lengths = problem(np.float64)
+    bad = E1.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"E1_q contains NaN or inf"):
+        vn.crf_kl(*dev(scores, scores, tokens, E1, E2, bad, E2), 1.0, lengths)
+    dead = scores.copy()
+    dead[0, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"scores_q: the whole beam is -inf at batch 0, position 1"):
+        vn.crf_kl_grad(*dev(scores, dead, tokens, E1, E2, E1, E2), 1.0, lengths)
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 3\) \(rows of E1_q/E2_q\)"):
+        vn.crf_cross_entropy(*dev(scores, scores, tokens, E1, E2, E1[:3], E2[:3]), 1.0, lengths)
+    # a kept reference pass over a smaller vocabulary: the clamped ids are read, the call raises
+    p = vn.crf_forward(*dev(scores, tokens, E1, E2), 1.0, lengths)
+    small = vn.crf_forward(*dev(scores, tokens % 3, E1[:3], E2[:3]), 1.0, lengths)
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 3\) \(rows of the reference's E1/E2\)"):
+        p.kl_grad(small)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_kl_is_infinite_where_q_cannot_end_a_path_p_can(T):
+    scores, tokens, E1, E2, lengths = problem(np.float64, T=T)
+    scores_q = scores.copy()
+    scores_q[0, T - 1, 1] = -np.inf
+    args = (scores, scores_q, tokens, E1, E2, E1[:, :2], E2[:, :2])
+    cpu = vn.crf_kl(*args)
+    gpu = host(vn.crf_kl(*dev(*args)))
+    assert cpu[0] == gpu[0] == np.inf
+    np.testing.assert_allclose(gpu[1:], cpu[1:], rtol=TOL[np.float64])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_log_likelihood_and_gradients_match_cpu(dtype):
     rng = np.random.default_rng(4)

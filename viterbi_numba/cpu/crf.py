@@ -452,7 +452,7 @@ def _log_ratios(log_cond, q_alpha_prev, q_trans, inv_temp, q_col_max_t, q_col_su
 
 @njit(cache=True, inline="always")
 def _last_position(alpha_last, mu, log_mu):
-    """mu = softmax(alpha_last), log_mu its log (0 where mu is 0)."""
+    """mu = softmax(alpha_last) and log_mu its log (-inf at a -inf slot)."""
     K = alpha_last.shape[0]
     total = 0.0
     for j in range(K):
@@ -461,16 +461,18 @@ def _last_position(alpha_last, mu, log_mu):
     log_total = np.log(total)
     for j in range(K):
         mu[j] /= total
-        log_mu[j] = alpha_last[j] - log_total if mu[j] > 0 else 0.0
+        log_mu[j] = alpha_last[j] - log_total
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _sums_and_ratios(prev, trans, inv_temp, col_max, col_sum, sums_prev, sums, own, use_q, q_prev, q_trans, q_top):
+def _sums_and_prefix_ratios(
+    prev, trans, inv_temp, col_max, col_sum, prefix_prev, prefix, own, use_q, q_prev, q_trans, q_top
+):
     """The forward step's column sums (``_forward_step``'s second pass, after ``_column_max``) and, from
     the same exponentials e[i, j], the forward sweep of ``log_ratio_kernel``:
 
-    sums[j] = sum_i c(i | j) (sums_prev[i] + own log c(i | j) - log c_q(i | j))
-            = sum_i e[i, j] (sums_prev[i] + own z[i, j] - log c_q(i | j)) / col_sum[j] - own log col_sum[j]
+    prefix[j] = sum_i c(i | j) (prefix_prev[i] + own log c(i | j) - log c_q(i | j))
+              = sum_i e[i, j] (prefix_prev[i] + own z[i, j] - log c_q(i | j)) / col_sum[j] - own log col_sum[j]
 
     with z = prev[i] + trans[i, j] * inv_temp - col_max[j], c = e / col_sum and, with ``use_q``, q's log
     conditional q_prev[i] + q_trans[i, j] * inv_temp - q_top[j] (q_top: q's col_max + log col_sum)."""
@@ -478,12 +480,12 @@ def _sums_and_ratios(prev, trans, inv_temp, col_max, col_sum, sums_prev, sums, o
     zero = col_sum.dtype.type(0)  # a float64 literal would widen float32 arithmetic
     for j in range(K):
         col_sum[j] = 0.0
-        sums[j] = 0.0
+        prefix[j] = 0.0
     for i in range(K):
         a = prev[i]
         if a != -np.inf:
             row = trans[i]
-            base = sums_prev[i]
+            base = prefix_prev[i]
             q_a = q_prev[i]
             q_row = q_trans[i]
             for j in range(K):
@@ -493,9 +495,9 @@ def _sums_and_ratios(prev, trans, inv_temp, col_max, col_sum, sums_prev, sums, o
                 term = base + own * z
                 if use_q:
                     term -= q_a + q_row[j] * inv_temp - q_top[j]
-                sums[j] += e * term if e > 0 else zero  # 0 log 0 = 0, and no 0 * inf
+                prefix[j] += e * term if e > 0 else zero  # 0 log 0 = 0, and no 0 * inf
     for j in range(K):
-        sums[j] = sums[j] / col_sum[j] - own * np.log(col_sum[j])
+        prefix[j] = prefix[j] / col_sum[j] - own * np.log(col_sum[j])
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -519,12 +521,12 @@ def forward_ratio_kernel(
     q_alpha,
     q_col_max,
     q_col_sum,
-    ratio_sums,
+    prefix_ratios,
 ):
     """``forward_kernel`` for p and, with ``use_q``, for q (a CRF on the same beam tokens), and the forward
-    sweep of ``log_ratio_kernel`` into ratio_sums (B, T, K) (0 on entry), step by step on the same
-    transition blocks: ratio_sums[b, t, j] = E_p[own log p - log q of y_0 .. y_t | y_t = j], and p's
-    exponentials serve both its column sums and the sweep (``_sums_and_ratios``). Without q, the q
+    sweep of ``log_ratio_kernel`` into prefix_ratios (B, T, K) (0 on entry), step by step on the same
+    transition blocks: prefix_ratios[b, t, j] = E_p[own log p - log q of y_0 .. y_t | y_t = j], and p's
+    exponentials serve both its column sums and the sweep (``_sums_and_prefix_ratios``). Without q, the q
     arrays are not touched."""
     B, T, K = scores.shape
     D = E1.shape[1]
@@ -540,7 +542,7 @@ def forward_ratio_kernel(
         q_trans = np.zeros((K, K), dtype=dtype)
         q_top = np.zeros(K, dtype=dtype)
         q_prev = np.zeros(K, dtype=dtype)
-        sums = ratio_sums[b]
+        prefix = prefix_ratios[b]
         log_norm = _forward_begin(scores[b, 0], inv_temp, alpha[b, 0])
         q_log_norm = _forward_begin(q_scores[b, 0], inv_temp, q_alpha[b, 0]) if use_q else 0.0
         for t in range(1, length):
@@ -555,8 +557,8 @@ def forward_ratio_kernel(
                 )
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
             _column_max(alpha[b, t - 1], trans, inv_temp, col_max[b, t])
-            _sums_and_ratios(
-                alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], sums[t - 1], sums[t], own, use_q,
+            _sums_and_prefix_ratios(
+                alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], prefix[t - 1], prefix[t], own, use_q,
                 q_prev, q_trans, q_top,
             )  # fmt: skip
             log_norm += _forward_position(scores[b, t], inv_temp, col_max[b, t], col_sum[b, t], alpha[b, t])
@@ -582,8 +584,8 @@ def log_ratio_kernel(
     q_col_sum,
     use_q,
     own,
-    have_sums,
-    ratio_sums,
+    have_prefix,
+    prefix_ratios,
     first,
     count,
     want_grads,
@@ -610,9 +612,9 @@ def log_ratio_kernel(
     c_t(y_{t-1} | y_t): normalised logs, never the path scores, so nothing cancels; the value is a sum
     of conditional entropies (KL divergences), >= 0 up to rounding. The covariances come from a forward
     sweep F_t(j) = E[log ratio of y_0..y_t | y_t = j] and a backward sweep G_t(j) = mu_t(j) E[the
-    rest | y_t = j] (docs/design.md §4). With ``have_sums``, F is ``ratio_sums[b]`` as
-    ``forward_ratio_kernel`` left it (the forward sweep is not run again, and the value alone needs no
-    backward sweep).
+    rest | y_t = j] (docs/design.md §4). With ``have_prefix``, F is ``prefix_ratios[b]`` as
+    ``forward_ratio_kernel`` left it (the forward sweep is not run again). The value needs the forward
+    sweep only; the gradients add the backward sweep.
     """
     B, T, K = tokens.shape
     D = E1.shape[1]
@@ -645,12 +647,13 @@ def log_ratio_kernel(
         _last_position(alpha[b, length - 1], mu, log_last)
         if use_q:
             _last_position(q_alpha[b, length - 1], q_mu, q_log_last)
-            for j in range(K):
-                if mu[j] > 0:
-                    log_last[j] = own * log_last[j] - q_log_last[j]
-        expected = 0.0
-        F = ratio_sums[b] if have_sums else np.zeros((T if want_grads else 1, K), dtype=dtype)
-        if want_grads and not have_sums:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
+        for j in range(K):  # the last position's log ratio where p reaches (+inf where q does not)
+            if mu[j] > 0:
+                log_last[j] = own * log_last[j] - (q_log_last[j] if use_q else zero)
+            else:
+                log_last[j] = zero
+        F = prefix_ratios[b] if have_prefix else np.zeros((T, K), dtype=dtype)
+        if not have_prefix:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
             for t in range(1, length):
                 _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
                 _conditionals(
@@ -667,21 +670,22 @@ def log_ratio_kernel(
                     for j in range(K):
                         p = cond_row[j]
                         F[t, j] += p * (f + log_row[j]) if p > 0 else zero
-        with_sums = want_grads or have_sums  # else the backward sweep adds the edges' terms
+        expected = 0.0
         for j in range(K):
             if mu[j] > 0:
-                before = np.float64(F[length - 1, j]) if with_sums else 0.0
-                expected += np.float64(mu[j]) * (before + np.float64(log_last[j]))
+                expected += np.float64(mu[j]) * (np.float64(F[length - 1, j]) + np.float64(log_last[j]))
+        out_expected[b] = expected
+        if not want_grads:
+            continue
         mean = dtype.type(expected)
         nodes = cov_nodes[b]
-        if want_grads:
-            for j in range(K):
-                ghat[j] = mu[j] * log_last[j]
-                nodes[length - 1, j] = mu[j] * (F[length - 1, j] - mean) + ghat[j]
-                if use_q:
-                    marginals[b, length - 1, j] = q_mu[j] - mu[j]
-        # backward sweep, last position first (without gradients: the value, one term per edge)
-        for t in range(length - 1 if want_grads or not have_sums else 0, 0, -1):
+        for j in range(K):
+            ghat[j] = mu[j] * log_last[j]
+            nodes[length - 1, j] = mu[j] * (F[length - 1, j] - mean) + ghat[j]
+            if use_q:
+                marginals[b, length - 1, j] = q_mu[j] - mu[j]
+        # backward sweep, last position first
+        for t in range(length - 1, 0, -1):
             _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
             _conditionals(
                 alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
@@ -691,18 +695,6 @@ def log_ratio_kernel(
                 _log_ratios(
                     log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums, own
                 )
-            if not want_grads:
-                for i in range(K):
-                    cond_row, log_row = cond[i], log_cond[i]
-                    m = 0.0
-                    for j in range(K):
-                        x = cond_row[j] * mu[j]
-                        if x > 0:
-                            expected += np.float64(x * log_row[j])
-                        m += x
-                    mu_prev[i] = m
-                mu, mu_prev = mu_prev, mu
-                continue
             for i in range(K):
                 f = F[t - 1, i] - mean
                 cond_row, log_row = cond[i], log_cond[i]
@@ -722,18 +714,20 @@ def log_ratio_kernel(
             if use_q:  # q's edge marginals minus p's, contracted with q's rows; q's node marginals
                 for j in range(K):
                     inv_sums[j] = q_mu[j] / q_col_sum[b, t, j]
-                for i in range(K):
+                for i in range(K):  # q_trans becomes q's edge marginals
                     a = q_alpha[b, t - 1, i]
-                    row, xi_row = q_trans[i], xi[i]
+                    row = q_trans[i]
                     if a == -np.inf:
                         for j in range(K):
-                            xi_row[j] = -xi_row[j]
+                            row[j] = zero
                     else:
                         for j in range(K):
-                            xi_row[j] = fast_exp(a + row[j] * inv_temp - q_col_max[b, t, j]) * inv_sums[j] - xi_row[j]
-                np.dot(xi, ones, q_mu_prev)  # q's row sums minus p's
+                            row[j] = fast_exp(a + row[j] * inv_temp - q_col_max[b, t, j]) * inv_sums[j]
+                np.dot(q_trans, ones, q_mu_prev)
                 for i in range(K):
-                    q_mu_prev[i] += mu_prev[i]
+                    row, xi_row = q_trans[i], xi[i]
+                    for j in range(K):
+                        xi_row[j] = row[j] - xi_row[j]
                 _xi_times(xi, q_dst_emb, q_grad_src[c, t - 1])
                 _xi_t_times(xi, q_src_emb, q_grad_dst[c, t])
             for i in range(K):
@@ -749,4 +743,3 @@ def log_ratio_kernel(
                     nodes[t, j] = 0.0
                     if use_q:
                         marginals[b, t, j] = 0.0
-        out_expected[b] = expected

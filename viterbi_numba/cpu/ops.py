@@ -563,16 +563,16 @@ class CPUOps:
         log_z, q_log_z = np.empty(B, dtype=np.float64), np.empty(B if use_q else 1, dtype=np.float64)
         p_arrays = np.zeros((3, B, T, K), dtype=crf.dtype)  # padded positions: 0, not stale memory
         q_arrays = np.zeros((3, B, T, K) if use_q else (3, 1, 1, 1), dtype=crf.dtype)
-        ratio_sums = np.zeros((B, T, K), dtype=crf.dtype)
+        prefix_ratios = np.zeros((B, T, K), dtype=crf.dtype)
         if B:
             with kernel_scope(K, crf.dtype):
                 crf_kernels.forward_ratio_kernel(
                     crf.scores, crf.tokens, crf.E1, crf.E2, q.scores, q.E1, q.E2, crf.lengths, inv_temp, use_q,
-                    crf.dtype.type(own), log_z, *p_arrays, q_log_z, *q_arrays, ratio_sums,
+                    crf.dtype.type(own), log_z, *p_arrays, q_log_z, *q_arrays, prefix_ratios,
                 )  # fmt: skip
         p_state = ForwardState(crf, inv_temp, log_z, *p_arrays)
         q_state = ForwardState(q_crf, inv_temp, q_log_z, *q_arrays) if q_crf is not None else None
-        return p_state, q_state, ratio_sums
+        return p_state, q_state, prefix_ratios
 
     def _log_ratio(
         self,
@@ -580,11 +580,11 @@ class CPUOps:
         q_state: Optional[ForwardState],
         want_grads: bool,
         own: float = 1.0,
-        ratio_sums: Optional[np.ndarray] = None,
+        prefix_ratios: Optional[np.ndarray] = None,
     ) -> tuple[np.ndarray, Any, Any]:
         """E_p[own * log p - log q] (B,) float64 (q None: E_p[log p] = -H) and, with ``want_grads`` (own = 1),
         a function run(first, count, grad_src, grad_dst, q_grad_src, q_grad_dst) of the kernel's rows, and the
-        (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``); ``ratio_sums``:
+        (cov_nodes, marginals) arrays it fills (``crf_kernels.log_ratio_kernel``); ``prefix_ratios``:
         ``forward_log_ratio``'s, for the same own."""
         crf = state.crf
         B, T, K = crf.scores.shape
@@ -611,8 +611,8 @@ class CPUOps:
                 q.col_sum,
                 use_q,
                 crf.dtype.type(own),
-                ratio_sums is not None,
-                ratio_sums if ratio_sums is not None else cov,
+                prefix_ratios is not None,
+                prefix_ratios if prefix_ratios is not None else cov,
                 first,
                 count,
                 want_grads,
@@ -629,12 +629,12 @@ class CPUOps:
         return expected, run, (cov, marginals)
 
     def entropy(
-        self, state: ForwardState, weights: Optional[np.ndarray], ratio_sums: Optional[np.ndarray] = None
+        self, state: ForwardState, weights: Optional[np.ndarray], prefix_ratios: Optional[np.ndarray] = None
     ) -> EntropyGrad:
         """H_tau (B,) and, for host weights (B,), the gradients of sum_b weights[b] * H_tau[b] (None
-        without weights); ``ratio_sums`` from ``forward_log_ratio`` (own = 1) saves the forward sweep."""
+        without weights); ``prefix_ratios`` from ``forward_log_ratio`` (own = 1) saves the forward sweep."""
         crf = state.crf
-        expected, run, (cov, _) = self._log_ratio(state, None, weights is not None, 1.0, ratio_sums)
+        expected, run, (cov, _) = self._log_ratio(state, None, weights is not None, 1.0, prefix_ratios)
         if weights is None:
             return EntropyGrad((-expected).astype(crf.dtype), None, None, None)
         scale = -weights * state.inv_temp  # dH / d potential = -Cov(feature, log p) / tau
@@ -654,13 +654,13 @@ class CPUOps:
         state: ForwardState,
         q_state: ForwardState,
         weights: Optional[np.ndarray],
-        ratio_sums: Optional[np.ndarray] = None,
+        prefix_ratios: Optional[np.ndarray] = None,
     ) -> KLGrad:
         """KL(p || q) (B,) of two CRFs on one beam and, for host weights (B,), the gradients of
-        sum_b weights[b] * KL[b] with respect to both (None without weights); ``ratio_sums`` from
+        sum_b weights[b] * KL[b] with respect to both (None without weights); ``prefix_ratios`` from
         ``forward_log_ratio`` (own = 1) saves the forward sweep."""
         crf, q_crf = state.crf, q_state.crf
-        expected, run, (cov, marginal_gap) = self._log_ratio(state, q_state, weights is not None, 1.0, ratio_sums)
+        expected, run, (cov, marginal_gap) = self._log_ratio(state, q_state, weights is not None, 1.0, prefix_ratios)
         if weights is None:
             return KLGrad(expected.astype(crf.dtype), None, None, None, None, None, None)
         scale = weights * state.inv_temp  # d KL / d p's potential = Cov(feature, log p - log q) / tau
@@ -680,11 +680,11 @@ class CPUOps:
         )
 
     def cross_entropy(
-        self, state: ForwardState, q_state: ForwardState, ratio_sums: Optional[np.ndarray] = None
+        self, state: ForwardState, q_state: ForwardState, prefix_ratios: Optional[np.ndarray] = None
     ) -> np.ndarray:
-        """-E_p[log q] (B,) of two CRFs on one beam, in the compute dtype; ``ratio_sums`` from
+        """-E_p[log q] (B,) of two CRFs on one beam, in the compute dtype; ``prefix_ratios`` from
         ``forward_log_ratio`` with own = 0."""
-        return self._log_ratio(state, q_state, False, 0.0, ratio_sums)[0].astype(state.crf.dtype)
+        return self._log_ratio(state, q_state, False, 0.0, prefix_ratios)[0].astype(state.crf.dtype)
 
     @staticmethod
     def _path_scores(crf: BeamCRF, paths: np.ndarray) -> np.ndarray:

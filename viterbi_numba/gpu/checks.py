@@ -132,6 +132,7 @@ class DeviceChecks:
         kernels(dtype).check_scale[1, 1, self.lib.stream](
             self._bounds(dtype), scalar(scores.shape[1]), inv_temp, limit, exact_limit, flags, slot
         )
+        self.bounds = None  # spent: another CRF checked in this call (crf_kl's q) gathers its own
         self.settle()
 
     def before_lengths(self, values: Any, lengths: Any, high: int, fill: int, rule: Callable[..., None]) -> Any:

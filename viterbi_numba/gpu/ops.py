@@ -75,9 +75,10 @@ def dynamic_shared(name: str, K: int, dtype: Any, N: int = 1, k: int = 1) -> int
     return values.get(name, 0) * itemsize
 
 
-def _chunk_steps(B: int, T: int, K: int, dtype: np.dtype) -> int:
-    """Steps per chunk of (K, K) blocks (transitions, xi, edge weights): within TRANSITIONS_BUDGET bytes."""
-    return int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, B * K * K * dtype.itemsize))))
+def _chunk_steps(B: int, T: int, K: int, dtype: np.dtype, sides: int = 1) -> int:
+    """Steps per chunk of (K, K) blocks (transitions, xi, edge weights): within TRANSITIONS_BUDGET bytes for
+    the chunks of ``sides`` CRFs together."""
+    return int(max(1, min(T - 1, TRANSITIONS_BUDGET // max(1, sides * B * K * K * dtype.itemsize))))
 
 
 def _co_resident(kernel: Any, signature: tuple, threads: int, shared: int) -> int:
@@ -235,14 +236,15 @@ class GPUOps:
             kernels(emissions.dtype).gather_beam[grid(tokens.size), 256, self.lib.stream](emissions, tokens, out[1])
         return out[0]
 
-    def _transition_chunks(self, crf: BeamCRF, reverse: bool = False) -> Any:
+    def _transition_chunks(self, crf: BeamCRF, reverse: bool = False, sides: int = 1) -> Any:
         """Yield (t0, chunk, trans): the transition blocks (B, chunk, K, K), flattened, of the steps t0 ..
-        t0 + chunk - 1, computed over the whole card, ``chunk`` steps at a time so that a chunk stays
-        within TRANSITIONS_BUDGET bytes; the last chunk first with ``reverse``."""
+        t0 + chunk - 1, computed over the whole card, ``chunk`` steps at a time so that a chunk (of each
+        of ``sides`` CRFs stepped together) stays within TRANSITIONS_BUDGET bytes; the last chunk first
+        with ``reverse``."""
         lib = self.lib
         B, T, K = crf.scores.shape
         dtype = crf.dtype
-        chunk = _chunk_steps(B, T, K, dtype)
+        chunk = _chunk_steps(B, T, K, dtype, sides)
         trans = lib.empty((B * chunk * K * K,), dtype)[1]
         product = kernels(dtype, rank_for(crf.E1.shape[1])).transitions_kernel
         starts = range(1, T, chunk)
@@ -407,7 +409,7 @@ class GPUOps:
         B, T, K = crf.scores.shape
         dtype = crf.dtype
         runs = [_ForwardRun(self, side, inv_temp) for side in (crf, q_crf) if side is not None]
-        ratio_sums = self.lib.zeros((B, T, K), dtype)[1]
+        prefix_ratios = self.lib.zeros((B, T, K), dtype)[1]
         if B:
             sweep, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
             for t0, chunk, trans, q_trans in self._chunk_pairs(crf, q_crf, False):
@@ -416,17 +418,17 @@ class GPUOps:
                 sweep(
                     trans, q_trans, chunk, t0, crf.lengths, inv_temp, dtype.type(own), layout.split, layout.parts,
                     q_crf is not None, runs[0].alpha, runs[0].col_max, runs[0].col_sum, runs[-1].alpha,
-                    runs[-1].col_max, runs[-1].col_sum, ratio_sums,
+                    runs[-1].col_max, runs[-1].col_sum, prefix_ratios,
                 )  # fmt: skip
         states = [run.finish() for run in runs]
-        return states[0], states[1] if q_crf is not None else None, ratio_sums
+        return states[0], states[1] if q_crf is not None else None, prefix_ratios
 
     def _chunk_pairs(self, crf: BeamCRF, q_crf: Optional[BeamCRF], reverse: bool) -> Any:
         """(t0, chunk, p's blocks, q's blocks) of the same steps (``_transition_chunks``; without q, q's
         blocks are p's)."""
         if q_crf is None:
             return ((t0, chunk, trans, trans) for t0, chunk, trans in self._transition_chunks(crf, reverse))
-        pairs = zip(self._transition_chunks(crf, reverse), self._transition_chunks(q_crf, reverse))
+        pairs = zip(self._transition_chunks(crf, reverse, 2), self._transition_chunks(q_crf, reverse, 2))
         return ((t0, chunk, trans, q_trans) for (t0, chunk, trans), (_, _, q_trans) in pairs)
 
     def restore_forward(self, crf: BeamCRF, inv_temp: Any, views: tuple, natives: tuple) -> ForwardState:
@@ -549,7 +551,7 @@ class GPUOps:
         own: float,
         sign: float,
         weights: Optional[Any],
-        ratio_sums: Optional[Any] = None,
+        prefix_ratios: Optional[Any] = None,
     ) -> tuple[Any, ...]:
         """sign * E_p[own * log p - log q] (B,) as a native array (q None: without the log q term) and,
         for device weights (B,), the gradients of sum_b weights[b] * sign * E_p[log p - log q] (own = 1)
@@ -558,7 +560,7 @@ class GPUOps:
         The forward sweep (``ratio_forward_steps``, on both CRFs' transition blocks chunk by chunk) and
         ``ratio_last`` give the value; the gradients take the backward sweep (``ratio_backward_steps``,
         last chunk first), which turns each chunk's blocks into edge terms that ``xi_rows`` and
-        ``xi_columns`` contract with each side's table rows (docs/design.md §4). ``ratio_sums``:
+        ``xi_columns`` contract with each side's table rows (docs/design.md §4). ``prefix_ratios``:
         ``forward_log_ratio``'s, for the same own (the forward sweep is not run again)."""
         lib = self.lib
         crf = state.crf
@@ -568,10 +570,13 @@ class GPUOps:
         q = q_state if q_state is not None else state
         want_grads = weights is not None
         value = lib.empty((B,), dtype)
-        grads = [lib.zeros((B, T, K) if want_grads else (1, 1, 1), dtype) for _ in range(2)]  # p's, q's scores
-        tables = [lib.zeros(side.E1.shape if want_grads else (1, 1), dtype) for side in (crf, crf, q.crf, q.crf)]
+        grads = [lib.zeros((B, T, K) if want_grads and want else (1, 1, 1), dtype) for want in (True, use_q)]
+        tables = [
+            lib.zeros(side.E1.shape if want_grads and want else (1, 1), dtype)
+            for side, want in ((crf, True), (crf, True), (q.crf, use_q), (q.crf, use_q))
+        ]  # p's E1, E2, then q's (scores: p's, q's)
         if B:
-            self._run_log_ratio(state, q, use_q, own, sign, weights, ratio_sums, value[1], grads, tables)
+            self._run_log_ratio(state, q, use_q, own, sign, weights, prefix_ratios, value[1], grads, tables)
         if not want_grads:
             return (value[0],)
         p_grads = (grads[0][0], tables[0][0], tables[1][0])
@@ -580,7 +585,7 @@ class GPUOps:
 
     def _run_log_ratio(
         self, state: ForwardState, q: ForwardState, use_q: bool, own: float, sign: float, weights: Any,
-        ratio_sums: Any, value: Any, grads: list, tables: list,
+        prefix_ratios: Any, value: Any, grads: list, tables: list,
     ) -> None:  # fmt: skip
         """The launches of ``_log_ratio`` (B > 0) into its outputs' views."""
         lib = self.lib
@@ -591,49 +596,49 @@ class GPUOps:
         mean = lib.empty((B,), dtype)[1]
         p_q = (state.alpha, state.col_max, state.col_sum, q.alpha, q.col_max, q.col_sum)
         q_crf = q.crf if use_q else None
-        if ratio_sums is None:
-            ratio_sums = lib.zeros((B, T, K), dtype)[1]
+        if prefix_ratios is None:
+            prefix_ratios = lib.zeros((B, T, K), dtype)[1]
             forward, layout = self._recursion("ratio_forward_steps", dtype, B, K, PARTS)
             for t0, chunk, trans, q_trans in self._chunk_pairs(crf, q_crf, False):
                 forward(
                     trans, q_trans, chunk, t0, crf.lengths, state.inv_temp, dtype.type(own), layout.split,
-                    layout.parts, use_q, *p_q, ratio_sums,
+                    layout.parts, use_q, *p_q, prefix_ratios,
                 )  # fmt: skip
         scale = self._weight_scale(weights.reshape(B, 1), state.inv_temp, sign)[1] if want_grads else mean
-        nodes = [lib.empty((B, T, K) if want_grads else (1, 1, 1), dtype)[1] for _ in range(3)]  # mu, ghat, q_mu
+        sweep_state = [lib.empty((B, T, K) if want_grads else (1, 1, 1), dtype)[1] for _ in range(3)]  # mu, ghat, q_mu
         kernels(dtype).ratio_last[B, threads_for(K), lib.stream](
-            crf.lengths, state.alpha, q.alpha, use_q, dtype.type(own), ratio_sums, want_grads, scale,
-            dtype.type(sign), mean, value, *nodes, grads[0][1], grads[1][1],
+            crf.lengths, state.alpha, q.alpha, use_q, dtype.type(own), prefix_ratios, want_grads, scale,
+            dtype.type(sign), mean, value, *sweep_state, grads[0][1], grads[1][1],
         )  # fmt: skip
         if not want_grads:
             return
         backward, layout = self._recursion("ratio_backward_steps", dtype, B, K, ROW_LANES)
         for t0, chunk, edges, q_edges in self._chunk_pairs(crf, q_crf, True):
             backward(
-                edges, q_edges, chunk, t0, crf.lengths, state.inv_temp, layout.split, use_q, *p_q, ratio_sums, mean,
-                scale, *nodes, grads[0][1], grads[1][1],
+                edges, q_edges, chunk, t0, crf.lengths, state.inv_temp, layout.split, use_q, *p_q, prefix_ratios, mean,
+                scale, *sweep_state, grads[0][1], grads[1][1],
             )  # fmt: skip
             for side, blocks, first in ((crf, edges, 0), (q.crf, q_edges, 2))[: 1 + use_q]:
                 products = kernels(dtype, rank_for(side.E1.shape[1]))
                 for product, grad in ((products.xi_rows, tables[first]), (products.xi_columns, tables[first + 1])):
                     product[B * chunk * product_tiles(K), PRODUCT_THREADS, lib.stream](
-                        blocks, chunk, t0, crf.tokens, side.E1, side.E2, crf.lengths, scale, grad[1]
+                        blocks, chunk, t0, side.tokens, side.E1, side.E2, crf.lengths, scale, grad[1]
                     )
 
-    def entropy(self, state: ForwardState, weights: Optional[Any], ratio_sums: Optional[Any] = None) -> EntropyGrad:
+    def entropy(self, state: ForwardState, weights: Optional[Any], prefix_ratios: Optional[Any] = None) -> EntropyGrad:
         if weights is None:
-            return EntropyGrad(self._log_ratio(state, None, 1.0, -1.0, None, ratio_sums)[0], None, None, None)
-        return EntropyGrad(*self._log_ratio(state, None, 1.0, -1.0, weights, ratio_sums)[:4])
+            return EntropyGrad(self._log_ratio(state, None, 1.0, -1.0, None, prefix_ratios)[0], None, None, None)
+        return EntropyGrad(*self._log_ratio(state, None, 1.0, -1.0, weights, prefix_ratios)[:4])
 
     def kl(
-        self, state: ForwardState, q_state: ForwardState, weights: Optional[Any], ratio_sums: Optional[Any] = None
+        self, state: ForwardState, q_state: ForwardState, weights: Optional[Any], prefix_ratios: Optional[Any] = None
     ) -> KLGrad:
         if weights is None:
-            return KLGrad(self._log_ratio(state, q_state, 1.0, 1.0, None, ratio_sums)[0], *(None,) * 6)
-        return KLGrad(*self._log_ratio(state, q_state, 1.0, 1.0, weights, ratio_sums))
+            return KLGrad(self._log_ratio(state, q_state, 1.0, 1.0, None, prefix_ratios)[0], *(None,) * 6)
+        return KLGrad(*self._log_ratio(state, q_state, 1.0, 1.0, weights, prefix_ratios))
 
-    def cross_entropy(self, state: ForwardState, q_state: ForwardState, ratio_sums: Optional[Any] = None) -> Any:
-        return self._log_ratio(state, q_state, 0.0, 1.0, None, ratio_sums)[0]
+    def cross_entropy(self, state: ForwardState, q_state: ForwardState, prefix_ratios: Optional[Any] = None) -> Any:
+        return self._log_ratio(state, q_state, 0.0, 1.0, None, prefix_ratios)[0]
 
     def _path_scores(self, crf: BeamCRF, paths: Any) -> tuple[Any, Any]:
         B, _, N = paths.shape

@@ -345,8 +345,8 @@ def build(blk) -> Family:
             cuda.syncthreads()
             base = tid - tid % ROW_LANES
             total = ZERO
-            for q in range(ROW_LANES):
-                total += sums[base + q]
+            for other in range(ROW_LANES):
+                total += sums[base + other]
             cuda.syncthreads()
             return total
 
@@ -382,10 +382,10 @@ def build(blk) -> Family:
         q_alpha,
         q_col_max,
         q_col_sum,
-        ratio_sums,
+        prefix_ratios,
     ):
-        """Steps t = t0 + s of the forward sweep of ``cpu/crf.py``'s log_ratio_kernel: ratio_sums[b, t, j] =
-        sum_i c(i | j) (ratio_sums[b, t - 1, i] + own * log c(i | j) - log c_q(i | j)), the expected log
+        """Steps t = t0 + s of the forward sweep of ``cpu/crf.py``'s log_ratio_kernel: prefix_ratios[b, t, j] =
+        sum_i c(i | j) (prefix_ratios[b, t - 1, i] + own * log c(i | j) - log c_q(i | j)), the expected log
         ratio of y_0 .. y_t given y_t = j, with p's backward conditional c(i | j) = exp(alpha[t - 1, i] +
         trans[i, j] * inv_temp - col_max[t, j] - log col_sum[t, j]) and q's (``q_trans``, with ``use_q``)
         alike. One pass per column (its normaliser is known); terms with c = 0 are skipped (0 log 0 = 0).
@@ -409,7 +409,7 @@ def build(blk) -> Family:
                 step = t0 + s
                 if step < length:
                     for i in range(tid, K, cuda.blockDim.x):
-                        prev[i] = exchange_load(ratio_sums, b, step - 1, i)
+                        prev[i] = exchange_load(prefix_ratios, b, step - 1, i)
                         a_prev[i] = alpha[b, step - 1, i]
                         q_prev[i] = q_alpha[b, step - 1, i] if use_q else ZERO
                     cuda.syncthreads()
@@ -435,22 +435,20 @@ def build(blk) -> Family:
                         part_sum[tid] = total
                         cuda.syncthreads()
                         if mine == 0 and j < last_col:
-                            for q in range(1, parts):
-                                total += part_sum[q * lanes + lane]
-                            ratio_sums[b, step, j] = total
+                            for part in range(1, parts):
+                                total += part_sum[part * lanes + lane]
+                            prefix_ratios[b, step, j] = total
                         cuda.syncthreads()
                 step_barrier(split)
 
-    @family.kernel(
-        (t.i1, t.f3, t.f3, t.boolean, t.f, t.f3, t.boolean, t.f1, t.f, t.f1, t.f1) + (t.f3,) * 5, threads=MAX_THREADS
-    )
+    @family.kernel((t.i1, t.f3, t.f3, t.boolean, t.f, t.f3, t.boolean, t.f1, t.f, t.f1, t.f1) + (t.f3,) * 5)
     def ratio_last(
         lengths,
         alpha,
         q_alpha,
         use_q,
         own,
-        ratio_sums,
+        prefix_ratios,
         want_grads,
         scale,
         sign,
@@ -463,9 +461,9 @@ def build(blk) -> Family:
         grad_scores_q,
     ):
         """A block per sequence, after the forward sweep: with mu = softmax(alpha[L - 1]) and the last
-        position's log ratio r_j = own * log mu_j - log mu_q_j, out_mean[b] = E = sum_j mu_j (ratio_sums[b,
+        position's log ratio r_j = own * log mu_j - log mu_q_j, out_mean[b] = E = sum_j mu_j (prefix_ratios[b,
         L - 1, j] + r_j) and out_value[b] = sign * E. With ``want_grads``, the backward sweep's start:
-        mu, ghat = mu * r and q_mu at L - 1, and the node gradients there, scale[b] * (mu (ratio_sums - E)
+        mu, ghat = mu * r and q_mu at L - 1, and the node gradients there, scale[b] * (mu (prefix_ratios - E)
         + ghat) and scale[b] * (q_mu - mu)."""
         b = cuda.blockIdx.x
         K = alpha.shape[2]
@@ -487,7 +485,7 @@ def build(blk) -> Family:
                 ratio = own * (alpha[b, last, j] - log_total)
                 if use_q:
                     ratio -= q_alpha[b, last, j] - q_log_total
-                partial += p * (ratio_sums[b, last, j] + ratio)
+                partial += p * (prefix_ratios[b, last, j] + ratio)
         mean = block_sum(partial, scratch)
         if tid == 0:
             out_mean[b] = mean
@@ -503,7 +501,7 @@ def build(blk) -> Family:
                     if use_q:
                         share -= q_alpha[b, last, j] - q_log_total
                     share *= p
-                    node = p * (ratio_sums[b, last, j] - mean) + share
+                    node = p * (prefix_ratios[b, last, j] - mean) + share
                 mu[b, last, j] = p
                 ghat[b, last, j] = share
                 grad_scores[b, last, j] = factor * node
@@ -533,7 +531,7 @@ def build(blk) -> Family:
         q_alpha,
         q_col_max,
         q_col_sum,
-        ratio_sums,
+        prefix_ratios,
         mean,
         scale,
         mu,
@@ -544,7 +542,7 @@ def build(blk) -> Family:
     ):
         """Steps t = t0 + chunk - 1 down to t0 of the backward sweep of ``cpu/crf.py``'s log_ratio_kernel,
         with own = 1 (the gradients of the entropy and the KL). For row i, with c = c(i | j), r = log c -
-        log c_q (log c without ``use_q``), x = c mu_t[j] and f = ratio_sums[b, t - 1, i] - mean[b]:
+        log c_q (log c without ``use_q``), x = c mu_t[j] and f = prefix_ratios[b, t - 1, i] - mean[b]:
 
         edges[i, j] = x (f + r) + c ghat_t[j]  (the edge covariance, in place of p's transitions)
         ghat_{t-1}[i] = sum_j x r + c ghat_t[j],  mu_{t-1}[i] = sum_j x
@@ -595,7 +593,7 @@ def build(blk) -> Family:
                         if i < last_row:
                             a = alpha[b, step - 1, i]
                             q_a = q_alpha[b, step - 1, i] if use_q else ZERO
-                            f = ratio_sums[b, step - 1, i] - centre
+                            f = prefix_ratios[b, step - 1, i] - centre
                             offset = block0 + uint32(i * K + lane)
                             j = uint32(lane)
                             while j < columns:
