@@ -239,6 +239,22 @@ class DynamicCRF(nn.Module):
             tokens = torch.where(torch.arange(T, device=tokens.device)[None, :] < lengths[:, None], tokens, held)
         return step_scores, tokens
 
+    @torch.no_grad()
+    def nbest(
+        self, emissions: torch.Tensor, n: int, masks: Optional[torch.Tensor] = None, beam: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The n best distinct sequences of the CRF over each position's top-k beam, best first
+        (:func:`viterbi_numba.viterbi_nbest`): tokens (B, T, n) (-1 at padded positions, and for the paths
+        beyond ``count``), their scores S(y) (B, n) (-inf beyond ``count``) and ``count`` (B,), n or fewer
+        where the beam has fewer paths. Not differentiable (rescore the tokens with :meth:`forward`)."""
+        emissions = _emissions(emissions)
+        B, T, _ = emissions.shape
+        beam_scores, beam_tokens = _ops.topk_beam(emissions, beam if beam is not None else self.beam)
+        _, tokens, score, count = _ops.viterbi_nbest(
+            beam_scores, beam_tokens, self.E1.weight, self.E2.weight, n, _lengths(masks, B, T)
+        )
+        return tokens, score, count
+
     def sample(
         self,
         emissions: torch.Tensor,

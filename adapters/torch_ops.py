@@ -23,6 +23,7 @@ Operators (floats in the compute dtype, ids int64):
 * ``lengths_from_masks(masks)`` — (B,) lengths of (B, T) prefix masks, checked.
 * ``topk_beam`` — beam scores and tokens (B, T, K); differentiable (the scores).
 * ``viterbi_decode`` — beam_idx, tokens (B, T), score (B,), step_scores (B, T).
+* ``viterbi_nbest`` — beam_idx, tokens (B, T, n), score (B, n), count (B,).
 * ``stochastic_viterbi`` — beam_probs (B, T, K, N), beam_idx, tokens (B, T, N), path_scores
   (B, T, K, N), backpointers (B, T-1, K, N), score (B, N); differentiable (beam_probs).
 * ``crf_sample`` — log_prob (B, N), beam_idx, tokens (B, T, N), then the forward pass's saved state
@@ -104,10 +105,12 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 
 def _array(tensor: Optional[Tensor], name: str, dtype: Optional[torch.dtype] = None) -> Any:
     """What the array API takes for ``tensor``: a NumPy view of a CPU tensor, or the CUDA tensor itself,
-    contiguous, float tensors in ``dtype`` (the GPU kernels take one float dtype), ids in int64. (Inside
-    an operator no tensor requires grad: below autograd, ``Tensor.numpy()`` needs no ``detach()``.)"""
+    contiguous, float tensors in ``dtype`` (the GPU kernels take one float dtype), ids in int64. Detached:
+    an operator without an autograd formula (``viterbi_decode``, ``marginals``) still sees its inputs'
+    ``requires_grad``."""
     if tensor is None:
         return None
+    tensor = tensor.detach()
     if tensor.is_cpu:
         return tensor.numpy() if tensor.dtype not in _LOW_PRECISION else tensor.float().numpy()
     if not tensor.is_cuda:
@@ -301,6 +304,32 @@ def _(scores, tokens, E1, E2, lengths=None, fairseq_step_scores=False):  # type:
         _ids_like(scores, (B, T)),
         _float_like(scores, (B,), dtype),
         _float_like(scores, (B, T), dtype),
+    )
+
+
+@_operator
+def viterbi_nbest(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    n: int,
+    lengths: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.viterbi_nbest`: beam_idx, tokens (B, T, n), score (B, n), count (B,)."""
+    scores_, tokens_, E1_, E2_, lengths_ = _crf_arrays(scores, tokens, E1, E2, lengths)
+    best = vn.viterbi_nbest(scores_, tokens_, E1_, E2_, n, lengths_)
+    return _tensor(best.beam_idx), _tensor(best.tokens), _tensor(best.score), _tensor(best.count)
+
+
+@_fake(viterbi_nbest)
+def _(scores, tokens, E1, E2, n, lengths=None):  # type: ignore[no-untyped-def]
+    B, T, _ = scores.shape
+    return (
+        _ids_like(scores, (B, T, n)),
+        _ids_like(scores, (B, T, n)),
+        _float_like(scores, (B, n), compute_dtype(scores, E1, E2)),
+        _ids_like(scores, (B,)),
     )
 
 

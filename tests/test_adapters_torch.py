@@ -224,6 +224,22 @@ def test_dynamic_crf_samples_rescore_to_the_same_values_and_gradients():
         torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_dynamic_crf_nbest_rescores_best_first():
+    crf = _module(DynamicCRF)
+    emissions = torch.randn(B, T, V, dtype=torch.float64)
+    masks = _masks([6, 3, 1])
+    tokens, score, count = crf.nbest(emissions, 4, masks=masks)
+    assert tokens.shape == (B, T, 4) and score.shape == (B, 4) and count.tolist() == [4, 4, 4]
+    assert (tokens[1, 3:] == PAD).all() and (tokens[2, 1:] == PAD).all()
+    assert (score[:, :-1] >= score[:, 1:]).all()
+    assert len({tuple(tokens[0, :, n].tolist()) for n in range(4)}) == 4  # distinct sequences
+    _, best_tokens = crf.forward_decoder(emissions, masks)
+    torch.testing.assert_close(tokens[0, :, 0], best_tokens[0])  # the first is Viterbi's
+    # S(y) of each: rescoring gives log p = S(y) - log Z, so the differences between the n agree
+    rescored = torch.stack([crf(emissions, tokens[:, :, n], masks) for n in range(4)], 1)
+    torch.testing.assert_close(rescored - rescored[:, :1], score - score[:, :1], rtol=1e-10, atol=1e-10)
+
+
 def _with_tables(module, e1, e2, call):
     """call() with the module's E1/E2 weights replaced by the tensors e1, e2 (so gradcheck sees them)."""
     saved = module.E1.weight, module.E2.weight

@@ -49,6 +49,7 @@ def _opcheck_cases():
         "topk_beam forced": (emissions, K, tokens[:, :, -1]),
         "viterbi_decode": (*plain[:1], tokens, *plain[1:], lengths, False),
         "viterbi_decode fairseq": (*plain[:1], tokens, *plain[1:], None, True),
+        "viterbi_nbest": (*plain[:1], tokens, *plain[1:], 5, lengths),
         "stochastic_viterbi": (scores, tokens, E1, E2, lengths, N, 0.8, seed),
         "stochastic_viterbi replayed": (scores, tokens, E1, E2, None, N, 1.0, None, uniforms),
         "stochastic_viterbi_backward": (torch.randn_like(sample[0]), sample[0], sample[4], tokens, *plain[1:], lengths),
@@ -96,6 +97,14 @@ def test_draw_seed_is_an_operator_of_the_default_generator():
     assert first.dtype == torch.int64 and first.dim() == 0 and torch.equal(first, ops.draw_seed())
     assert not torch.equal(first, ops.draw_seed())
     assert torch.Tag.nondeterministic_seeded in ops.draw_seed.default.tags  # never merged by a compiler
+
+
+def test_operators_without_a_gradient_take_inputs_that_require_one():
+    _, scores, E1, E2, tokens, lengths = _inputs()
+    assert E1.requires_grad
+    assert ops.viterbi_decode(scores, tokens, E1, E2, lengths, False)[0].shape == (B, T)
+    assert ops.viterbi_nbest(scores, tokens, E1, E2, 3, lengths)[2].shape == (B, 3)
+    assert ops.marginals(scores, tokens, E1, E2, lengths, 1.0).shape == scores.shape
 
 
 def test_every_operator_has_cpu_and_cuda_kernels():

@@ -19,6 +19,7 @@ from viterbi_numba import (
     stochastic_viterbi_backward,
     topk_beam,
     viterbi_decode,
+    viterbi_nbest,
 )
 
 
@@ -58,9 +59,13 @@ def _score_paths(scores, tokens, E1, E2, **kwargs):
     return sequence_score(scores, tokens, E1, E2, np.zeros(scores.shape[:2], np.int64), **kwargs)
 
 
+def _nbest(scores, tokens, E1, E2, **kwargs):
+    return viterbi_nbest(scores, tokens, E1, E2, 3, **kwargs)
+
+
 _cs, _lp, _mg, _lpg = map(_on_beam, (crf_sample, log_partition, marginals, log_partition_grad))
 _ent, _entg = map(_on_beam, (crf_entropy, crf_entropy_grad))
-BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _ent, _entg, _on_beam(_score_paths)]
+BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _ent, _entg, _on_beam(_score_paths), _on_beam(_nbest)]
 TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg, _ent, _entg]
 
 

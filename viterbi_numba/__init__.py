@@ -4,7 +4,7 @@ Array API (NumPy or GPU arrays in, the same kind out; docs/design.md is the spec
 
 * :func:`topk_beam` — per-position top-K beam, optionally forcing given tokens into it.
 * :func:`gather_beam` — another model's scores on a beam (a reference's beam scores for :func:`crf_kl`).
-* :func:`viterbi_decode` — the best beam path (max-product).
+* :func:`viterbi_decode` — the best beam path (max-product); :func:`viterbi_nbest` — the n best.
 * :func:`stochastic_viterbi` — the write-up's stochastic Viterbi sampler, one or N chains, and
   :func:`stochastic_viterbi_backward`, the gradient the write-up's autograd gives through ``beam_probs``.
 * :func:`crf_sample` — exact samples of the CRF with their log-probabilities (FFBS).
@@ -36,7 +36,14 @@ from .crf import (
     marginals,
     sequence_score,
 )
-from .decode import gather_beam, stochastic_viterbi, stochastic_viterbi_backward, topk_beam, viterbi_decode
+from .decode import (
+    gather_beam,
+    stochastic_viterbi,
+    stochastic_viterbi_backward,
+    topk_beam,
+    viterbi_decode,
+    viterbi_nbest,
+)
 from .results import (
     PAD,
     Beam,
@@ -44,6 +51,7 @@ from .results import (
     EntropyGrad,
     KLGrad,
     LikelihoodGrad,
+    NBestResult,
     PartitionGrad,
     SamplerGrad,
     StochasticViterbiResult,
@@ -65,6 +73,7 @@ __all__ = [
     "SamplerGrad",
     "StochasticViterbiResult",
     "ViterbiResult",
+    "NBestResult",
     "crf_cross_entropy",
     "crf_entropy",
     "crf_entropy_grad",
@@ -85,4 +94,5 @@ __all__ = [
     "topk_beam",
     "gather_beam",
     "viterbi_decode",
+    "viterbi_nbest",
 ]

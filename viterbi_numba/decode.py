@@ -16,13 +16,14 @@ import numpy.typing as npt
 
 from . import _validate
 from ._devices import backend_of
-from .results import PAD, Beam, SamplerGrad, StochasticViterbiResult, ViterbiResult
+from .results import PAD, Beam, NBestResult, SamplerGrad, StochasticViterbiResult, ViterbiResult
 
 __all__ = [
     "PAD",
     "topk_beam",
     "gather_beam",
     "viterbi_decode",
+    "viterbi_nbest",
     "stochastic_viterbi",
     "stochastic_viterbi_backward",
 ]
@@ -124,6 +125,47 @@ def viterbi_decode(
     with ops.call():
         crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
         return ops.viterbi_decode(crf, step_scores == "fairseq")
+
+
+MAX_NBEST = 1024  # n of viterbi_nbest: each sequence keeps T x K x n prefix scores and back-pointers
+
+
+def viterbi_nbest(
+    scores: ArrayLike,
+    tokens: ArrayLike,
+    E1: ArrayLike,
+    E2: ArrayLike,
+    n: int,
+    lengths: Optional[ArrayLike] = None,
+) -> NBestResult:
+    """The n best distinct beam paths per sequence, best first (for reranking, MBR, a self-critical
+    baseline).
+
+    Exact: a list Viterbi keeps, for every position and beam slot, the n best prefix scores ending
+    there (docs/design.md §4). Path k = 0 is :func:`viterbi_decode`'s path. Ties between equal scores go
+    to the path that is lower in order of (last slot, then the rank of its prefix there), recursively;
+    Viterbi's "lowest beam index" rule is this rule's first path.
+
+    Parameters
+    ----------
+    scores, tokens, E1, E2, lengths
+        As for :func:`viterbi_decode`.
+    n : int
+        Paths per sequence, in [1, 1024] (memory: T x K x n prefix scores and back-pointers per thread).
+
+    Returns
+    -------
+    NBestResult
+        ``beam_idx``, ``tokens`` (B, T, n), ``score`` (B, n) and ``count`` (B,): where a sequence has fewer
+        than n paths of finite score (K^L, fewer with -inf slots), all of them, then ``PAD`` and -inf.
+    """
+    ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
+    with ops.call():
+        n = _validate.positive_int(n, "n")
+        if n > MAX_NBEST:
+            raise ValueError(f"n must be at most {MAX_NBEST}, got {n}")
+        crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths)
+        return ops.viterbi_nbest(crf, n)
 
 
 def stochastic_viterbi(

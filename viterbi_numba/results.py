@@ -16,6 +16,7 @@ __all__ = [
     "PAD",
     "Beam",
     "ViterbiResult",
+    "NBestResult",
     "StochasticViterbiResult",
     "SamplerGrad",
     "CRFSample",
@@ -61,6 +62,27 @@ class ViterbiResult(NamedTuple):
     tokens: Any
     score: Any
     step_scores: Any
+
+
+class NBestResult(NamedTuple):
+    """The n best distinct paths per sequence, from :func:`~viterbi_numba.viterbi_nbest`, best first.
+
+    Attributes
+    ----------
+    beam_idx : (B, T, n) int64
+        Beam slot of path k at every position (``PAD`` after the length, and for k >= ``count``).
+    tokens : (B, T, n) int64
+        Token id of path k at every position (``PAD`` likewise).
+    score : (B, n) float
+        S(y) of each path, non-increasing in k (-inf for k >= ``count``).
+    count : (B,) int64
+        Paths found: n, or fewer when the beam has fewer paths of finite score.
+    """
+
+    beam_idx: Any
+    tokens: Any
+    score: Any
+    count: Any
 
 
 class StochasticViterbiResult(NamedTuple):

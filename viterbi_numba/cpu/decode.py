@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _portable
+from .._portable import PAD
 from .intrinsics import fast_exp, fmax
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
@@ -345,6 +346,192 @@ def viterbi_kernel(
             path_increments(scores[b], tokens[b], E1, E2, out_beam_idx[b], length, out_step_scores[b])
         for t in range(length, T):
             out_step_scores[b, t] = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the n best paths (list Viterbi)
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _keep_best(values, slots, ranks, kept, value, slot, rank):
+    """Insert (value, slot, rank) into the list values[:kept], which is ordered by value, best first, and
+    among equal values by lower slot, then lower rank; at most len(values) are kept. Returns (the new
+    length, whether it entered)."""
+    n = values.shape[0]
+    at = kept
+    while at > 0 and (
+        values[at - 1] < value
+        or (values[at - 1] == value and (slots[at - 1] > slot or (slots[at - 1] == slot and ranks[at - 1] > rank)))
+    ):
+        at -= 1
+    if at >= n:
+        return kept, False
+    k = min(kept, n - 1)
+    while k > at:
+        values[k] = values[k - 1]
+        slots[k] = slots[k - 1]
+        ranks[k] = ranks[k - 1]
+        k -= 1
+    values[at] = value
+    slots[at] = slot
+    ranks[at] = rank
+    return min(kept + 1, n), True
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _nbest_step(
+    prev, src_rows, dst_rows, emissions, E1, E2, order, src_norm, dst_norm, src_block, dst_emb, trans_block, lowest,
+    kept, values, slots, ranks,
+):  # fmt: skip
+    """values[j] (n) = the n best of prev[i, r] + E1[src_rows[i]] . E2[dst_rows[j]] over (i, r), in
+    ``_keep_best``'s order, with the (i, r) of each in slots[j], ranks[j]; prev (K, n) holds each
+    predecessor's list, best first (-inf where it has fewer). values must be -inf on entry; a column whose
+    emission is -inf (no path passes there) is left so.
+
+    ``_viterbi_step``'s exact branch and bound: predecessors are visited by decreasing best prefix, in
+    blocks that double, one gemm each, until no remaining row can enter any column's list (Cauchy-
+    Schwarz, with a margin for rounding). A row reaches a column's list only where its best prefix plus
+    the transition is at least the list's n-th (``lowest``): one vectorised count per row finds whether
+    any column is reached, and only those rows take the scalar inserts.
+    """
+    K, n = prev.shape
+    D = E1.shape[1]
+    for j in range(K):
+        dst = E2[dst_rows[j]]
+        norm = 0.0
+        for d in range(D):
+            dst_emb[j, d] = dst[d]
+            norm += dst[d] * dst[d]
+        dst_norm[j] = np.sqrt(norm)
+        lowest[j] = np.inf if emissions[j] == -np.inf else -np.inf  # +inf: nothing enters
+        kept[j] = 0
+    max_src_norm = 0.0
+    for i in range(K):
+        src = E1[src_rows[i]]
+        norm = 0.0
+        for d in range(D):
+            norm += src[d] * src[d]
+        src_norm[i] = np.sqrt(norm)
+        max_src_norm = max(max_src_norm, src_norm[i])
+    reach = max_src_norm * 1.001  # bound on a_i . b_j / |b_j|, with room for the gemm's rounding
+    heads = prev[:, 0]
+    order[:] = np.argsort(-heads)
+    start = 0
+    while start < K:
+        top = heads[order[start]]
+        if top == -np.inf:
+            break
+        if start > 0:
+            open_column = False
+            for j in range(K):
+                bar = lowest[j]
+                if bar != np.inf and top + reach * dst_norm[j] + 1e-4 * (abs(bar) + 1.0) >= bar:
+                    open_column = True
+                    break
+            if not open_column:
+                break
+        rows = min(max(_ROW_BLOCK, start), K - start)
+        for r in range(rows):
+            src = E1[src_rows[order[start + r]]]
+            for d in range(D):
+                src_block[r, d] = src[d]
+        np.dot(src_block[:rows], dst_emb.T, trans_block[:rows])
+        for r in range(rows):
+            i = order[start + r]
+            head = heads[i]
+            row = trans_block[r]
+            reached = 0
+            for j in range(K):  # vectorised: does any column's list admit this row?
+                reached += head + row[j] >= lowest[j]
+            if reached == 0:
+                continue
+            own = prev[i]
+            for j in range(K):
+                if head + row[j] < lowest[j]:
+                    continue
+                for rank in range(n):
+                    value = own[rank] + row[j]
+                    if value == -np.inf or value < lowest[j]:
+                        break
+                    kept[j], entered = _keep_best(values[j], slots[j], ranks[j], kept[j], value, i, rank)
+                    if not entered:
+                        break  # i's later ranks are no better and come after it
+                    lowest[j] = values[j, n - 1]
+        start += rows
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_score, out_count):
+    """The n = out_beam_idx.shape[2] best distinct beam paths per sequence, best first (list Viterbi,
+    docs/design.md §4): for each position t and slot j the n best prefix scores ending there, each
+    with the (slot, rank) it extends (``_nbest_step``). Lists are ordered by score, then lower slot, then
+    lower rank (``_keep_best``), at every step and at the end, which puts equal scores in a fixed order.
+    ``out_count[b]``: the paths found (fewer than n when the beam has fewer finite paths); the rest are
+    PAD with score -inf.
+    """
+    B, T, K = scores.shape
+    n = out_beam_idx.shape[2]
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        order = np.empty(K, dtype=np.int64)
+        src_norm = np.empty(K, dtype=dtype)
+        dst_norm = np.empty(K, dtype=dtype)
+        src_block = np.empty((K, D), dtype=dtype)
+        dst_emb = np.empty((K, D), dtype=dtype)
+        trans_block = np.empty((K, K), dtype=dtype)
+        lowest = np.empty(K, dtype=dtype)
+        kept = np.empty(K, dtype=np.int64)
+        shift = np.empty(T, dtype=np.float64)
+        cum_shift = np.empty(T, dtype=np.float64)
+        best = np.full((length, K, n), -np.inf, dtype=dtype)  # shifted prefix scores, best first
+        from_slot = np.zeros((length, K, n), dtype=np.int64)
+        from_rank = np.zeros((length, K, n), dtype=np.int64)
+        _position_shifts(scores[b], length, shift, cum_shift)
+        for j in range(K):
+            best[0, j, 0] = scores[b, 0, j] - shift[0]  # -inf for a slot no path may use
+        for t in range(1, length):
+            _nbest_step(
+                best[t - 1], tokens[b, t - 1], tokens[b, t], scores[b, t], E1, E2, order, src_norm, dst_norm, src_block,
+                dst_emb, trans_block, lowest, kept, best[t], from_slot[t], from_rank[t],
+            )  # fmt: skip
+            for j in range(K):
+                emission = scores[b, t, j] - shift[t]
+                for r in range(n):
+                    best[t, j, r] += emission  # -inf stays -inf
+        # the n best over every (slot, rank) of the last position, then each one's backtrace
+        last = length - 1
+        ends = np.full(n, -np.inf, dtype=dtype)
+        end_slot = np.zeros(n, dtype=np.int64)
+        end_rank = np.zeros(n, dtype=np.int64)
+        found = 0
+        for j in range(K):
+            for r in range(n):
+                value = best[last, j, r]
+                if value == -np.inf:
+                    break
+                found, entered = _keep_best(ends, end_slot, end_rank, found, value, j, r)
+                if not entered:
+                    break
+        out_count[b] = found
+        for k in range(n):
+            if k >= found:
+                out_score[b, k] = -np.inf
+                for t in range(T):
+                    out_beam_idx[b, t, k] = PAD
+                    out_tokens[b, t, k] = PAD
+                continue
+            out_score[b, k] = ends[k] + cum_shift[last]
+            j = end_slot[k]
+            r = end_rank[k]
+            for t in range(last, -1, -1):
+                out_beam_idx[b, t, k] = j
+                out_tokens[b, t, k] = tokens[b, t, j]
+                if t > 0:
+                    j, r = from_slot[t, j, r], from_rank[t, j, r]
+            for t in range(length, T):
+                out_beam_idx[b, t, k] = PAD
+                out_tokens[b, t, k] = PAD
 
 
 # --------------------------------------------------------------------------------------------------

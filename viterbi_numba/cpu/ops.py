@@ -36,6 +36,7 @@ from ..results import (
     CRFSample,
     EntropyGrad,
     KLGrad,
+    NBestResult,
     PartitionGrad,
     SamplerGrad,
     StochasticViterbiResult,
@@ -382,6 +383,19 @@ class CPUOps:
                     step_scores,
                 )
         return ViterbiResult(beam_idx, path_tokens, score, step_scores)
+
+    def viterbi_nbest(self, crf: BeamCRF, n: int) -> NBestResult:
+        B, T, _ = crf.scores.shape
+        beam_idx = np.empty((B, T, n), dtype=np.int64)
+        path_tokens = np.empty((B, T, n), dtype=np.int64)
+        score = np.empty((B, n), dtype=crf.dtype)
+        count = np.empty(B, dtype=np.int64)
+        if B:
+            with kernel_scope(crf.scores.shape[2], crf.dtype):
+                decode_kernels.nbest_kernel(
+                    crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, beam_idx, path_tokens, score, count
+                )
+        return NBestResult(beam_idx, path_tokens, score, count)
 
     def stochastic_viterbi(
         self, crf: BeamCRF, num_samples: int, inv_temp: Any, draws: Draws

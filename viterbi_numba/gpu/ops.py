@@ -22,6 +22,7 @@ from ..results import (
     CRFSample,
     EntropyGrad,
     KLGrad,
+    NBestResult,
     PartitionGrad,
     SamplerGrad,
     StochasticViterbiResult,
@@ -299,6 +300,11 @@ class GPUOps:
             step_scores[1],
         )
         return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
+
+    def viterbi_nbest(self, crf: BeamCRF, n: int) -> NBestResult:
+        raise NotImplementedError(
+            "viterbi_nbest has no GPU kernel yet (issue 16 adds it); pass NumPy arrays for the CPU kernel"
+        )
 
     def stochastic_viterbi(
         self, crf: BeamCRF, num_samples: int, inv_temp: Any, draws: Draws

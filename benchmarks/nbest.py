@@ -1,0 +1,177 @@
+"""The n best paths: viterbi_nbest against viterbi_decode, and against torch-struct's k-max.
+
+1. At the write-up's size (B=8, T=97, V=30000, K=256, D=32, float32): viterbi_decode and viterbi_nbest
+   for n = 1, 8, 32, interleaved rounds, median (min-max) and the ratio to viterbi_decode (target: n = 8
+   at most 3x).
+2. torch-struct's LinearChainCRF.topk(8) (the k-argmax by its KMaxSemiring, on dense (B, T-1, K, K)
+   potentials) against viterbi_nbest(n=8), time and peak memory, each in a fresh process under a 16 GiB
+   address-space limit, for K = 16 ... 128 (B = 8, T = 97), and whether the n best scores agree.
+
+    python benchmarks/nbest.py            # a few minutes on 2 cores; writes results/nbest.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SIZE = dict(B=8, T=97, V=30000, K=256, D=32)
+N = 8
+
+
+def problem(B, T, V, K, D, seed=0, dtype=np.float32):
+    """The write-up's beam CRF at this size: N(0, 1) emissions' top-K, tables of scale 0.1."""
+    rng = np.random.default_rng(seed)
+    scores = np.sort(rng.standard_normal((B, T, K)).astype(dtype), axis=2)[:, :, ::-1].copy()
+    tokens = np.stack([np.stack([rng.choice(V, K, replace=False) for _ in range(T)]) for _ in range(B)])
+    E1, E2 = ((rng.standard_normal((V, D)) * 0.1).astype(dtype) for _ in range(2))
+    return scores, tokens.astype(np.int64), E1, E2
+
+
+def interleaved(fns, repeats):
+    """{name: (median, min, max) seconds}, each round running every function once in turn."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (float(np.median(v)), min(v), max(v)) for name, v in times.items()}
+
+
+def cost_rows(repeats):
+    import viterbi_numba as vn
+
+    scores, tokens, E1, E2 = problem(**SIZE)
+    calls = {"viterbi_decode": lambda: vn.viterbi_decode(scores, tokens, E1, E2)}
+    for n in (1, 8, 32):
+        calls[f"viterbi_nbest n={n}"] = lambda n=n: vn.viterbi_nbest(scores, tokens, E1, E2, n)
+    return interleaved(calls, repeats)
+
+
+def _probe(which, K):
+    """Time (s), peak RSS (MiB) and the n best scores of one call; prints JSON."""
+    B, T, V, D = SIZE["B"], SIZE["T"], SIZE["V"], SIZE["D"]
+    scores, tokens, E1, E2 = problem(B, T, V, K, D)
+    if which == "ours":
+        import viterbi_numba as vn
+
+        vn.viterbi_nbest(scores[:1, :3], tokens[:1, :3], E1, E2, N)  # compile outside the timing
+        start = time.perf_counter()
+        best = vn.viterbi_nbest(scores, tokens, E1, E2, N).score
+        seconds = time.perf_counter() - start
+    else:
+        import warnings
+
+        import torch
+        import torch_struct
+
+        warnings.simplefilter("ignore")  # its distributions do not declare arg_constraints
+        torch.set_num_threads(2)
+        start = time.perf_counter()
+        index = torch.tensor(tokens)
+        tables = [torch.tensor(table) for table in (E1, E2)]
+        trans = torch.einsum("btid,btjd->btij", tables[0][index[:, :-1]], tables[1][index[:, 1:]])
+        emissions = torch.tensor(scores)
+        # torch-struct's edge n holds (next label, previous label); node scores go on the edges
+        potentials = trans.transpose(-1, -2) + emissions[:, 1:, :, None]
+        potentials = torch.cat([potentials[:, :1] + emissions[:, :1, None, :], potentials[:, 1:]], 1)
+        best = torch_struct.LinearChainCRF(potentials).kmax(N).detach().numpy().T  # (B, n)
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(seconds=seconds, peak_mib=peak, best=np.asarray(best, dtype=float).tolist())))
+
+
+def torch_struct_rows(ks):
+    rows = []
+    for K in ks:
+        row = {"K": K}
+        for which in ("ours", "torch-struct"):
+            limit = 16 * 2**30
+            done = subprocess.run(
+                [sys.executable, __file__, "--probe", which, str(K)],
+                capture_output=True,
+                text=True,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+                env={**os.environ, "OMP_NUM_THREADS": "2"},
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            row[which] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        rows.append(row)
+        print(K, {k: (v["seconds"] if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def report(costs, ts_rows, machine):
+    base = costs["viterbi_decode"][0]
+    ms = lambda t: f"{t[0] * 1e3:.1f} ({t[1] * 1e3:.1f}–{t[2] * 1e3:.1f})"  # noqa: E731
+    lines = [
+        "# The n best paths",
+        "",
+        f"`python benchmarks/nbest.py` on {machine}. Write-up size "
+        + ", ".join(f"{k}={v}" for k, v in SIZE.items())
+        + ", float32. Median (min–max) of interleaved rounds.",
+        "",
+        "| call | ms | / viterbi_decode | target |",
+        "|---|---|---|---|",
+    ]
+    for name, t in costs.items():
+        target = ""
+        if name == f"viterbi_nbest n={N}":
+            target = "≤ 3× " + ("met" if t[0] / base <= 3 else "not met")
+        lines.append(f"| {name} | {ms(t)} | {t[0] / base:.2f}× | {target} |")
+    lines += [
+        "",
+        f"## Against torch-struct (LinearChainCRF.kmax({N}), dense (B, T-1, K, K) potentials)",
+        "",
+        f"B={SIZE['B']}, T={SIZE['T']}, D={SIZE['D']}, float32, n={N}, 2 threads each, one call in a fresh process",
+        "under a 16 GiB address-space limit (torch-struct's time includes building the dense potentials;",
+        "peak = the process's max RSS); `agree` = the largest difference between the two n best scores.",
+        "",
+        "| K | viterbi_nbest s | peak MiB | torch-struct s | peak MiB | agree |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in ts_rows:
+        ours, theirs = row["ours"], row["torch-struct"]
+        cell = lambda r: (f"{r['seconds']:.2f}", f"{r['peak_mib']:.0f}") if r else ("out of memory", "—")  # noqa: E731
+        agree = f"{np.abs(np.array(ours['best']) - np.array(theirs['best'])).max():.1e}" if ours and theirs else "—"
+        lines.append(f"| {row['K']} | {' | '.join(cell(ours))} | {' | '.join(cell(theirs))} | {agree} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    if sys.argv[1:2] == ["--probe"]:
+        _probe(sys.argv[2], int(sys.argv[3]))
+        return
+    import numba
+    import torch
+
+    start = time.perf_counter()
+    costs = cost_rows(5)
+    ts_rows = torch_struct_rows([16, 32, 64, 128])
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = f"{cpu}, {os.cpu_count()} cores, numba {numba.__version__}, torch {torch.__version__}"
+    text = report(costs, ts_rows, machine)
+    print(text)
+    (RESULTS / "nbest.md").write_text(text)
+    print(f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
