@@ -352,38 +352,33 @@ def viterbi_kernel(
 # the n best paths (list Viterbi)
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def _keep_best(values, slots, ranks, kept, value, slot, rank):
-    """Insert (value, slot, rank) into the list values[:kept], which is ordered by value, best first, and
-    among equal values by lower slot, then lower rank; at most len(values) are kept. Returns (the new
-    length, whether it entered)."""
+def _keep_best(values, entries, kept, value, entry):
+    """Insert (value, entry) into the list values[:kept], which is ordered by value, best first, and among
+    equal values by lower entry (slot * n + rank: lower slot, then lower rank); at most len(values) are
+    kept. Returns (the new length, whether it entered)."""
     n = values.shape[0]
     at = kept
-    while at > 0 and (
-        values[at - 1] < value
-        or (values[at - 1] == value and (slots[at - 1] > slot or (slots[at - 1] == slot and ranks[at - 1] > rank)))
-    ):
+    while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
         at -= 1
     if at >= n:
         return kept, False
     k = min(kept, n - 1)
     while k > at:
         values[k] = values[k - 1]
-        slots[k] = slots[k - 1]
-        ranks[k] = ranks[k - 1]
+        entries[k] = entries[k - 1]
         k -= 1
     values[at] = value
-    slots[at] = slot
-    ranks[at] = rank
+    entries[at] = entry
     return min(kept + 1, n), True
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _nbest_step(
     prev, src_rows, dst_rows, emissions, E1, E2, order, src_norm, dst_norm, src_block, dst_emb, trans_block, lowest,
-    kept, values, slots, ranks,
+    kept, values, entries,
 ):  # fmt: skip
     """values[j] (n) = the n best of prev[i, r] + E1[src_rows[i]] . E2[dst_rows[j]] over (i, r), in
-    ``_keep_best``'s order, with the (i, r) of each in slots[j], ranks[j]; prev (K, n) holds each
+    ``_keep_best``'s order, with the (i, r) of each as entries[j] = i * n + r; prev (K, n) holds each
     predecessor's list, best first (-inf where it has fewer). values must be -inf on entry; a column whose
     emission is -inf (no path passes there) is left so.
 
@@ -452,10 +447,13 @@ def _nbest_step(
                     value = own[rank] + row[j]
                     if value == -np.inf or value < lowest[j]:
                         break
-                    kept[j], entered = _keep_best(values[j], slots[j], ranks[j], kept[j], value, i, rank)
+                    kept[j], entered = _keep_best(values[j], entries[j], kept[j], value, i * n + rank)
                     if not entered:
                         break  # i's later ranks are no better and come after it
                     lowest[j] = values[j, n - 1]
+                reached -= 1
+                if reached == 0:
+                    break  # every column this row reaches is done
         start += rows
 
 
@@ -485,15 +483,14 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         best = np.full((length, K, n), -np.inf, dtype=dtype)  # shifted prefix scores, best first
-        from_slot = np.zeros((length, K, n), dtype=np.int64)
-        from_rank = np.zeros((length, K, n), dtype=np.int64)
+        from_entry = np.zeros((length, K, n), dtype=np.int64)  # slot * n + rank of the prefix extended
         _position_shifts(scores[b], length, shift, cum_shift)
         for j in range(K):
             best[0, j, 0] = scores[b, 0, j] - shift[0]  # -inf for a slot no path may use
         for t in range(1, length):
             _nbest_step(
                 best[t - 1], tokens[b, t - 1], tokens[b, t], scores[b, t], E1, E2, order, src_norm, dst_norm, src_block,
-                dst_emb, trans_block, lowest, kept, best[t], from_slot[t], from_rank[t],
+                dst_emb, trans_block, lowest, kept, best[t], from_entry[t],
             )  # fmt: skip
             for j in range(K):
                 emission = scores[b, t, j] - shift[t]
@@ -502,15 +499,14 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
         # the n best over every (slot, rank) of the last position, then each one's backtrace
         last = length - 1
         ends = np.full(n, -np.inf, dtype=dtype)
-        end_slot = np.zeros(n, dtype=np.int64)
-        end_rank = np.zeros(n, dtype=np.int64)
+        end_entry = np.zeros(n, dtype=np.int64)
         found = 0
         for j in range(K):
             for r in range(n):
                 value = best[last, j, r]
                 if value == -np.inf:
                     break
-                found, entered = _keep_best(ends, end_slot, end_rank, found, value, j, r)
+                found, entered = _keep_best(ends, end_entry, found, value, j * n + r)
                 if not entered:
                     break
         out_count[b] = found
@@ -522,13 +518,12 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
                     out_tokens[b, t, k] = PAD
                 continue
             out_score[b, k] = ends[k] + cum_shift[last]
-            j = end_slot[k]
-            r = end_rank[k]
+            j, r = divmod(end_entry[k], n)
             for t in range(last, -1, -1):
                 out_beam_idx[b, t, k] = j
                 out_tokens[b, t, k] = tokens[b, t, j]
                 if t > 0:
-                    j, r = from_slot[t, j, r], from_rank[t, j, r]
+                    j, r = divmod(from_entry[t, j, r], n)
             for t in range(length, T):
                 out_beam_idx[b, t, k] = PAD
                 out_tokens[b, t, k] = PAD
