@@ -63,9 +63,14 @@ def _nbest(scores, tokens, E1, E2, **kwargs):
     return viterbi_nbest(scores, tokens, E1, E2, 3, **kwargs)
 
 
+def _distinct(scores, tokens, E1, E2, **kwargs):
+    return crf_sample(scores, tokens, E1, E2, 3, **kwargs, seed=0, replacement=False)
+
+
 _cs, _lp, _mg, _lpg = map(_on_beam, (crf_sample, log_partition, marginals, log_partition_grad))
 _ent, _entg = map(_on_beam, (crf_entropy, crf_entropy_grad))
-BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _ent, _entg, _on_beam(_score_paths), _on_beam(_nbest)]
+_ds = _on_beam(_distinct)
+BEAM_CALLS = [_sv, _vd, _cs, _lp, _mg, _lpg, _ent, _entg, _on_beam(_score_paths), _on_beam(_nbest), _ds]
 TEMPERATURE_CALLS = [_sv, _cs, _lp, _mg, _lpg, _ent, _entg]
 
 

@@ -34,6 +34,7 @@ _TWO_M24 = np.float32(1.0 / 16777216.0)  # 2**-24
 # Stream ids: each random operation draws from its own key, so two operations never share numbers.
 STREAM_STOCHASTIC_VITERBI = 0
 STREAM_EXACT_SAMPLER = 1
+STREAM_DISTINCT_SAMPLER = 2  # sampling without replacement: the Gumbel of child i of beam place m
 
 PAD = -1  # index and token id at positions at or after a sequence's length
 

@@ -10,12 +10,12 @@ any float input is float64, else float32; padded positions hold ``PAD`` / 0.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from . import _validate
 from ._devices import backend_of
 from .decode import ArrayLike
-from .results import Beam, CRFSample, EntropyGrad, KLGrad, LikelihoodGrad, PartitionGrad
+from .results import Beam, CRFSample, DistinctSample, EntropyGrad, KLGrad, LikelihoodGrad, PartitionGrad
 
 __all__ = [
     "CRFForward",
@@ -100,16 +100,18 @@ class CRFForward:
         return B, T, K
 
     def sample(
-        self, num_samples: int = 1, *, seed: Optional[int] = None, uniforms: Optional[ArrayLike] = None
-    ) -> CRFSample:
-        """``num_samples`` exact samples by backward sampling from this forward pass (as :func:`crf_sample`)."""
+        self,
+        num_samples: int = 1,
+        *,
+        seed: Optional[int] = None,
+        uniforms: Optional[ArrayLike] = None,
+        replacement: bool = True,
+    ) -> Union[CRFSample, DistinctSample]:
+        """``num_samples`` exact samples from this forward pass, with or without replacement (as
+        :func:`crf_sample`)."""
         ops = self._ops
         with ops.call():
-            num_samples = _validate.positive_int(num_samples, "num_samples")
-            B, T, _ = self.batch_shape
-            shape = (B, T, num_samples)
-            draws = _validate.draws(ops.arrays, seed, uniforms, shape, "(B, T, N)", self._state.crf.dtype)
-            return ops.crf_sample(self._state, num_samples, draws)
+            return _draw(ops, self._state, num_samples, seed, uniforms, replacement)
 
     def marginals(self) -> Any:
         """Node marginals p_tau(y_t = k) (B, T, K); 0 at padded positions."""
@@ -269,6 +271,20 @@ def log_partition(
     return crf_forward(scores, tokens, E1, E2, temperature, lengths).log_z
 
 
+def _draw(ops: Any, state: Any, num_samples: Any, seed: Any, uniforms: Any, replacement: Any) -> Any:
+    """:func:`crf_sample`'s draw from a forward pass, inside the call."""
+    num_samples = _validate.positive_int(num_samples, "num_samples")
+    if not isinstance(replacement, bool):
+        raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+    B, T, K = state.crf.scores.shape
+    if replacement:
+        draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", state.crf.dtype)
+        return ops.crf_sample(state, num_samples, draws)
+    shape = (B, T, K, num_samples + 1)
+    draws = _validate.draws(ops.arrays, seed, uniforms, shape, "(B, T, K, N + 1)", state.crf.dtype)
+    return ops.distinct_sample(state, num_samples, draws)
+
+
 def crf_sample(
     scores: ArrayLike,
     tokens: ArrayLike,
@@ -279,12 +295,19 @@ def crf_sample(
     lengths: Optional[ArrayLike] = None,
     seed: Optional[int] = None,
     uniforms: Optional[ArrayLike] = None,
-) -> CRFSample:
-    """``num_samples`` independent exact samples of p(y) proportional to exp(S(y) / temperature).
+    *,
+    replacement: bool = True,
+) -> Union[CRFSample, DistinctSample]:
+    """``num_samples`` exact samples of p(y) proportional to exp(S(y) / temperature): independent, or
+    with ``replacement=False`` distinct (without replacement).
 
     Forward filtering, backward sampling (docs/design.md §4): one forward pass per sequence, then
     O(T K D) per sample, so N samples cost about as much as one. Each position is drawn by the inverse
-    CDF (smallest i with u * total < prefix[i]), the last position first.
+    CDF (smallest i with u * total < prefix[i]), the last position first. Without replacement, a
+    stochastic beam search over the same factorisation (Gumbel top-k with truncated Gumbels, Kool et al.
+    2019) draws N distinct paths in the order a draw without replacement makes them (the first follows
+    p, each next one p restricted to the paths not drawn yet), with the threshold and weights of the
+    priority-sampling estimator (Kool et al. 2020); where the beam has N or fewer paths, all of them.
 
     Parameters
     ----------
@@ -297,21 +320,22 @@ def crf_sample(
         no ``uniforms``): the same seed gives the same samples for any thread count.
     uniforms : (B, T, N) float array in [0, 1), optional
         Replays given numbers: ``uniforms[b, t, n]`` draws position t of sample n (positions at or
-        after the length are unused). Not with ``seed``.
+        after the length are unused). Not with ``seed``. Without replacement (B, T, K, N + 1):
+        ``uniforms[b, t, i, m]`` makes the Gumbel of state i below the beam's place m at position t.
+    replacement : bool
+        False: N distinct samples (a :class:`DistinctSample`).
 
     Returns
     -------
-    CRFSample
+    CRFSample, or DistinctSample without replacement
     """
     ops = backend_of(scores=scores, tokens=tokens, E1=E1, E2=E2)
     with ops.call():
         crf = _validate.beam_crf(ops.arrays, scores, tokens, E1, E2, lengths, temperature_value=temperature, exact=True)
-        num_samples = _validate.positive_int(num_samples, "num_samples")
+        _validate.positive_int(num_samples, "num_samples")  # before the forward pass
         inv_temp = _validate.inv_temperature(temperature, crf.dtype)
-        B, T, _ = crf.scores.shape
-        draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", crf.dtype)
         state: Any = ops.crf_forward(crf, inv_temp)
-        return ops.crf_sample(state, num_samples, draws)
+        return _draw(ops, state, num_samples, seed, uniforms, replacement)
 
 
 def marginals(

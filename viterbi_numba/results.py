@@ -20,6 +20,7 @@ __all__ = [
     "StochasticViterbiResult",
     "SamplerGrad",
     "CRFSample",
+    "DistinctSample",
     "PartitionGrad",
     "LikelihoodGrad",
     "EntropyGrad",
@@ -146,6 +147,37 @@ class CRFSample(NamedTuple):
     beam_idx: Any
     tokens: Any
     log_prob: Any
+
+
+class DistinctSample(NamedTuple):
+    """Output of :func:`~viterbi_numba.crf_sample` with ``replacement=False``: N distinct exact samples per
+    sequence, drawn without replacement, in the order drawn (docs/design.md §4).
+
+    Attributes
+    ----------
+    beam_idx, tokens : (B, T, N) int64
+        As in :class:`CRFSample`; ``PAD`` for the samples beyond ``count``.
+    log_prob : (B, N) float
+        ``log p_tau(y)`` (-inf beyond ``count``).
+    perturbed : (B, N) float
+        Each sample's Gumbel-perturbed log-probability, decreasing in n.
+    kappa : (B,) float
+        The (N+1)-th perturbed value, the threshold of the estimators (-inf when the beam has N or fewer
+        paths: then every path was drawn).
+    weights : (B, N) float
+        ``p(y) / q(y)``, q(y) = 1 - exp(-exp(log p(y) - kappa)) the probability that y is drawn given kappa:
+        ``sum_n weights[b, n] * f(y_bn)`` is an unbiased estimate of E_p[f] (0 beyond ``count``).
+    count : (B,) int64
+        Samples drawn: N, or every path where the beam has fewer.
+    """
+
+    beam_idx: Any
+    tokens: Any
+    log_prob: Any
+    perturbed: Any
+    kappa: Any
+    weights: Any
+    count: Any
 
 
 class PartitionGrad(NamedTuple):

@@ -32,6 +32,7 @@ from .decode import _FASTMATH, _transition_block, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
 
 uniform_pair = portable.uniform_pair
+chain_uniforms = portable.chain_uniforms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +236,200 @@ def sample_kernel(
                 else:
                     out_beam_idx[b, t, n] = PAD
                     out_tokens[b, t, n] = PAD
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling without replacement: a stochastic beam search over FFBS's factorisation
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0 (-inf at 0), accurate at both ends."""
+    if x > -0.6931471805599453:
+        return np.log(-np.expm1(x))
+    return np.log1p(-np.exp(x))
+
+
+@njit(cache=True, inline="always")
+def _truncated_gumbel(top, perturbed, largest):
+    """The Gumbel ``perturbed`` of a child conditioned on the children's maximum ``largest`` becoming
+    ``top``: -log(exp(-top) - exp(-largest) + exp(-perturbed)), in the stable form of Kool et al. 2019."""
+    v = top - perturbed + _log1mexp(perturbed - largest)
+    return top - max(v, 0.0) - np.log1p(np.exp(-abs(v)))
+
+
+@njit(cache=True, inline="always")
+def _keep_largest(values, entries, kept, value, entry):
+    """Insert (value, entry) into values[:kept], largest first and among equal values lower entry first,
+    keeping at most len(values); returns the new length."""
+    M = values.shape[0]
+    at = kept
+    while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
+        at -= 1
+    if at >= M:
+        return kept
+    k = min(kept, M - 1)
+    while k > at:
+        values[k] = values[k - 1]
+        entries[k] = entries[k - 1]
+        k -= 1
+    values[at] = value
+    entries[at] = entry
+    return min(kept + 1, M)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def distinct_sample_kernel(
+    scores,
+    tokens,
+    E1,
+    E2,
+    lengths,
+    inv_temp,
+    log_z,
+    alpha,
+    col_max,
+    col_sum,
+    seed_lo,
+    seed_hi,
+    uniforms,
+    use_uniforms,
+    out_beam_idx,
+    out_tokens,
+    out_log_prob,
+    out_perturbed,
+    out_kappa,
+    out_weights,
+    out_count,
+):
+    """N = out_beam_idx.shape[2] samples without replacement per sequence (docs/design.md §4): a beam of
+    M = N + 1 suffixes y_{L-1} .. y_t, each with its log-probability phi (float64, the sum of FFBS's log
+    conditionals) and perturbed value G; every step expands each suffix by the K states of position t
+    with Gumbels (the uniform ``uniforms[b, t, i, m]`` or that of (b, t, i, m) on the distinct sampler's
+    stream), conditions them on their maximum being the suffix's G, and keeps the M largest. The root's
+    G is a standard Gumbel, so that the paths' G are independent Gumbels of location log p(y). The first
+    N complete paths are the sample, in order of G; out_kappa[b] is the (N+1)-th G (-inf when the beam
+    has N or fewer paths), out_weights = p(y) / q(y) with q(y) = 1 - exp(-exp(log p(y) - kappa)), and
+    log_prob = S(y) / tau - log Z (as ``sample_kernel``). Paths beyond out_count[b] are PAD, -inf and 0.
+    """
+    B, T, K = scores.shape
+    N = out_beam_idx.shape[2]
+    M = N + 1
+    D = E1.shape[1]
+    dtype = scores.dtype
+    for b in prange(B):
+        length = lengths[b]
+        src_emb = np.empty((K, D), dtype=dtype)
+        state_rows = np.empty((M, D), dtype=dtype)  # E2 rows of the beam's states at position t + 1
+        columns = np.empty((K, M), dtype=dtype)  # trans[i, state of place m]
+        states = np.zeros(M, dtype=np.int64)
+        phi = np.zeros(M, dtype=np.float64)
+        perturbed = np.zeros(M, dtype=np.float64)
+        # the root: no state, phi = 0 and G a standard Gumbel (the largest of all paths' perturbed log p),
+        # drawn with the uniform of place 1 at the last position, which that position never expands
+        size = 1
+        if use_uniforms:
+            root = uniforms[b, length - 1, 0, 1]
+        else:
+            root, _ = uniform_pair(seed_lo, seed_hi, _portable.STREAM_DISTINCT_SAMPLER, b, length - 1, 0, 1)
+        perturbed[0] = -np.log(-np.log(max(root, 1e-300)))
+        kept_G = np.empty(M, dtype=np.float64)
+        kept_entry = np.empty(M, dtype=np.int64)  # place * K + state
+        kept_phi = np.empty(K * M, dtype=np.float64)  # by entry: the child's phi
+        logits = np.empty(K, dtype=np.float64)
+        best_G = np.empty(M, dtype=np.float64)
+        best_child = np.empty(M, dtype=np.int64)
+        u = np.empty(K, dtype=np.float64)
+        history = np.empty((length, M), dtype=np.int64)  # entry (parent place * K + state) per position
+        for t in range(length - 1, -1, -1):
+            if t < length - 1:  # the transitions from position t into the beam's states at t + 1
+                for i in range(K):
+                    src = E1[tokens[b, t, i]]
+                    for d in range(D):
+                        src_emb[i, d] = src[d]
+                for m in range(size):
+                    dst = E2[tokens[b, t + 1, states[m]]]
+                    for d in range(D):
+                        state_rows[m, d] = dst[d]
+                np.dot(src_emb, state_rows.T, columns)
+            if t == length - 1:  # the root's children: log softmax(alpha[L-1])
+                root_total = 0.0
+                for i in range(K):
+                    root_total += np.exp(np.float64(alpha[b, t, i]))
+                root_log_total = np.log(root_total)
+            kept = 0
+            for m in range(size):
+                if t == length - 1:
+                    log_total = root_log_total
+                    for i in range(K):
+                        logits[i] = alpha[b, t, i]
+                else:  # the forward pass's column of the node's state normalises its conditional
+                    y = states[m]
+                    log_total = np.float64(col_max[b, t + 1, y]) + np.log(np.float64(col_sum[b, t + 1, y]))
+                    for i in range(K):
+                        logits[i] = np.float64(alpha[b, t, i]) + np.float64(columns[i, m]) * np.float64(inv_temp)
+                if use_uniforms:
+                    for i in range(K):
+                        u[i] = uniforms[b, t, i, m]
+                else:
+                    chain_uniforms(seed_lo, seed_hi, _portable.STREAM_DISTINCT_SAMPLER, b, t, m, u)
+                largest = -np.inf
+                best_kept = 0  # this node's M largest children: no other child of it can enter the beam
+                for i in range(K):
+                    child_phi = phi[m] + (logits[i] - log_total)
+                    kept_phi[m * K + i] = child_phi
+                    if child_phi == -np.inf:
+                        continue
+                    value = child_phi - np.log(-np.log(max(u[i], 1e-300)))  # a Gumbel of location phi
+                    largest = max(largest, value)
+                    if best_kept < M or value > best_G[M - 1]:
+                        best_kept = _keep_largest(best_G, best_child, best_kept, value, i)
+                for k in range(best_kept):  # the conditioned G grows with the Gumbel, so they keep their order
+                    value = _truncated_gumbel(perturbed[m], best_G[k], largest)
+                    kept = _keep_largest(kept_G, kept_entry, kept, value, m * K + best_child[k])
+            for k in range(kept):
+                entry = kept_entry[k]
+                history[t, k] = entry
+                states[k] = entry % K
+                phi[k] = kept_phi[entry]
+                perturbed[k] = kept_G[k]
+            size = kept
+        count = min(size, N)
+        out_count[b] = count
+        kappa = perturbed[N] if size > N else -np.inf
+        out_kappa[b] = kappa
+        for k in range(N):
+            if k >= count:
+                out_log_prob[b, k] = -np.inf
+                out_perturbed[b, k] = -np.inf
+                out_weights[b, k] = 0.0
+                for t in range(T):
+                    out_beam_idx[b, t, k] = PAD
+                    out_tokens[b, t, k] = PAD
+                continue
+            place = k
+            path_score = 0.0
+            for t in range(length):
+                entry = history[t, place]
+                y = entry % K
+                place = entry // K
+                out_beam_idx[b, t, k] = y
+                out_tokens[b, t, k] = tokens[b, t, y]
+                path_score += np.float64(scores[b, t, y])
+                if t > 0:
+                    x = out_beam_idx[b, t - 1, k]
+                    dot = 0.0
+                    for d in range(D):
+                        dot += np.float64(E1[tokens[b, t - 1, x], d]) * np.float64(E2[tokens[b, t, y], d])
+                    path_score += dot
+            for t in range(length, T):
+                out_beam_idx[b, t, k] = PAD
+                out_tokens[b, t, k] = PAD
+            log_prob = path_score * inv_temp - log_z[b]
+            out_log_prob[b, k] = log_prob
+            out_perturbed[b, k] = perturbed[k]
+            gap = log_prob - kappa  # log q = log(1 - exp(-exp(gap))), which is gap when gap is very negative
+            log_q = gap if gap < -30.0 else np.log(-np.expm1(-np.exp(gap)))
+            out_weights[b, k] = np.exp(log_prob - log_q)
 
 
 # --------------------------------------------------------------------------------------------------

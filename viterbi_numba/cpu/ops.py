@@ -34,6 +34,7 @@ from .._validate import (
 from ..results import (
     Beam,
     CRFSample,
+    DistinctSample,
     EntropyGrad,
     KLGrad,
     NBestResult,
@@ -501,6 +502,34 @@ class CPUOps:
                     log_prob,
                 )
         return CRFSample(beam_idx, path_tokens, log_prob.astype(crf.dtype))
+
+    def distinct_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> DistinctSample:
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        N = num_samples
+        replay = np.zeros((1, 1, 1, 1)) if draws.uniforms is None else draws.uniforms
+        beam_idx = np.empty((B, T, N), dtype=np.int64)
+        path_tokens = np.empty((B, T, N), dtype=np.int64)
+        log_prob, perturbed, weights = (np.empty((B, N), dtype=np.float64) for _ in range(3))
+        kappa = np.empty(B, dtype=np.float64)
+        count = np.empty(B, dtype=np.int64)
+        if B:
+            with kernel_scope(K, crf.dtype):
+                crf_kernels.distinct_sample_kernel(
+                    crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, state.inv_temp, state.log_z64, state.alpha,
+                    state.col_max, state.col_sum, draws.seed & 0xFFFFFFFF, draws.seed >> 32, replay,
+                    draws.uniforms is not None, beam_idx, path_tokens, log_prob, perturbed, kappa, weights, count,
+                )  # fmt: skip
+        dtype = crf.dtype
+        return DistinctSample(
+            beam_idx,
+            path_tokens,
+            log_prob.astype(dtype),
+            perturbed.astype(dtype),
+            kappa.astype(dtype),
+            weights.astype(dtype),
+            count,
+        )
 
     def _backward(self, state: ForwardState, scale: Any) -> tuple[np.ndarray, Any, Any]:
         """Marginals (B, T, K) and, when ``scale`` (B,) is given, the table gradients of

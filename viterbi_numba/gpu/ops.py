@@ -475,6 +475,11 @@ class GPUOps:
             )
         return CRFSample(beam_idx[0], path_tokens[0], log_prob[0])
 
+    def distinct_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> Any:
+        raise NotImplementedError(
+            "crf_sample(replacement=False) has no GPU kernel yet (issue 16 adds it); pass NumPy arrays for the CPU"
+        )
+
     def _backward(self, state: ForwardState, row_scale: Optional[Any]) -> tuple[Any, Any, Any]:
         """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without the device
         ``row_scale`` (B,)); the table gradients are those of sum_b row_scale[b] * tau * log Z_tau[b].
