@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from .. import _portable
 from .._portable import PAD
-from .decode import _FASTMATH, _transition_block, portable, softmax_pick
+from .decode import _FASTMATH, _keep_best, _transition_block, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
 
 uniform_pair = portable.uniform_pair
@@ -257,26 +257,6 @@ def _truncated_gumbel(top, perturbed, largest):
     return top - max(v, 0.0) - np.log1p(np.exp(-abs(v)))
 
 
-@njit(cache=True, inline="always")
-def _keep_largest(values, entries, kept, value, entry):
-    """Insert (value, entry) into values[:kept], largest first and among equal values lower entry first,
-    keeping at most len(values); returns the new length."""
-    M = values.shape[0]
-    at = kept
-    while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
-        at -= 1
-    if at >= M:
-        return kept
-    k = min(kept, M - 1)
-    while k > at:
-        values[k] = values[k - 1]
-        entries[k] = entries[k - 1]
-        k -= 1
-    values[at] = value
-    entries[at] = entry
-    return min(kept + 1, M)
-
-
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def distinct_sample_kernel(
     scores,
@@ -382,10 +362,10 @@ def distinct_sample_kernel(
                     value = child_phi - np.log(-np.log(max(u[i], 1e-300)))  # a Gumbel of location phi
                     largest = max(largest, value)
                     if best_kept < M or value > best_G[M - 1]:
-                        best_kept = _keep_largest(best_G, best_child, best_kept, value, i)
+                        best_kept, _ = _keep_best(best_G, best_child, best_kept, value, i)
                 for k in range(best_kept):  # the conditioned G grows with the Gumbel, so they keep their order
                     value = _truncated_gumbel(perturbed[m], best_G[k], largest)
-                    kept = _keep_largest(kept_G, kept_entry, kept, value, m * K + best_child[k])
+                    kept, _ = _keep_best(kept_G, kept_entry, kept, value, m * K + best_child[k])
             for k in range(kept):
                 entry = kept_entry[k]
                 history[t, k] = entry

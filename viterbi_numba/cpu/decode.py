@@ -354,8 +354,8 @@ def viterbi_kernel(
 @njit(cache=True, inline="always")
 def _keep_best(values, entries, kept, value, entry):
     """Insert (value, entry) into the list values[:kept], which is ordered by value, best first, and among
-    equal values by lower entry (slot * n + rank: lower slot, then lower rank); at most len(values) are
-    kept. Returns (the new length, whether it entered)."""
+    equal values by lower entry (the n best's slot * n + rank, the distinct sampler's place * K + state);
+    at most len(values) are kept. Returns (the new length, whether it entered)."""
     n = values.shape[0]
     at = kept
     while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
