@@ -15,15 +15,12 @@ replacement against crf_sample.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import dense_potentials, interleaved, machine_line, peak_mib, probe_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -38,19 +35,6 @@ def problem(B, T, V, K, D, seed=0, dtype=np.float32):
     tokens = np.stack([np.stack([rng.choice(V, K, replace=False) for _ in range(T)]) for _ in range(B)])
     E1, E2 = ((rng.standard_normal((V, D)) * 0.1).astype(dtype) for _ in range(2))
     return scores, tokens.astype(np.int64), E1, E2
-
-
-def interleaved(fns, repeats):
-    """{name: (median, min, max) seconds}, each round running every function once in turn."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (float(np.median(v)), min(v), max(v)) for name, v in times.items()}
 
 
 def cost_rows(repeats):
@@ -87,37 +71,11 @@ def _probe(which, K):
         warnings.simplefilter("ignore")  # its distributions do not declare arg_constraints
         torch.set_num_threads(2)
         start = time.perf_counter()
-        index = torch.tensor(tokens)
         tables = [torch.tensor(table) for table in (E1, E2)]
-        trans = torch.einsum("btid,btjd->btij", tables[0][index[:, :-1]], tables[1][index[:, 1:]])
-        emissions = torch.tensor(scores)
-        # torch-struct's edge n holds (next label, previous label); node scores go on the edges
-        potentials = trans.transpose(-1, -2) + emissions[:, 1:, :, None]
-        potentials = torch.cat([potentials[:, :1] + emissions[:, :1, None, :], potentials[:, 1:]], 1)
+        potentials = dense_potentials(torch, torch.tensor(scores), tokens, *tables)
         best = torch_struct.LinearChainCRF(potentials).kmax(N).detach().numpy().T  # (B, n)
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(seconds=seconds, peak_mib=peak, best=np.asarray(best, dtype=float).tolist())))
-
-
-def torch_struct_rows(ks):
-    rows = []
-    for K in ks:
-        row = {"K": K}
-        for which in ("ours", "torch-struct"):
-            limit = 16 * 2**30
-            done = subprocess.run(
-                [sys.executable, __file__, "--probe", which, str(K)],
-                capture_output=True,
-                text=True,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-                env={**os.environ, "OMP_NUM_THREADS": "2"},
-            )
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            row[which] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-        rows.append(row)
-        print(K, {k: (v["seconds"] if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
-    return rows
+    print(json.dumps(dict(seconds=seconds, peak_mib=peak_mib(), best=np.asarray(best, dtype=float).tolist())))
 
 
 def report(costs, ts_rows, machine):
@@ -164,18 +122,11 @@ def main():
     if sys.argv[1:2] == ["--probe"]:
         _probe(sys.argv[2], int(sys.argv[3]))
         return
-    import numba
-    import torch
 
     start = time.perf_counter()
     costs = cost_rows(5)
-    ts_rows = torch_struct_rows([16, 32, 64, 128])
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = f"{cpu}, {os.cpu_count()} cores, numba {numba.__version__}, torch {torch.__version__}"
+    ts_rows = probe_rows(__file__, [16, 32, 64, 128])
+    machine = machine_line()
     text = report(costs, ts_rows, machine)
     print(text)
     (RESULTS / "distinct.md").write_text(text)

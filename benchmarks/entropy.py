@@ -17,14 +17,12 @@ many samples a Monte Carlo estimate needs to be as precise.
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import dense_potentials, interleaved, machine_line, peak_mib, probe_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -40,19 +38,6 @@ def problem(B, T, V, K, D, seed=0, dtype=np.float32):
     scores_q = (scores + 0.3 * rng.standard_normal(scores.shape)).astype(dtype)
     E1_q, E2_q = ((table * (1 + 0.2 * rng.standard_normal(table.shape))).astype(dtype) for table in (E1, E2))
     return scores, scores_q, tokens.astype(np.int64), E1, E2, E1_q, E2_q
-
-
-def interleaved(fns, repeats):
-    """{name: (median, min, max) seconds}, each round running every function once in turn."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (float(np.median(v)), min(v), max(v)) for name, v in times.items()}
 
 
 def cost_rows(repeats):
@@ -99,37 +84,12 @@ def _probe(which, K):
         scores = torch.tensor(sp, requires_grad=True)
         tables = [torch.tensor(table) for table in (E1, E2)]
         start = time.perf_counter()
-        index = torch.tensor(tokens)
-        trans = torch.einsum("btid,btjd->btij", tables[0][index[:, :-1]], tables[1][index[:, 1:]])
-        # torch-struct's edge n holds (next label, previous label); node scores go on the edges
-        potentials = trans.transpose(-1, -2) + scores[:, 1:, :, None]
-        potentials = torch.cat([potentials[:, :1] + scores[:, :1, None, :], potentials[:, 1:]], 1)
+        potentials = dense_potentials(torch, scores, tokens, *tables)
         entropy = torch_struct.LinearChainCRF(potentials).entropy
         entropy.sum().backward()
         seconds = time.perf_counter() - start
         value = float(entropy.sum())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(seconds=seconds, peak_mib=peak, entropy=value)))
-
-
-def torch_struct_rows(ks):
-    rows = []
-    for K in ks:
-        row = {"K": K}
-        for which in ("ours", "torch-struct"):
-            limit = 16 * 2**30
-            done = subprocess.run(
-                [sys.executable, __file__, "--probe", which, str(K)],
-                capture_output=True,
-                text=True,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-                env={**os.environ, "OMP_NUM_THREADS": "2"},
-            )
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            row[which] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-        rows.append(row)
-        print(K, row, flush=True)
-    return rows
+    print(json.dumps(dict(seconds=seconds, peak_mib=peak_mib(), entropy=value)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,15 +191,11 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--probe":
         _probe(sys.argv[2], int(sys.argv[3]))
         return
-    sys.path.insert(0, str(HERE))
-    from run import machine
-
-    info = machine()
-    label = f"{info['cpu']}, {info['cores']} cores, numba {info['numba']}, torch {info['torch']}"
+    label = machine_line()
     start = time.perf_counter()
     costs = cost_rows(5)
     print(costs, flush=True)
-    ts_rows = torch_struct_rows([32, 64, 128, 256])
+    ts_rows = probe_rows(__file__, [32, 64, 128, 256])
     sample, sample_size = sample_rows(4000)
     text = report(costs, ts_rows, sample, sample_size, label)
     (RESULTS / "entropy.md").write_text(text)

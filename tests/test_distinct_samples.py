@@ -10,6 +10,8 @@ from conftest import make_problem
 from scipy import stats
 
 import viterbi_numba as vn
+from viterbi_numba import _portable
+from viterbi_numba.cpu.decode import portable
 
 
 def tiled(copies, seed=3, K=2, T=3):
@@ -108,17 +110,36 @@ def test_every_path_when_there_are_too_few():
 
 
 def test_seed_and_replayed_numbers_reproduce_the_draw():
+    """A seed's draw is the replay of its own Philox numbers in the documented layout: uniforms[b, t, m, 2k]
+    and [2k + 1] are the pair (k, t, b, m) of the distinct sampler's stream."""
     scores, tokens, E1, E2 = make_problem(np.random.default_rng(4), 3, 4, 5, V=12)
     first = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, seed=9, replacement=False)
     again = vn.crf_forward(scores, tokens, E1, E2, 0.7).sample(4, seed=9, replacement=False)
     for name in first._fields:
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
-    uniforms = np.random.default_rng(5).random((3, 4, 5, 5))
-    a = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, uniforms=uniforms, replacement=False)
-    b = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, uniforms=uniforms, replacement=False)
-    np.testing.assert_array_equal(a.beam_idx, b.beam_idx)
-    assert not np.array_equal(a.beam_idx, first.beam_idx)
-    with pytest.raises(ValueError, match=r"uniforms must have shape \(3, 4, 5, 5\) \(B, T, K, N \+ 1\)"):
-        vn.crf_sample(scores, tokens, E1, E2, 4, uniforms=uniforms[:, :, :, :4], replacement=False)
+    uniforms = np.empty((3, 4, 5, 10))
+    for b, t, m, k in np.ndindex(3, 4, 5, 5):
+        uniforms[b, t, m, 2 * k : 2 * k + 2] = portable.uniform_pair(
+            9, 0, _portable.STREAM_DISTINCT_SAMPLER, b, t, k, m
+        )
+    replayed = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, uniforms=uniforms, replacement=False)
+    for name in first._fields:
+        np.testing.assert_array_equal(getattr(replayed, name), getattr(first, name))
+    other = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, uniforms=uniforms[::-1].copy(), replacement=False)
+    assert not np.array_equal(other.beam_idx, first.beam_idx)
+    with pytest.raises(ValueError, match=r"uniforms must have shape \(3, 4, 5, 10\) \(B, T, N \+ 1, 2 \(N \+ 1\)\)"):
+        vn.crf_sample(scores, tokens, E1, E2, 4, uniforms=uniforms[:, :, :, :8], replacement=False)
     with pytest.raises(TypeError, match="replacement must be a bool"):
         vn.crf_sample(scores, tokens, E1, E2, 4, seed=1, replacement="no")
+
+
+def test_a_smaller_draw_is_the_start_of_a_larger_one():
+    """The kept beams are nested (docs/design.md §4): with the same seed, the draw of N is the first N
+    of the draw of any larger N, perturbed values included."""
+    scores, tokens, E1, E2 = make_problem(np.random.default_rng(8), 3, 5, 6, V=20)
+    large = vn.crf_sample(scores, tokens, E1, E2, 7, seed=3, replacement=False)
+    for N in (1, 3, 6):
+        small = vn.crf_sample(scores, tokens, E1, E2, N, seed=3, replacement=False)
+        np.testing.assert_array_equal(small.beam_idx, large.beam_idx[:, :, :N])
+        np.testing.assert_array_equal(small.perturbed, large.perturbed[:, :N])
+        assert np.all(small.kappa >= large.kappa)

@@ -12,6 +12,7 @@ function of ``(seed, stream, b, t, j, n)``, so the result never depends on threa
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Callable
 
@@ -199,7 +200,246 @@ def build(jit: Callable) -> SimpleNamespace:
                 total += E1[src, d] * E2[dst, d]
             out[t] = total
 
+    @jit
+    def keep_best(values, entries, kept, value, entry):
+        """Insert (value, entry) into the list values[:kept], which is ordered by value, best first, and
+        among equal values by lower entry (the n best's slot * n + rank, the distinct sampler's
+        place * K + state); at most len(values) are kept. Returns (the new length, whether it entered)."""
+        n = values.shape[0]
+        at = kept
+        while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
+            at -= 1
+        if at >= n:
+            return kept, False
+        k = min(kept, n - 1)
+        while k > at:
+            values[k] = values[k - 1]
+            entries[k] = entries[k - 1]
+            k -= 1
+        values[at] = value
+        entries[at] = entry
+        return min(kept + 1, n), True
+
+    @jit
+    def nbest_paths(last_lists, from_entry, tokens_b, length, end_shift, ends, end_entries, out_beam_idx, out_tokens,
+                    out_score):  # fmt: skip
+        """The list Viterbi's end (docs/design.md §4 "N best"): the n = len(ends) best of every (slot, rank)
+        of the last position's lists ``last_lists`` (K, n; shifted scores, best first, -inf where a list
+        is shorter), in ``keep_best``'s order, each backtracked through ``from_entry[t, j, r]`` (the
+        slot * n + rank that entry (j, r) of position t extends) into out_beam_idx / out_tokens (T, n),
+        with PAD after ``length`` and beyond the count; out_score (n) gets each score + ``end_shift``, -inf
+        beyond the count. ``ends`` / ``end_entries`` (n) are scratch. Returns the count."""
+        K, n = last_lists.shape
+        T = out_beam_idx.shape[0]
+        found = 0
+        for j in range(K):
+            for r in range(n):
+                value = last_lists[j, r]
+                if value == -math.inf:
+                    break
+                found, entered = keep_best(ends, end_entries, found, value, j * n + r)
+                if not entered:
+                    break
+        for k in range(n):
+            if k >= found:
+                out_score[k] = -math.inf
+                for t in range(T):
+                    out_beam_idx[t, k] = PAD
+                    out_tokens[t, k] = PAD
+                continue
+            out_score[k] = ends[k] + end_shift
+            j = end_entries[k] // n
+            r = end_entries[k] - j * n
+            for t in range(length - 1, -1, -1):
+                out_beam_idx[t, k] = j
+                out_tokens[t, k] = tokens_b[t, j]
+                if t > 0:
+                    entry = from_entry[t, j, r]
+                    j = entry // n
+                    r = entry - j * n
+            for t in range(length, T):
+                out_beam_idx[t, k] = PAD
+                out_tokens[t, k] = PAD
+        return found
+
+    @jit
+    def gumbel(u):
+        """A standard Gumbel of a uniform u in [0, 1)."""
+        return -math.log(-math.log(max(u, 1e-300)))
+
+    @jit
+    def next_gumbel(previous, location, u):
+        """The next largest of a node's children's perturbed values (docs/design.md §4): the largest of the
+        children not drawn yet is a Gumbel of ``location`` (the node's phi + log of their mass) truncated
+        to at most ``previous``, the last one drawn; by the inverse CDF of uniform u,
+        -logaddexp(-previous, log(-log u) - location)."""
+        a = -previous
+        b = math.log(-math.log(max(u, 1e-300))) - location
+        top = max(a, b)
+        if top == -math.inf:  # u = 1 - 2**-53 can give log(-log u) = -inf: the value is ``previous``
+            return previous
+        return -(top + math.log1p(math.exp(-abs(a - b))))
+
+    @jit
+    def pick_unpicked(prefix, masses, picked, count, target, scan):
+        """The child a node draws next: the smallest i not among picked[:count] whose running mass over the
+        children not picked (prefix[i] minus the masses[j] of the picked j <= i) exceeds ``target`` (a
+        uniform times the mass not picked). A bisection of ``prefix`` (the running sums of ``masses``),
+        repeated while the picked mass below the point grows; with ``scan`` (the mass left is too small
+        for the running sums to resolve) a scan that sums the masses not picked afresh. Where rounding
+        leaves no such i, the last child with a positive mass that is not picked."""
+        K = prefix.shape[0]
+        found = K
+        if scan:
+            running = 0.0
+            for i in range(K):
+                free = True
+                for q in range(count):
+                    free = free and picked[q] != i
+                if free:
+                    running += masses[i]
+                    if running > target:
+                        found = i
+                        break
+        else:
+            below = 0.0
+            while True:
+                low = 0
+                high = K
+                goal = target + below
+                while low < high:  # the smallest i with prefix[i] > goal
+                    middle = (low + high) // 2
+                    if prefix[middle] > goal:
+                        high = middle
+                    else:
+                        low = middle + 1
+                grown = 0.0
+                taken = False
+                for q in range(count):
+                    if picked[q] <= low:
+                        grown += masses[picked[q]]
+                        taken = taken or picked[q] == low
+                if grown == below:
+                    if not taken:
+                        found = low
+                    break
+                below = grown
+        if found < K and masses[found] > 0.0:
+            return found
+        last = 0
+        for i in range(K):
+            free = masses[i] > 0.0
+            for q in range(count):
+                free = free and picked[q] != i
+            if free:
+                last = i
+        return last
+
+    @jit
+    def distinct_uniforms(uniforms, use_uniforms, seed_lo, seed_hi, b, t, m, k):
+        """(pick, Gumbel) uniforms of the k-th child drawn by the beam's node in place m at position t:
+        replayed ``uniforms[b, t, m, 2k]`` and ``[b, t, m, 2k + 1]``, or Philox's pair (k, t, b, m) on the
+        distinct sampler's stream."""
+        if use_uniforms:
+            return np.float64(uniforms[b, t, m, 2 * k]), np.float64(uniforms[b, t, m, 2 * k + 1])
+        return uniform_pair(seed_lo, seed_hi, STREAM_DISTINCT_SAMPLER, b, t, k, m)
+
+    @jit
+    def expand_node(masses, prefix, logits, log_norm, node_phi, node_G, place, picked, draws, b, t, kept_G,
+                    kept_entry, child_phi, kept):  # fmt: skip
+        """Draw the children of the beam's node in place ``place`` (log-probability node_phi, perturbed value
+        node_G) in decreasing order of their perturbed values, top-down (docs/design.md §4), into the
+        beam being kept (kept_G, kept_entry: ``keep_best``'s list of M; entry (place * K + i) * M + k for
+        the k-th child drawn, i its state), until one cannot enter it. ``masses`` (K): the children's
+        unnormalised conditional probabilities, exp(logits - shift), ``prefix`` their running sums,
+        ``log_norm`` = shift + log(total mass), so child i's phi is node_phi + logits[i] - log_norm, kept
+        in child_phi[place * M + k]. ``draws`` = (uniforms, use_uniforms, seed_lo, seed_hi). ``picked``
+        (M) is scratch. Returns the new length of the list."""
+        K = masses.shape[0]
+        M = kept_G.shape[0]
+        uniforms, use_uniforms, seed_lo, seed_hi = draws
+        total = prefix[K - 1]
+        positive = 0
+        for i in range(K):
+            if masses[i] > 0.0:
+                positive += 1
+        remaining = total
+        value = node_G
+        for k in range(min(M, positive)):
+            scan = remaining < 1e-8 * total
+            if scan:  # the running sums cannot resolve the mass left: sum it afresh
+                remaining = 0.0
+                for i in range(K):
+                    free = True
+                    for q in range(k):
+                        free = free and picked[q] != i
+                    if free:
+                        remaining += masses[i]
+            u_pick, u_gumbel = distinct_uniforms(uniforms, use_uniforms, seed_lo, seed_hi, b, t, place, k)
+            if k > 0:  # the largest of the children left: a Gumbel of their mass, at most the last one
+                value = next_gumbel(value, node_phi + math.log(remaining / total), u_gumbel)
+            if kept == M and value < kept_G[M - 1]:
+                break  # neither this child nor a later one (all smaller) enters the beam
+            i = pick_unpicked(prefix, masses, picked, k, u_pick * remaining, scan)
+            picked[k] = i
+            remaining -= masses[i]
+            kept, entered = keep_best(kept_G, kept_entry, kept, value, (place * K + i) * M + k)
+            if not entered:
+                break
+            child_phi[place * M + k] = node_phi + (logits[i] - log_norm)
+        return kept
+
+    @jit
+    def distinct_path(scores_b, tokens_b, E1, E2, history_b, place, length, out_beam_idx, out_tokens):
+        """The path of the distinct sampler's final beam place ``place``, read from ``history_b[t, place]``
+        (parent place * K + state, the search having run from the last position down) into out_beam_idx /
+        out_tokens (T,), PAD after ``length``; returns its score S(y), summed in float64."""
+        K = scores_b.shape[1]
+        D = E1.shape[1]
+        path_score = np.float64(0.0)
+        x = 0
+        for t in range(length):
+            entry = history_b[t, place]
+            y = entry % K
+            place = entry // K
+            out_beam_idx[t] = y
+            out_tokens[t] = tokens_b[t, y]
+            path_score += np.float64(scores_b[t, y])
+            if t > 0:
+                dot = np.float64(0.0)
+                for d in range(D):
+                    dot += np.float64(E1[tokens_b[t - 1, x], d]) * np.float64(E2[tokens_b[t, y], d])
+                path_score += dot
+            x = y
+        for t in range(length, out_beam_idx.shape[0]):
+            out_beam_idx[t] = PAD
+            out_tokens[t] = PAD
+        return path_score
+
+    @jit
+    def priority_weight(log_prob, kappa):
+        """p / q with q = P(G > kappa) = 1 - exp(-exp(log p - kappa)), the inclusion probability of a
+        sample given the threshold kappa (priority sampling); log q is the gap itself when it is very
+        negative and 0 when it is large (1 - exp(-exp(40)) rounds to 1)."""
+        gap = log_prob - kappa
+        if gap < -30.0:
+            log_q = gap
+        elif gap > 40.0:
+            log_q = 0.0
+        else:
+            log_q = math.log(-math.expm1(-math.exp(gap)))
+        return math.exp(log_prob - log_q)
+
     return SimpleNamespace(
+        keep_best=keep_best,
+        nbest_paths=nbest_paths,
+        gumbel=gumbel,
+        next_gumbel=next_gumbel,
+        pick_unpicked=pick_unpicked,
+        distinct_uniforms=distinct_uniforms,
+        expand_node=expand_node,
+        distinct_path=distinct_path,
+        priority_weight=priority_weight,
         ranks_above=ranks_above,
         place_forced=place_forced,
         backtrace=backtrace,

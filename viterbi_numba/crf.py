@@ -276,12 +276,12 @@ def _draw(ops: Any, state: Any, num_samples: Any, seed: Any, uniforms: Any, repl
     num_samples = _validate.positive_int(num_samples, "num_samples")
     if not isinstance(replacement, bool):
         raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
-    B, T, K = state.crf.scores.shape
+    B, T, _ = state.crf.scores.shape
     if replacement:
         draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, num_samples), "(B, T, N)", state.crf.dtype)
         return ops.crf_sample(state, num_samples, draws)
-    shape = (B, T, K, num_samples + 1)
-    draws = _validate.draws(ops.arrays, seed, uniforms, shape, "(B, T, K, N + 1)", state.crf.dtype)
+    M = num_samples + 1
+    draws = _validate.draws(ops.arrays, seed, uniforms, (B, T, M, 2 * M), "(B, T, N + 1, 2 (N + 1))", state.crf.dtype)
     return ops.distinct_sample(state, num_samples, draws)
 
 
@@ -305,9 +305,10 @@ def crf_sample(
     O(T K D) per sample, so N samples cost about as much as one. Each position is drawn by the inverse
     CDF (smallest i with u * total < prefix[i]), the last position first. Without replacement, a
     stochastic beam search over the same factorisation (Gumbel top-k with truncated Gumbels, Kool et al.
-    2019) draws N distinct paths in the order a draw without replacement makes them (the first follows
-    p, each next one p restricted to the paths not drawn yet), with the threshold and weights of the
-    priority-sampling estimator (Kool et al. 2020); where the beam has N or fewer paths, all of them.
+    2019, each node's children drawn top-down in order of their Gumbels) draws N distinct paths in the
+    order a draw without replacement makes them (the first follows p, each next one p restricted to the
+    paths not drawn yet), with the threshold and weights of the priority-sampling estimator (Kool et al.
+    2020); where the beam has N or fewer paths, all of them.
 
     Parameters
     ----------
@@ -320,8 +321,9 @@ def crf_sample(
         no ``uniforms``): the same seed gives the same samples for any thread count.
     uniforms : (B, T, N) float array in [0, 1), optional
         Replays given numbers: ``uniforms[b, t, n]`` draws position t of sample n (positions at or
-        after the length are unused). Not with ``seed``. Without replacement (B, T, K, N + 1):
-        ``uniforms[b, t, i, m]`` makes the Gumbel of state i below the beam's place m at position t.
+        after the length are unused). Not with ``seed``. Without replacement (B, T, N + 1, 2 (N + 1)):
+        ``uniforms[b, t, m, 2k]`` picks the k-th child the beam's place m draws at position t and
+        ``uniforms[b, t, m, 2k + 1]`` makes its Gumbel; the root's Gumbel is ``uniforms[b, L - 1, 1, 0]``.
     replacement : bool
         False: N distinct samples (a :class:`DistinctSample`).
 

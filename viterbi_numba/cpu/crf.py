@@ -28,11 +28,15 @@ from numba import njit, prange
 
 from .. import _portable
 from .._portable import PAD
-from .decode import _FASTMATH, _keep_best, _transition_block, portable, softmax_pick
+from .decode import _FASTMATH, _transition_block, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
 
 uniform_pair = portable.uniform_pair
-chain_uniforms = portable.chain_uniforms
+gumbel = portable.gumbel
+distinct_uniforms = portable.distinct_uniforms
+expand_node = portable.expand_node
+distinct_path = portable.distinct_path
+priority_weight = portable.priority_weight
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,22 +245,6 @@ def sample_kernel(
 # --------------------------------------------------------------------------------------------------
 # sampling without replacement: a stochastic beam search over FFBS's factorisation
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _log1mexp(x):
-    """log(1 - exp(x)) for x <= 0 (-inf at 0), accurate at both ends."""
-    if x > -0.6931471805599453:
-        return np.log(-np.expm1(x))
-    return np.log1p(-np.exp(x))
-
-
-@njit(cache=True, inline="always")
-def _truncated_gumbel(top, perturbed, largest):
-    """The Gumbel ``perturbed`` of a child conditioned on the children's maximum ``largest`` becoming
-    ``top``: -log(exp(-top) - exp(-largest) + exp(-perturbed)), in the stable form of Kool et al. 2019."""
-    v = top - perturbed + _log1mexp(perturbed - largest)
-    return top - max(v, 0.0) - np.log1p(np.exp(-abs(v)))
-
-
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def distinct_sample_kernel(
     scores,
@@ -283,19 +271,22 @@ def distinct_sample_kernel(
 ):
     """N = out_beam_idx.shape[2] samples without replacement per sequence (docs/design.md §4): a beam of
     M = N + 1 suffixes y_{L-1} .. y_t, each with its log-probability phi (float64, the sum of FFBS's log
-    conditionals) and perturbed value G; every step expands each suffix by the K states of position t
-    with Gumbels (the uniform ``uniforms[b, t, i, m]`` or that of (b, t, i, m) on the distinct sampler's
-    stream), conditions them on their maximum being the suffix's G, and keeps the M largest. The root's
-    G is a standard Gumbel, so that the paths' G are independent Gumbels of location log p(y). The first
-    N complete paths are the sample, in order of G; out_kappa[b] is the (N+1)-th G (-inf when the beam
-    has N or fewer paths), out_weights = p(y) / q(y) with q(y) = 1 - exp(-exp(log p(y) - kappa)), and
-    log_prob = S(y) / tau - log Z (as ``sample_kernel``). Paths beyond out_count[b] are PAD, -inf and 0.
+    conditionals) and perturbed value G, kept in decreasing order of G. Every step draws each suffix's
+    children top-down in decreasing order of G (``_portable.expand_node``: a child by the inverse CDF of
+    its conditional among those not drawn, its G a truncated Gumbel below the last) while they can
+    enter the M largest, with the uniforms ``uniforms[b, t, m, 2k:2k + 2]`` of the k-th child of place m
+    or those of (b, t, k, m) on the distinct sampler's stream. The root's G is a standard Gumbel, so
+    that the paths' G are independent Gumbels of location log p(y). The first N complete paths are the
+    sample, in order of G; out_kappa[b] is the (N+1)-th G (-inf when the beam has N or fewer paths),
+    out_weights = p(y) / q(y) with q(y) = 1 - exp(-exp(log p(y) - kappa)), and log_prob = S(y) / tau -
+    log Z (as ``sample_kernel``). Paths beyond out_count[b] are PAD, -inf and 0.
     """
     B, T, K = scores.shape
     N = out_beam_idx.shape[2]
     M = N + 1
     D = E1.shape[1]
     dtype = scores.dtype
+    draws = (uniforms, use_uniforms, seed_lo, seed_hi)
     for b in prange(B):
         length = lengths[b]
         src_emb = np.empty((K, D), dtype=dtype)
@@ -304,22 +295,19 @@ def distinct_sample_kernel(
         states = np.zeros(M, dtype=np.int64)
         phi = np.zeros(M, dtype=np.float64)
         perturbed = np.zeros(M, dtype=np.float64)
-        # the root: no state, phi = 0 and G a standard Gumbel (the largest of all paths' perturbed log p),
-        # drawn with the uniform of place 1 at the last position, which that position never expands
-        size = 1
-        if use_uniforms:
-            root = uniforms[b, length - 1, 0, 1]
-        else:
-            root, _ = uniform_pair(seed_lo, seed_hi, _portable.STREAM_DISTINCT_SAMPLER, b, length - 1, 0, 1)
-        perturbed[0] = -np.log(-np.log(max(root, 1e-300)))
-        kept_G = np.empty(M, dtype=np.float64)
-        kept_entry = np.empty(M, dtype=np.int64)  # place * K + state
-        kept_phi = np.empty(K * M, dtype=np.float64)  # by entry: the child's phi
         logits = np.empty(K, dtype=np.float64)
-        best_G = np.empty(M, dtype=np.float64)
-        best_child = np.empty(M, dtype=np.int64)
-        u = np.empty(K, dtype=np.float64)
+        masses = np.empty(K, dtype=np.float64)
+        prefix = np.empty(K, dtype=np.float64)
+        picked = np.empty(M, dtype=np.int64)
+        kept_G = np.empty(M, dtype=np.float64)
+        kept_entry = np.empty(M, dtype=np.int64)
+        child_phi = np.empty(M * M, dtype=np.float64)  # by (place, k)
         history = np.empty((length, M), dtype=np.int64)  # entry (parent place * K + state) per position
+        # the root: no state, phi = 0 and G a standard Gumbel (the largest of all paths' perturbed log p),
+        # drawn with the pick uniform of place 1 at the last position, which that position never expands
+        root, _ = distinct_uniforms(uniforms, use_uniforms, seed_lo, seed_hi, b, length - 1, 1, 0)
+        perturbed[0] = gumbel(root)
+        size = 1
         for t in range(length - 1, -1, -1):
             if t < length - 1:  # the transitions from position t into the beam's states at t + 1
                 for i in range(K):
@@ -331,46 +319,34 @@ def distinct_sample_kernel(
                     for d in range(D):
                         state_rows[m, d] = dst[d]
                 np.dot(src_emb, state_rows.T, columns)
-            if t == length - 1:  # the root's children: log softmax(alpha[L-1])
-                root_total = 0.0
-                for i in range(K):
-                    root_total += np.exp(np.float64(alpha[b, t, i]))
-                root_log_total = np.log(root_total)
             kept = 0
             for m in range(size):
-                if t == length - 1:
-                    log_total = root_log_total
-                    for i in range(K):
-                        logits[i] = alpha[b, t, i]
-                else:  # the forward pass's column of the node's state normalises its conditional
+                if kept == M and perturbed[m] < kept_G[M - 1]:
+                    break  # the beam is ordered by G, and a node's children have smaller G
+                shift = 0.0  # the root's conditional is softmax(alpha[L-1]), whose terms are at most 1
+                if t < length - 1:  # the forward pass's column of the node's state normalises it
                     y = states[m]
-                    log_total = np.float64(col_max[b, t + 1, y]) + np.log(np.float64(col_sum[b, t + 1, y]))
+                    shift = np.float64(col_max[b, t + 1, y]) + np.log(np.float64(col_sum[b, t + 1, y]))
                     for i in range(K):
                         logits[i] = np.float64(alpha[b, t, i]) + np.float64(columns[i, m]) * np.float64(inv_temp)
-                if use_uniforms:
-                    for i in range(K):
-                        u[i] = uniforms[b, t, i, m]
                 else:
-                    chain_uniforms(seed_lo, seed_hi, _portable.STREAM_DISTINCT_SAMPLER, b, t, m, u)
-                largest = -np.inf
-                best_kept = 0  # this node's M largest children: no other child of it can enter the beam
+                    for i in range(K):
+                        logits[i] = alpha[b, t, i]
                 for i in range(K):
-                    child_phi = phi[m] + (logits[i] - log_total)
-                    kept_phi[m * K + i] = child_phi
-                    if child_phi == -np.inf:
-                        continue
-                    value = child_phi - np.log(-np.log(max(u[i], 1e-300)))  # a Gumbel of location phi
-                    largest = max(largest, value)
-                    if best_kept < M or value > best_G[M - 1]:
-                        best_kept, _ = _keep_best(best_G, best_child, best_kept, value, i)
-                for k in range(best_kept):  # the conditioned G grows with the Gumbel, so they keep their order
-                    value = _truncated_gumbel(perturbed[m], best_G[k], largest)
-                    kept, _ = _keep_best(kept_G, kept_entry, kept, value, m * K + best_child[k])
+                    masses[i] = np.exp(logits[i] - shift)
+                total = 0.0
+                for i in range(K):
+                    total += masses[i]
+                    prefix[i] = total
+                kept = expand_node(
+                    masses, prefix, logits, shift + np.log(total), phi[m], perturbed[m], m, picked, draws, b, t,
+                    kept_G, kept_entry, child_phi, kept,
+                )  # fmt: skip
             for k in range(kept):
-                entry = kept_entry[k]
+                entry = kept_entry[k] // M  # place * K + state
                 history[t, k] = entry
                 states[k] = entry % K
-                phi[k] = kept_phi[entry]
+                phi[k] = child_phi[(entry // K) * M + kept_entry[k] % M]
                 perturbed[k] = kept_G[k]
             size = kept
         count = min(size, N)
@@ -386,30 +362,13 @@ def distinct_sample_kernel(
                     out_beam_idx[b, t, k] = PAD
                     out_tokens[b, t, k] = PAD
                 continue
-            place = k
-            path_score = 0.0
-            for t in range(length):
-                entry = history[t, place]
-                y = entry % K
-                place = entry // K
-                out_beam_idx[b, t, k] = y
-                out_tokens[b, t, k] = tokens[b, t, y]
-                path_score += np.float64(scores[b, t, y])
-                if t > 0:
-                    x = out_beam_idx[b, t - 1, k]
-                    dot = 0.0
-                    for d in range(D):
-                        dot += np.float64(E1[tokens[b, t - 1, x], d]) * np.float64(E2[tokens[b, t, y], d])
-                    path_score += dot
-            for t in range(length, T):
-                out_beam_idx[b, t, k] = PAD
-                out_tokens[b, t, k] = PAD
+            path_score = distinct_path(
+                scores[b], tokens[b], E1, E2, history, k, length, out_beam_idx[b, :, k], out_tokens[b, :, k]
+            )
             log_prob = path_score * inv_temp - log_z[b]
             out_log_prob[b, k] = log_prob
             out_perturbed[b, k] = perturbed[k]
-            gap = log_prob - kappa  # log q = log(1 - exp(-exp(gap))), which is gap when gap is very negative
-            log_q = gap if gap < -30.0 else np.log(-np.expm1(-np.exp(gap)))
-            out_weights[b, k] = np.exp(log_prob - log_q)
+            out_weights[b, k] = priority_weight(log_prob, kappa)
 
 
 # --------------------------------------------------------------------------------------------------

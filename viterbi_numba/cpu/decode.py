@@ -20,7 +20,6 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _portable
-from .._portable import PAD
 from .intrinsics import fast_exp, fmax
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
@@ -35,6 +34,8 @@ fairseq_step_scores = portable.fairseq_step_scores
 ranks_above = portable.ranks_above
 backtrace = portable.backtrace
 place_forced = portable.place_forced
+keep_best = portable.keep_best
+nbest_paths = portable.nbest_paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,9 +219,58 @@ _ROW_BLOCK = 32  # predecessor rows in the first gemm of the pruned Viterbi step
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _viterbi_step(
-    prev, src_rows, dst_rows, E1, E2, order, src_norm, dst_norm, src_block, dst_emb, trans_block, best, arg
-):
+def _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm):
+    """The branch and bound's column side: dst_emb[j] = E2[dst_rows[j]] and dst_norm[j] = its norm.
+    Returns ``reach``, a bound on a_i . b_j / |b_j| over the step's rows a_i = E1[src_rows[i]] (their
+    largest norm, with room for the gemm's rounding)."""
+    D = E1.shape[1]
+    for j in range(dst_rows.shape[0]):
+        dst = E2[dst_rows[j]]
+        norm = 0.0
+        for d in range(D):
+            dst_emb[j, d] = dst[d]
+            norm += dst[d] * dst[d]
+        dst_norm[j] = np.sqrt(norm)
+    max_src_norm = 0.0
+    for i in range(src_rows.shape[0]):
+        src = E1[src_rows[i]]
+        norm = 0.0
+        for d in range(D):
+            norm += src[d] * src[d]
+        max_src_norm = max(max_src_norm, np.sqrt(norm))
+    return max_src_norm * 1.001
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _any_open(top, reach, dst_norm, bars):
+    """Whether a predecessor whose (best) prefix is ``top`` can still reach some column's ``bars[j]``
+    (its best so far; +inf: closed): top + a_i . b_j <= top + reach |b_j| (Cauchy-Schwarz), with a
+    margin for rounding."""
+    for j in range(bars.shape[0]):
+        bar = bars[j]
+        if bar != np.inf and top + reach * dst_norm[j] + 1e-4 * (abs(bar) + 1.0) >= bar:
+            return True
+    return False
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _rows_product(src_rows, order, start, E1, src_block, dst_emb, trans_block):
+    """The next block of predecessor rows, order[start:start + rows], times every column, into
+    trans_block[:rows]; blocks of 32, 32, 64, 128, ... (at most all K), so that few gemms run when
+    nothing prunes. Returns rows."""
+    K = order.shape[0]
+    D = E1.shape[1]
+    rows = min(max(_ROW_BLOCK, start), K - start)
+    for r in range(rows):
+        src = E1[src_rows[order[start + r]]]
+        for d in range(D):
+            src_block[r, d] = src[d]
+    np.dot(src_block[:rows], dst_emb.T, trans_block[:rows])
+    return rows
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, dst_norm, src_block, dst_emb, trans_block, best, arg):
     """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[c, j] = the lowest such i.
 
     Returns c, the row of ``arg`` (2, K) that holds the result.
@@ -231,46 +281,19 @@ def _viterbi_step(
     scores of a step are spread wider than the transitions, most of the K x K x D product is skipped.
     """
     K = prev.shape[0]
-    D = E1.shape[1]
+    reach = _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm)
     for j in range(K):
-        dst = E2[dst_rows[j]]
-        norm = 0.0
-        for d in range(D):
-            dst_emb[j, d] = dst[d]
-            norm += dst[d] * dst[d]
-        dst_norm[j] = np.sqrt(norm)
         best[j] = -np.inf
         arg[0, j] = K
-    max_src_norm = 0.0
-    for i in range(K):
-        src = E1[src_rows[i]]
-        norm = 0.0
-        for d in range(D):
-            norm += src[d] * src[d]
-        src_norm[i] = np.sqrt(norm)
-        max_src_norm = max(max_src_norm, src_norm[i])
-    reach = max_src_norm * 1.001  # bound on a_i . b_j / |b_j|, with room for the gemm's rounding
     order[:] = np.argsort(-prev)
     current = 0  # arg[current] holds the arg-maxima so far (two buffers: see _vector)
     start = 0
     while start < K:
         if start > 0:
             top = prev[order[start]]
-            if top == -np.inf:
+            if top == -np.inf or not _any_open(top, reach, dst_norm, best):
                 break
-            open_column = False
-            for j in range(K):
-                if top + reach * dst_norm[j] + 1e-4 * (abs(best[j]) + 1.0) >= best[j]:
-                    open_column = True
-                    break
-            if not open_column:
-                break
-        rows = min(max(_ROW_BLOCK, start), K - start)  # blocks of 32, 32, 64, 128, ...: few gemms if nothing prunes
-        for r in range(rows):
-            src = E1[src_rows[order[start + r]]]
-            for d in range(D):
-                src_block[r, d] = src[d]
-        np.dot(src_block[:rows], dst_emb.T, trans_block[:rows])
+        rows = _rows_product(src_rows, order, start, E1, src_block, dst_emb, trans_block)
         for r in range(rows):
             i = np.int32(order[start + r])
             s = prev[i]
@@ -304,7 +327,6 @@ def viterbi_kernel(
     for b in prange(B):
         length = lengths[b]
         order = np.empty(K, dtype=np.int64)
-        src_norm = np.empty(K, dtype=dtype)
         dst_norm = np.empty(K, dtype=dtype)
         src_block = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
@@ -326,7 +348,6 @@ def viterbi_kernel(
                 E1,
                 E2,
                 order,
-                src_norm,
                 dst_norm,
                 src_block,
                 dst_emb,
@@ -351,34 +372,13 @@ def viterbi_kernel(
 # --------------------------------------------------------------------------------------------------
 # the n best paths (list Viterbi)
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _keep_best(values, entries, kept, value, entry):
-    """Insert (value, entry) into the list values[:kept], which is ordered by value, best first, and among
-    equal values by lower entry (the n best's slot * n + rank, the distinct sampler's place * K + state);
-    at most len(values) are kept. Returns (the new length, whether it entered)."""
-    n = values.shape[0]
-    at = kept
-    while at > 0 and (values[at - 1] < value or (values[at - 1] == value and entries[at - 1] > entry)):
-        at -= 1
-    if at >= n:
-        return kept, False
-    k = min(kept, n - 1)
-    while k > at:
-        values[k] = values[k - 1]
-        entries[k] = entries[k - 1]
-        k -= 1
-    values[at] = value
-    entries[at] = entry
-    return min(kept + 1, n), True
-
-
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _nbest_step(
-    prev, src_rows, dst_rows, emissions, E1, E2, order, src_norm, dst_norm, src_block, dst_emb, trans_block, lowest,
+    prev, src_rows, dst_rows, emissions, E1, E2, order, dst_norm, src_block, dst_emb, trans_block, lowest,
     kept, values, entries,
 ):  # fmt: skip
     """values[j] (n) = the n best of prev[i, r] + E1[src_rows[i]] . E2[dst_rows[j]] over (i, r), in
-    ``_keep_best``'s order, with the (i, r) of each as entries[j] = i * n + r; prev (K, n) holds each
+    ``keep_best``'s order, with the (i, r) of each as entries[j] = i * n + r; prev (K, n) holds each
     predecessor's list, best first (-inf where it has fewer). values must be -inf on entry; a column whose
     emission is -inf (no path passes there) is left so.
 
@@ -389,47 +389,18 @@ def _nbest_step(
     any column is reached, and only those rows take the scalar inserts.
     """
     K, n = prev.shape
-    D = E1.shape[1]
+    reach = _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm)
     for j in range(K):
-        dst = E2[dst_rows[j]]
-        norm = 0.0
-        for d in range(D):
-            dst_emb[j, d] = dst[d]
-            norm += dst[d] * dst[d]
-        dst_norm[j] = np.sqrt(norm)
         lowest[j] = np.inf if emissions[j] == -np.inf else -np.inf  # +inf: nothing enters
         kept[j] = 0
-    max_src_norm = 0.0
-    for i in range(K):
-        src = E1[src_rows[i]]
-        norm = 0.0
-        for d in range(D):
-            norm += src[d] * src[d]
-        src_norm[i] = np.sqrt(norm)
-        max_src_norm = max(max_src_norm, src_norm[i])
-    reach = max_src_norm * 1.001  # bound on a_i . b_j / |b_j|, with room for the gemm's rounding
     heads = prev[:, 0]
     order[:] = np.argsort(-heads)
     start = 0
     while start < K:
         top = heads[order[start]]
-        if top == -np.inf:
+        if top == -np.inf or (start > 0 and not _any_open(top, reach, dst_norm, lowest)):
             break
-        if start > 0:
-            open_column = False
-            for j in range(K):
-                bar = lowest[j]
-                if bar != np.inf and top + reach * dst_norm[j] + 1e-4 * (abs(bar) + 1.0) >= bar:
-                    open_column = True
-                    break
-            if not open_column:
-                break
-        rows = min(max(_ROW_BLOCK, start), K - start)
-        for r in range(rows):
-            src = E1[src_rows[order[start + r]]]
-            for d in range(D):
-                src_block[r, d] = src[d]
-        np.dot(src_block[:rows], dst_emb.T, trans_block[:rows])
+        rows = _rows_product(src_rows, order, start, E1, src_block, dst_emb, trans_block)
         for r in range(rows):
             i = order[start + r]
             head = heads[i]
@@ -447,7 +418,7 @@ def _nbest_step(
                     value = own[rank] + row[j]
                     if value == -np.inf or value < lowest[j]:
                         break
-                    kept[j], entered = _keep_best(values[j], entries[j], kept[j], value, i * n + rank)
+                    kept[j], entered = keep_best(values[j], entries[j], kept[j], value, i * n + rank)
                     if not entered:
                         break  # i's later ranks are no better and come after it
                     lowest[j] = values[j, n - 1]
@@ -462,7 +433,7 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
     """The n = out_beam_idx.shape[2] best distinct beam paths per sequence, best first (list Viterbi,
     docs/design.md §4): for each position t and slot j the n best prefix scores ending there, each
     with the (slot, rank) it extends (``_nbest_step``). Lists are ordered by score, then lower slot, then
-    lower rank (``_keep_best``), at every step and at the end, which puts equal scores in a fixed order.
+    lower rank (``keep_best``), at every step and at the end, which puts equal scores in a fixed order.
     ``out_count[b]``: the paths found (fewer than n when the beam has fewer finite paths); the rest are
     PAD with score -inf.
     """
@@ -473,7 +444,6 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
     for b in prange(B):
         length = lengths[b]
         order = np.empty(K, dtype=np.int64)
-        src_norm = np.empty(K, dtype=dtype)
         dst_norm = np.empty(K, dtype=dtype)
         src_block = np.empty((K, D), dtype=dtype)
         dst_emb = np.empty((K, D), dtype=dtype)
@@ -489,44 +459,17 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
             best[0, j, 0] = scores[b, 0, j] - shift[0]  # -inf for a slot no path may use
         for t in range(1, length):
             _nbest_step(
-                best[t - 1], tokens[b, t - 1], tokens[b, t], scores[b, t], E1, E2, order, src_norm, dst_norm, src_block,
+                best[t - 1], tokens[b, t - 1], tokens[b, t], scores[b, t], E1, E2, order, dst_norm, src_block,
                 dst_emb, trans_block, lowest, kept, best[t], from_entry[t],
             )  # fmt: skip
             for j in range(K):
                 emission = scores[b, t, j] - shift[t]
                 for r in range(n):
                     best[t, j, r] += emission  # -inf stays -inf
-        # the n best over every (slot, rank) of the last position, then each one's backtrace
-        last = length - 1
-        ends = np.full(n, -np.inf, dtype=dtype)
-        end_entry = np.zeros(n, dtype=np.int64)
-        found = 0
-        for j in range(K):
-            for r in range(n):
-                value = best[last, j, r]
-                if value == -np.inf:
-                    break
-                found, entered = _keep_best(ends, end_entry, found, value, j * n + r)
-                if not entered:
-                    break
-        out_count[b] = found
-        for k in range(n):
-            if k >= found:
-                out_score[b, k] = -np.inf
-                for t in range(T):
-                    out_beam_idx[b, t, k] = PAD
-                    out_tokens[b, t, k] = PAD
-                continue
-            out_score[b, k] = ends[k] + cum_shift[last]
-            j, r = divmod(end_entry[k], n)
-            for t in range(last, -1, -1):
-                out_beam_idx[b, t, k] = j
-                out_tokens[b, t, k] = tokens[b, t, j]
-                if t > 0:
-                    j, r = divmod(from_entry[t, j, r], n)
-            for t in range(length, T):
-                out_beam_idx[b, t, k] = PAD
-                out_tokens[b, t, k] = PAD
+        out_count[b] = nbest_paths(
+            best[length - 1], from_entry, tokens[b], length, cum_shift[length - 1], np.empty(n, dtype=dtype),
+            np.empty(n, dtype=np.int64), out_beam_idx[b], out_tokens[b], out_score[b],
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
