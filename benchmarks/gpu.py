@@ -173,6 +173,21 @@ def cases(torch, size, repeats, info):
         lambda: tb.stochastic_viterbi(emissions, E1, E2, K, 8),
         8,
     )
+    # issue 16's ratios, against our own operation in the baseline column (targets: 1/3 and 1/1.3)
+    row(
+        "N-best n=8 vs our Viterbi (given the beam)",
+        lambda: vn.viterbi_nbest(beam.scores, beam.tokens, E1, E2, 8),
+        lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2),
+        1,
+        with_topk=False,
+    )
+    row(
+        "without replacement N=8 vs our exact sampler N=8 (given the beam)",
+        lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, 8, seed=1, replacement=False),
+        lambda: vn.crf_sample(beam.scores, beam.tokens, E1, E2, 8, seed=1),
+        8,
+        with_topk=False,
+    )
     # precomputing the transition blocks: torch.bmm of all of them alone, against our whole forward pass
     row(
         "forward pass vs bmm of the blocks alone",

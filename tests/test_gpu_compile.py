@@ -31,6 +31,9 @@ MAIN_KERNELS = {
     "ratio_forward_steps",
     "ratio_backward_steps",
 }
+# float32 kernels that compute in float64 on purpose: sampling without replacement keeps its perturbed
+# values and log-probabilities in float64 on both targets, so that a seed draws the same samples
+FLOAT64_BY_DESIGN = {"distinct_sample_kernel"}
 
 
 def test_f64_instructions_are_found():
@@ -68,9 +71,9 @@ def test_every_kernel_compiles_for_sm80():
     for cc, dtype, name, ptx, _, _ in gpu_model.compile_all(False, capabilities=((8, 0),)):
         seen.add((dtype, name))
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
-        if dtype == "float32":
+        if dtype == "float32" and name not in FLOAT64_BY_DESIGN:
             assert gpu_model.f64_instructions(ptx) == [], f"{name} (float32) has float64 instructions"
-    assert MAIN_KERNELS <= {name for _, name in seen}
+    assert MAIN_KERNELS | FLOAT64_BY_DESIGN | {"nbest_steps"} <= {name for _, name in seen}
     assert len({name for _, name in seen}) * 2 == len(seen)
 
 

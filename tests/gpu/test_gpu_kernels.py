@@ -421,6 +421,55 @@ def test_readme_gpu_block_runs():
     assert host(namespace["draws"].log_prob).shape == (2, 3)
 
 
+def nbest_pair(d, arrays, n, lengths):
+    return vn.viterbi_nbest(*d, n, lengths), vn.viterbi_nbest(*arrays, n, lengths)
+
+
+def assert_nbest_equal(gpu, cpu, dtype):
+    for name in ("beam_idx", "tokens", "count"):
+        np.testing.assert_array_equal(host(getattr(gpu, name)), getattr(cpu, name))
+    close(gpu.score, cpu.score, dtype, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nbest_matches_cpu(dtype):
+    """Lists shorter and longer than the beam's paths (the second sequence has 5^2 = 25), -inf slots."""
+    scores, tokens, E1, E2, lengths = problem(dtype)
+    d = dev(scores, tokens, E1, E2)
+    for n in (1, 4, 30):
+        assert_nbest_equal(*nbest_pair(d, (scores, tokens, E1, E2), n, lengths), dtype)
+    scores[:, :, 0] = -np.inf
+    scores[1, 1, 3] = -np.inf
+    assert_nbest_equal(*nbest_pair(dev(scores, tokens, E1, E2), (scores, tokens, E1, E2), 20, lengths), dtype)
+
+
+def assert_distinct_equal(gpu, cpu, dtype):
+    """The same paths, in the same order; the float64 search's values within rounding of the inputs."""
+    for name in ("beam_idx", "tokens", "count"):
+        np.testing.assert_array_equal(host(getattr(gpu, name)), getattr(cpu, name))
+    for name in ("log_prob", "perturbed", "kappa", "weights"):
+        close(getattr(gpu, name), getattr(cpu, name), dtype, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distinct_samples_match_cpu(dtype):
+    """Replayed uniforms and a seed draw the same distinct samples on both targets (float64 search on
+    both), with a beam of more than N paths (kappa finite) and one of fewer (every path, kappa -inf)."""
+    scores, tokens, E1, E2, lengths = problem(dtype, K=3)  # sequence 1 has 3^2 = 9 paths
+    d = dev(scores, tokens, E1, E2)
+    uniforms = np.random.default_rng(4).random((2, 4, 5, 10)).astype(dtype)
+    gpu = vn.crf_sample(*d, 4, 0.7, lengths, uniforms=uniforms, replacement=False)
+    cpu = vn.crf_sample(scores, tokens, E1, E2, 4, 0.7, lengths, uniforms=uniforms, replacement=False)
+    assert_distinct_equal(gpu, cpu, dtype)
+    for N in (3, 12):
+        gpu = vn.crf_sample(*d, N, lengths=lengths, seed=5, replacement=False)
+        cpu = vn.crf_sample(scores, tokens, E1, E2, N, lengths=lengths, seed=5, replacement=False)
+        assert_distinct_equal(gpu, cpu, dtype)
+    assert host(gpu.count).tolist() == [12, 9]
+    kept = vn.crf_forward(*d, lengths=lengths).sample(3, seed=5, replacement=False)
+    np.testing.assert_array_equal(host(kept.beam_idx), cpu.beam_idx[:, :, :3])
+
+
 @pytest.mark.parametrize("steps_per_chunk", [1, 2])
 def test_several_chunks_of_steps(monkeypatch, steps_per_chunk):
     """With transition chunks of one or two steps, every recursion resumes from the previous chunk's
@@ -446,6 +495,7 @@ def test_several_chunks_of_steps(monkeypatch, steps_per_chunk):
         close(getattr(gpu, name), getattr(cpu, name), np.float64, 10)
     for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, lengths, np.float64):
         close(gpu, cpu, np.float64, 10)
+    assert_nbest_equal(*nbest_pair(d, (scores, tokens, E1, E2), 3, lengths), np.float64)
 
 
 def test_one_position_and_empty_batches():
@@ -461,8 +511,16 @@ def test_one_position_and_empty_batches():
     np.testing.assert_array_equal(
         host(vn.crf_sample(*d, 3, seed=2).beam_idx), vn.crf_sample(scores, tokens, E1, E2, 3, seed=2).beam_idx
     )
+    assert_nbest_equal(*nbest_pair(d, (scores, tokens, E1, E2), 7, None), np.float64)
+    assert_distinct_equal(
+        vn.crf_sample(*d, 2, seed=2, replacement=False),
+        vn.crf_sample(scores, tokens, E1, E2, 2, seed=2, replacement=False),
+        np.float64,
+    )
     empty = dev(scores[:0], tokens[:0], E1, E2)
     assert host(vn.viterbi_decode(*empty).beam_idx).shape == (0, 1)
+    assert host(vn.viterbi_nbest(*empty, 2).score).shape == (0, 2)
+    assert host(vn.crf_sample(*empty, 2, seed=1, replacement=False).weights).shape == (0, 2)
     assert host(vn.crf_sample(*empty, 2, seed=1).log_prob).shape == (0, 2)
     assert host(vn.log_partition_grad(*empty).grad_E1).shape == E1.shape
     for gpu, cpu in entropy_kl_pairs(scores, tokens, E1, E2, None, np.float64):  # T = 1
@@ -529,6 +587,14 @@ def test_large_beams_match_cpu(K):
     cpu_grad = vn.log_partition_grad(scores, tokens, E1, E2, 1.0, lengths)
     for name in ("grad_scores", "grad_E1", "grad_E2"):
         close(getattr(gpu_grad, name), getattr(cpu_grad, name), dtype, 10)
+    # the n best and the draw without replacement: exact orders, so equal paths but for float32 near-ties
+    gpu_best = vn.viterbi_nbest(*d, 8, lengths)
+    cpu_best = vn.viterbi_nbest(scores, tokens, E1, E2, 8, lengths)
+    assert np.mean(host(gpu_best.beam_idx) == cpu_best.beam_idx) > 0.9
+    close(gpu_best.score[:, 0], cpu_best.score[:, 0], dtype, 10)
+    gpu_distinct = vn.crf_sample(*d, 8, lengths=lengths, seed=3, replacement=False)
+    cpu_distinct = vn.crf_sample(scores, tokens, E1, E2, 8, lengths=lengths, seed=3, replacement=False)
+    assert np.mean(host(gpu_distinct.beam_idx) == cpu_distinct.beam_idx) > 0.9
 
 
 @pytest.mark.parametrize("V, k", TOPK)

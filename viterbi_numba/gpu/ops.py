@@ -20,6 +20,7 @@ from .._validate import BeamCRF, Draws, SamplerGradInputs, emission_values
 from ..results import (
     Beam,
     CRFSample,
+    DistinctSample,
     EntropyGrad,
     KLGrad,
     NBestResult,
@@ -62,6 +63,7 @@ def dynamic_shared(name: str, K: int, dtype: Any, N: int = 1, k: int = 1) -> int
     itemsize = np.dtype(dtype).itemsize
     values = {
         "viterbi_steps": K,
+        "nbest_steps": K,
         "forward_steps": K,
         "forward_finish": K,
         "chains_steps": K * chains_per_block(K, N, np.dtype(dtype)),
@@ -302,9 +304,36 @@ class GPUOps:
         return ViterbiResult(beam_idx[0], path_tokens[0], score[0], step_scores[0])
 
     def viterbi_nbest(self, crf: BeamCRF, n: int) -> NBestResult:
-        raise NotImplementedError(
-            "viterbi_nbest has no GPU kernel yet (issue 16 adds it); pass NumPy arrays for the CPU kernel"
+        lib = self.lib
+        B, T, K = crf.scores.shape
+        dtype = crf.dtype
+        compiled = kernels(dtype)
+        beam_idx, path_tokens = (lib.empty((B, T, n), np.int64) for _ in range(2))
+        score = lib.empty((B, n), dtype)
+        count = lib.empty((B,), np.int64)
+        shift, cum_shift = (lib.empty((B, T), dtype)[1] for _ in range(2))
+        best = lib.empty((B, T, K, n), dtype)[1]  # each (position, slot)'s list of shifted prefix scores
+        from_entry = lib.empty((B, T, K, n), np.int32)[1]  # slot * n + rank of the prefix each one extends
+        if not B:
+            return NBestResult(beam_idx[0], path_tokens[0], score[0], count[0])
+        compiled.nbest_start[B, threads_for(K), lib.stream](crf.scores, crf.lengths, shift, cum_shift, best)
+        steps, layout = self._recursion("nbest_steps", dtype, B, K, 1)
+        for t0, chunk, trans in self._transition_chunks(crf):
+            steps(trans, chunk, t0, crf.scores, shift, crf.lengths, layout.split, best, from_entry)
+        compiled.nbest_finish[grid(B, 64), 64, lib.stream](
+            crf.tokens,
+            crf.lengths,
+            cum_shift,
+            best,
+            from_entry,
+            lib.empty((B, n), dtype)[1],
+            lib.empty((B, n), np.int64)[1],
+            beam_idx[1],
+            path_tokens[1],
+            score[1],
+            count[1],
         )
+        return NBestResult(beam_idx[0], path_tokens[0], score[0], count[0])
 
     def stochastic_viterbi(
         self, crf: BeamCRF, num_samples: int, inv_temp: Any, draws: Draws
@@ -475,10 +504,32 @@ class GPUOps:
             )
         return CRFSample(beam_idx[0], path_tokens[0], log_prob[0])
 
-    def distinct_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> Any:
-        raise NotImplementedError(
-            "crf_sample(replacement=False) has no GPU kernel yet (issue 16 adds it); pass NumPy arrays for the CPU"
-        )
+    def distinct_sample(self, state: ForwardState, num_samples: int, draws: Draws) -> DistinctSample:
+        lib = self.lib
+        crf = state.crf
+        B, T, K = crf.scores.shape
+        N = num_samples
+        M = N + 1
+        dtype = crf.dtype
+        replay = self._replay(draws, (B, T, M, 2 * M), dtype)
+        beam_idx, path_tokens = (lib.empty((B, T, N), np.int64) for _ in range(2))
+        log_prob, perturbed, weights = (lib.empty((B, N), dtype) for _ in range(3))
+        kappa = lib.empty((B,), dtype)
+        count = lib.empty((B,), np.int64)
+
+        def scratch(shape: tuple, scratch_dtype: Any = np.float64) -> Any:
+            return lib.empty(shape, scratch_dtype)[1]
+
+        if B:
+            kernels(dtype, rank_for(crf.E1.shape[1])).distinct_sample_kernel[B, threads_for(K), lib.stream](
+                crf.scores, crf.tokens, crf.E1, crf.E2, crf.lengths, state.inv_temp, state.log_z_view, state.alpha,
+                state.col_max, state.col_sum, draws.seed & 0xFFFFFFFF, draws.seed >> 32, replay,
+                draws.uniforms is not None, scratch((B, K)), scratch((B, K)), scratch((B, K)),
+                scratch((B, M), np.int64), scratch((B, M)), scratch((B, M), np.int64), scratch((B, M * M)),
+                scratch((B, M)), scratch((B, M)), scratch((B, M), np.int64), scratch((B, T, M), np.int64), beam_idx[1],
+                path_tokens[1], log_prob[1], perturbed[1], kappa[1], weights[1], count[1],
+            )  # fmt: skip
+        return DistinctSample(beam_idx[0], path_tokens[0], log_prob[0], perturbed[0], kappa[0], weights[0], count[0])
 
     def _backward(self, state: ForwardState, row_scale: Optional[Any]) -> tuple[Any, Any, Any]:
         """(marginals, grad_E1, grad_E2) as (native, view) pairs (the gradients None without the device

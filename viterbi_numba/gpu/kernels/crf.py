@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from numba import config, cuda, int64, uint32
+from numba import config, cuda, float64, int64, uint32
 
 from ... import _portable
 from .block import FULL_MASK, MAX_THREADS, PAD, Family
@@ -46,6 +46,12 @@ def build(blk) -> Family:
     exchange_load = blk.exchange_load
     split_span = blk.split_span
     predecessor_share = blk.predecessor_share
+    gumbel = blk.gumbel
+    distinct_uniforms = blk.distinct_uniforms
+    expand_node = blk.expand_node
+    distinct_path = blk.distinct_path
+    priority_weight = blk.priority_weight
+    d2 = float64[:, ::1]
     ROW_STRIDE = RANK + 1
     ROW_STAGE = PRODUCT_DEPTH * ROW_STRIDE
     RANK_SUB = max(1, RANK // PRODUCT_EDGE)  # a thread's entries of an output row
@@ -252,6 +258,131 @@ def build(blk) -> Family:
             else:
                 out_beam_idx[b, t, n] = PAD
                 out_tokens[b, t, n] = PAD
+
+    @family.kernel(
+        t.beam
+        + (t.f, t.f1, t.f3, t.f3, t.f3, t.int64, t.int64, t.f4, t.boolean, d2, d2, d2, t.i2, d2, t.i2, d2)
+        + (d2, d2, t.i2, t.i3, t.i3, t.i3, t.f2, t.f2, t.f1, t.f2, t.i1)
+    )
+    def distinct_sample_kernel(
+        scores,
+        tokens,
+        E1,
+        E2,
+        lengths,
+        inv_temp,
+        log_z,
+        alpha,
+        col_max,
+        col_sum,
+        seed_lo,
+        seed_hi,
+        uniforms,
+        use_uniforms,
+        logits,
+        masses,
+        prefix,
+        picked,
+        kept_G,
+        kept_entry,
+        child_phi,
+        beam_phi,
+        beam_G,
+        beam_state,
+        history,
+        out_beam_idx,
+        out_tokens,
+        out_log_prob,
+        out_perturbed,
+        out_kappa,
+        out_weights,
+        out_count,
+    ):
+        """A block per sequence b: N = out_beam_idx.shape[2] samples without replacement, the stochastic
+        beam search of ``cpu/crf.py: distinct_sample_kernel`` (docs/design.md §4) with the same float64
+        arithmetic, so that a seed draws the same samples on both targets. Per step, the beam's places in
+        order: the threads compute the node's conditional (logits and masses (B, K) float64, a thread per
+        state), then thread 0 sums them in order into ``prefix`` and draws the node's children top-down
+        into the kept list (``_portable.expand_node``: kept_G, kept_entry (B, M), child_phi (B, M^2),
+        picked (B, M)), which needs no reduction. beam_phi / beam_G / beam_state (B, M) hold the beam,
+        history (B, T, M) the kept entries (place * K + state) per position.
+        """
+        B, T, K = scores.shape
+        N = out_beam_idx.shape[2]
+        M = N + 1
+        b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        length = lengths[b]
+        row = cuda.shared.array(RANK, nbtype)  # the node's E2 row, read by every thread
+        shared_kept = cuda.shared.array(1, int64)
+        draws = (uniforms, use_uniforms, seed_lo, seed_hi)
+        if tid == 0:  # the root: no state, phi = 0 and a standard Gumbel (the pick uniform of place 1)
+            root, _ = distinct_uniforms(uniforms, use_uniforms, seed_lo, seed_hi, b, length - 1, 1, 0)
+            beam_phi[b, 0] = 0.0
+            beam_G[b, 0] = gumbel(root)
+        cuda.syncthreads()
+        size = 1
+        for t in range(length - 1, -1, -1):
+            kept = 0
+            for m in range(size):
+                if kept == M and beam_G[b, m] < kept_G[b, M - 1]:
+                    break  # the beam is ordered by G, and a node's children have smaller G
+                shift = 0.0  # the root's conditional is softmax(alpha[L-1]), whose terms are at most 1
+                if t < length - 1:  # the forward pass's column of the node's state normalises it
+                    y = beam_state[b, m]
+                    shift = float64(col_max[b, t + 1, y]) + math.log(float64(col_sum[b, t + 1, y]))
+                    for d in range(tid, RANK, threads):
+                        row[d] = E2[tokens[b, t + 1, y], d] if d < E2.shape[1] else ZERO
+                    cuda.syncthreads()
+                for i in range(tid, K, threads):
+                    logit = float64(alpha[b, t, i])
+                    if t < length - 1:
+                        logit += float64(dot_row(E1, tokens[b, t, i], row)) * float64(inv_temp)
+                    logits[b, i] = logit
+                    masses[b, i] = math.exp(logit - shift)
+                cuda.syncthreads()
+                if tid == 0:
+                    total = 0.0
+                    for i in range(K):
+                        total += masses[b, i]
+                        prefix[b, i] = total
+                    shared_kept[0] = expand_node(
+                        masses[b], prefix[b], logits[b], shift + math.log(total), beam_phi[b, m], beam_G[b, m], m,
+                        picked[b], draws, b, t, kept_G[b], kept_entry[b], child_phi[b], kept,
+                    )  # fmt: skip
+                cuda.syncthreads()
+                kept = shared_kept[0]
+            cuda.syncthreads()  # every thread has read the beam's G for its last test before it changes
+            for k in range(tid, kept, threads):
+                entry = kept_entry[b, k] // M  # place * K + state
+                history[b, t, k] = entry
+                beam_state[b, k] = entry % K
+                beam_phi[b, k] = child_phi[b, (entry // K) * M + kept_entry[b, k] % M]
+                beam_G[b, k] = kept_G[b, k]
+            cuda.syncthreads()
+            size = kept
+        count = min(size, N)
+        kappa = beam_G[b, N] if size > N else -math.inf
+        if tid == 0:
+            out_count[b] = count
+            out_kappa[b] = kappa
+        for k in range(tid, N, threads):
+            if k < count:
+                path_score = distinct_path(
+                    scores[b], tokens[b], E1, E2, history[b], k, length, out_beam_idx[b, :, k], out_tokens[b, :, k]
+                )
+                log_prob = path_score * float64(inv_temp) - float64(log_z[b])
+                out_log_prob[b, k] = log_prob
+                out_perturbed[b, k] = beam_G[b, k]
+                out_weights[b, k] = priority_weight(log_prob, kappa)
+            else:
+                out_log_prob[b, k] = NEG_INF
+                out_perturbed[b, k] = NEG_INF
+                out_weights[b, k] = ZERO
+                for step in range(T):
+                    out_beam_idx[b, step, k] = PAD
+                    out_tokens[b, step, k] = PAD
 
     @family.kernel((t.i1, t.f3, t.f3))
     def backward_start(lengths, alpha, marginals):

@@ -6,6 +6,11 @@ a sequence are split over ``split`` blocks of a cooperative grid, which meet at 
 every step, and each thread takes the max over i of ``history[t - 1, i] + trans[i, j]`` for its columns
 (K^2 work per step, reading the step's block once, coalesced in j); ``viterbi_finish`` (a thread per
 sequence) backtracks and writes the step scores.
+
+The n best paths (list Viterbi, docs/design.md §4 "N best") run the same way: ``nbest_start``,
+``nbest_steps`` on the same chunks and grid, a thread per column keeping its list of n prefixes in the
+order of ``_portable.keep_best``, and ``nbest_finish`` (a thread per sequence, ``_portable.nbest_paths``).
+The lists are exact and in a total order, so they do not depend on the order predecessors are visited in.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ def build(blk) -> Family:
     exchange_load = blk.exchange_load
     split_span = blk.split_span
     predecessor_share = blk.predecessor_share
+    exchange_load4 = blk.exchange_load4
+    keep_best = blk.keep_best
+    nbest_paths = blk.nbest_paths
+    POS_INF = blk.POS_INF
     family = Family()
 
     @family.kernel((t.f3, t.i1, t.f2, t.f2, t.f3))
@@ -135,5 +144,101 @@ def build(blk) -> Family:
             path_increments(scores[b], tokens[b], E1, E2, out_beam_idx[b], length, out_step_scores[b])
         for step in range(length, T):
             out_step_scores[b, step] = ZERO
+
+    # ---------------------------------------------------------------------------------------------
+    # the n best paths
+    # ---------------------------------------------------------------------------------------------
+    @family.kernel((t.f3, t.i1, t.f2, t.f2, t.f4))
+    def nbest_start(scores, lengths, shift, cum_shift, best):
+        """A block per sequence b: the emission shifts (as ``viterbi_start``) and position 0's lists,
+        best[b, 0, j] = (scores[b, 0, j] - shift[b, 0], -inf, ...)."""
+        b = cuda.blockIdx.x
+        K = scores.shape[2]
+        n = best.shape[3]
+        scratch = cuda.shared.array(MAX_THREADS, nbtype)
+        position_shifts(scores, b, lengths[b], shift[b], cum_shift[b], scratch)
+        cuda.syncthreads()
+        for e in range(cuda.threadIdx.x, K * n, cuda.blockDim.x):
+            j = e // n
+            best[b, 0, j, e - j * n] = scores[b, 0, j] - shift[b, 0] if e == j * n else NEG_INF
+
+    @family.kernel((t.f1, t.int64, t.int64, t.f3, t.f2, t.i1, t.int64, t.f4, t.int32[:, :, :, ::1]))
+    def nbest_steps(trans, chunk, t0, scores, shift, lengths, split, best, from_entry):
+        """Steps t = t0 + s of a chunk of transition blocks (``trans``: (B, chunk, K, K) flattened): the
+        list best[b, t, j] (n) holds the n best of best[b, t - 1, i, r] + trans[b, s, i, j] over (i, r),
+        plus scores[b, t, j] - shift[b, t], in ``keep_best``'s order, with from_entry = i * n + r
+        (``cpu/decode.py: _nbest_step``'s lists; a column whose emission is -inf stays empty).
+
+        Block g serves columns as ``viterbi_steps`` does, a thread per column. The thread reads its
+        column of the block once (coalesced over j) against the predecessors' best prefixes (shared
+        memory, K values) and reads a predecessor's list only where its best prefix reaches the column's
+        n-th value; a list's ranks are read while they can still enter. Dynamic shared memory: K values.
+        """
+        B, T, K = scores.shape
+        n = best.shape[3]
+        tid = cuda.threadIdx.x
+        groups, first_col, last_col = split_span(K, split)
+        stride = uint32(K)
+        heads = cuda.shared.array(0, nbtype)
+        steps = min(chunk, T - t0)
+        for first in range(0, B, groups):
+            b = first + cuda.blockIdx.x // split
+            length = lengths[b] if b < B else 0
+            for s in range(steps):
+                step = t0 + s
+                if step < length:
+                    for i in range(tid, K, cuda.blockDim.x):
+                        heads[i] = exchange_load4(best, b, step - 1, i, 0)
+                    cuda.syncthreads()
+                    row0 = uint32((b * chunk + s) * K * K)
+                    for j in range(first_col + tid, last_col, cuda.blockDim.x):
+                        values = best[b, step, j]
+                        entries = from_entry[b, step, j]
+                        for r in range(n):
+                            values[r] = NEG_INF
+                        emission = scores[b, step, j] - shift[b, step]
+                        lowest = POS_INF if emission == NEG_INF else NEG_INF  # +inf: nothing enters
+                        kept = 0
+                        offset = row0 + uint32(j)
+                        i = uint32(0)
+                        while i < stride:  # unsigned 32-bit counters, as in viterbi_steps
+                            transition = trans[offset]
+                            offset += stride
+                            if heads[i] + transition >= lowest:  # else no rank of i's list enters
+                                for r in range(n):
+                                    value = exchange_load4(best, b, step - 1, i, r) + transition
+                                    if value == NEG_INF or value < lowest:
+                                        break
+                                    kept, entered = keep_best(values, entries, kept, value, i * n + r)
+                                    if not entered:
+                                        break  # i's later ranks are no better and come after it
+                                    lowest = values[n - 1]
+                            i += uint32(1)
+                        for r in range(kept):
+                            values[r] += emission
+                step_barrier(split)
+
+    @family.kernel((t.i3, t.i1, t.f2, t.f4, t.int32[:, :, :, ::1], t.f2, t.i2, t.i3, t.i3, t.f2, t.i1), threads=64)
+    def nbest_finish(
+        tokens, lengths, cum_shift, best, from_entry, ends, end_entries, out_beam_idx, out_tokens, out_score, out_count
+    ):
+        """A thread per sequence: the n best of the last position's lists and their backtraces
+        (``_portable.nbest_paths``); ``ends`` / ``end_entries`` (B, n) are scratch."""
+        b = cuda.grid(1)
+        if b >= tokens.shape[0]:
+            return
+        last = lengths[b] - 1
+        out_count[b] = nbest_paths(
+            best[b, last],
+            from_entry[b],
+            tokens[b],
+            last + 1,
+            cum_shift[b, last],
+            ends[b],
+            end_entries[b],
+            out_beam_idx[b],
+            out_tokens[b],
+            out_score[b],
+        )
 
     return family
