@@ -4,8 +4,9 @@
   (same constructor, parameters, methods and outputs), on the kernels; ``beam_probs`` is differentiable
   exactly as in the write-up (through the sampled predecessors), by a backward kernel.
 * :class:`DynamicCRF` — fairseq's ``DynamicCRF`` interface (``forward`` = log-likelihood,
-  ``forward_decoder`` = Viterbi) plus ``sample`` (exact samples with differentiable log-probabilities),
-  ``entropy`` and ``kl`` (exact, differentiable: an entropy bonus, a KL penalty to a reference).
+  ``forward_decoder`` = Viterbi) plus ``sample`` (exact samples with differentiable log-probabilities,
+  with or without replacement: :class:`DistinctSamples`), ``entropy`` and ``kl`` (exact, differentiable:
+  an entropy bonus, a KL penalty to a reference).
 * :func:`as_numpy`, :func:`lengths_from_masks`, :func:`seed_tensor`, :func:`seed_from` — conversions.
 
 The modules are made of the operators of :mod:`viterbi_numba.adapters.torch_ops`
@@ -19,7 +20,7 @@ float64 if any float input (emissions, E1, E2) is float64, else float32 (float16
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Literal, NamedTuple, Optional, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from . import torch_ops
 from .torch_ops import as_numpy
 
 __all__ = [
+    "DistinctSamples",
     "DynamicCRF",
     "StochasticViterbiSample",
     "StochasticViterbiSamples",
@@ -187,6 +189,33 @@ class StochasticViterbiSamples(_StochasticViterbiModule):
 # --------------------------------------------------------------------------------------------------
 # fairseq's DynamicCRF
 # --------------------------------------------------------------------------------------------------
+class DistinctSamples(NamedTuple):
+    """:meth:`DynamicCRF.sample` with ``replacement=False``: N distinct exact samples per sequence, in the
+    order drawn (the torch side of :class:`viterbi_numba.DistinctSample`, docs/design.md §4).
+
+    Attributes
+    ----------
+    tokens : (B, T, N) int64
+        Token ids; -1 at padded positions and for the samples beyond ``count``.
+    log_prob : (B, N) float
+        ``log p_tau(y)``, differentiable with respect to the emissions, ``E1`` and ``E2``; -inf beyond
+        ``count`` (no gradient there).
+    weights : (B, N) float
+        Priority-sampling weights ``p(y) / q(y)`` (not differentiable): ``sum_n weights[b, n] * f(y_bn)``
+        is an unbiased estimate of E_p[f]; 0 beyond ``count``.
+    kappa : (B,) float
+        The threshold of the weights, the (N+1)-th perturbed log-probability (-inf where every path was drawn).
+    count : (B,) int64
+        Samples drawn: N, or every path where the beam has fewer.
+    """
+
+    tokens: torch.Tensor
+    log_prob: torch.Tensor
+    weights: torch.Tensor
+    kappa: torch.Tensor
+    count: torch.Tensor
+
+
 class DynamicCRF(nn.Module):
     """fairseq's ``DynamicCRF(num_embedding, low_rank=32, beam_size=64)`` on the kernels, plus exact sampling.
 
@@ -255,6 +284,43 @@ class DynamicCRF(nn.Module):
         )
         return tokens, score, count
 
+    @overload
+    def sample(
+        self,
+        emissions: torch.Tensor,
+        num_samples: int,
+        temperature: float = ...,
+        masks: Optional[torch.Tensor] = ...,
+        beam: Optional[int] = ...,
+        generator: Optional[torch.Generator] = ...,
+        replacement: Literal[True] = ...,
+    ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def sample(
+        self,
+        emissions: torch.Tensor,
+        num_samples: int,
+        temperature: float = ...,
+        masks: Optional[torch.Tensor] = ...,
+        beam: Optional[int] = ...,
+        generator: Optional[torch.Generator] = ...,
+        *,
+        replacement: Literal[False],
+    ) -> DistinctSamples: ...
+
+    @overload
+    def sample(
+        self,
+        emissions: torch.Tensor,
+        num_samples: int,
+        temperature: float = ...,
+        masks: Optional[torch.Tensor] = ...,
+        beam: Optional[int] = ...,
+        generator: Optional[torch.Generator] = ...,
+        replacement: bool = ...,
+    ) -> Union[Tuple[torch.Tensor, torch.Tensor], DistinctSamples]: ...
+
     def sample(
         self,
         emissions: torch.Tensor,
@@ -263,18 +329,44 @@ class DynamicCRF(nn.Module):
         masks: Optional[torch.Tensor] = None,
         beam: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        replacement: bool = True,
+    ) -> Union[Tuple[torch.Tensor, torch.Tensor], DistinctSamples]:
         """Exact samples of p(y) proportional to exp(S(y) / temperature) over each position's top-k beam.
 
-        Returns tokens (B, T, N) (-1 at padded positions) and their log-probabilities (B, N),
-        differentiable with respect to ``emissions``, ``E1`` and ``E2``: at temperature 1, rescoring the
-        tokens with :meth:`forward` gives the same values and gradients (a sampled token is in its
-        top-k beam already, so forcing it in changes nothing).
+        Parameters
+        ----------
+        emissions : (B, T, V) float tensor
+        num_samples : int
+            N >= 1 samples per sequence.
+        temperature : float
+            tau > 0.
+        masks : (B, T) bool tensor, optional
+            Prefix masks (True on the real positions).
+        beam : int, optional
+            k, the beam size (default ``self.beam``).
+        generator : torch.Generator, optional
+            Draws the seed (torch's default generator when None).
+        replacement : bool
+            True: N independent samples. False: N distinct samples, drawn without replacement (a
+            stochastic beam search, docs/design.md §4), with the priority-sampling weights that turn them
+            into unbiased estimates; every path where the beam has N or fewer.
+
+        Returns
+        -------
+        (tokens, log_prob), or DistinctSamples without replacement
+            tokens (B, T, N) (-1 at padded positions) and their log-probabilities (B, N), differentiable
+            with respect to ``emissions``, ``E1`` and ``E2``: at temperature 1, rescoring the tokens with
+            :meth:`forward` gives the same values and gradients (a sampled token is in its top-k beam
+            already, so forcing it in changes nothing). Without replacement, :class:`DistinctSamples`
+            (tokens, log_prob, weights, kappa, count), the samples beyond ``count`` -1 with log_prob -inf.
         """
+        if not isinstance(replacement, bool):
+            raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
         emissions = _emissions(emissions)
         B, T, _ = emissions.shape
         beam_scores, beam_tokens = _ops.topk_beam(emissions, beam if beam is not None else self.beam)
-        log_prob, _, tokens, *_ = _ops.crf_sample(
+        sampler = _ops.crf_sample if replacement else _ops.crf_sample_distinct
+        log_prob, _, tokens, *extras = sampler(
             beam_scores,
             beam_tokens,
             self.E1.weight,
@@ -284,7 +376,10 @@ class DynamicCRF(nn.Module):
             temperature,
             seed_tensor(generator),
         )
-        return tokens, log_prob
+        if replacement:
+            return tokens, log_prob
+        weights, kappa, count = extras[:3]
+        return DistinctSamples(tokens, log_prob, weights, kappa, count)
 
     def entropy(
         self,

@@ -28,6 +28,9 @@ Operators (floats in the compute dtype, ids int64):
   (B, T, K, N), backpointers (B, T-1, K, N), score (B, N); differentiable (beam_probs).
 * ``crf_sample`` — log_prob (B, N), beam_idx, tokens (B, T, N), then the forward pass's saved state
   (log_z (B,), alpha, col_max, col_sum (B, T, K)); differentiable (log_prob).
+* ``crf_sample_distinct`` — N distinct samples (without replacement): log_prob (B, N), beam_idx, tokens
+  (B, T, N), the priority-sampling weights (B, N), kappa (B,), count (B,), then the saved state;
+  differentiable (log_prob; beyond ``count`` the paths are PAD, log_prob -inf and the gradient 0).
 * ``log_partition`` — log_z (B,), then the saved state; differentiable (log_z).
 * ``marginals`` — (B, T, K).
 * ``log_likelihood`` — log_likelihood (B,), beam_scores, beam_tokens (B, T, K), the targets' slots
@@ -445,13 +448,30 @@ def crf_sample(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`viterbi_numba.crf_sample`: log_prob (B, N), beam_idx, tokens (B, T, N), then the forward
     pass's saved state (what the backward pass reads)."""
-    forward = _forward(scores, tokens, E1, E2, lengths, temperature)
-    draws = forward.sample(num_samples, seed=_seed(seed), uniforms=_array(uniforms, "uniforms", compute_dtype(scores)))
+    forward, draws = _draw(scores, tokens, E1, E2, lengths, num_samples, temperature, seed, uniforms, True)
     return _tensor(draws.log_prob), _tensor(draws.beam_idx), _tensor(draws.tokens), *_saved(forward.saved)
 
 
+def _draw(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor],
+    num_samples: int,
+    temperature: float,
+    seed: Optional[Tensor],
+    uniforms: Optional[Tensor],
+    replacement: bool,
+) -> tuple[vn.CRFForward, Any]:
+    """The kept forward pass of an exact sampler's tensors and its draw (:meth:`viterbi_numba.CRFForward.sample`)."""
+    forward = _forward(scores, tokens, E1, E2, lengths, temperature)
+    uniforms_ = _array(uniforms, "uniforms", compute_dtype(scores, E1, E2))
+    return forward, forward.sample(num_samples, seed=_seed(seed), uniforms=uniforms_, replacement=replacement)
+
+
 @_fake(crf_sample)
-def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
+def _crf_sample_like(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
     B, T, _ = scores.shape
     dtype = compute_dtype(scores, E1, E2)
     N = num_samples
@@ -477,10 +497,12 @@ def _crf_sample_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     _crf_setup(ctx, inputs, output, temperature=inputs[6], paths=output[1])
 
 
-def _paths_grad(ctx: Any, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    scores, tokens, E1, E2, lengths, paths, *state = ctx.saved_tensors
+def _paths_grad(ctx: Any, weights: Tensor, paths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum weights * log p(paths)`` with respect to scores, E1, E2 (``paths``: the saved
+    ones unless given)."""
+    scores, tokens, E1, E2, lengths, saved_paths, *state = ctx.saved_tensors
     grads = torch.ops.viterbi_numba.crf_paths_backward(
-        weights, paths, scores, tokens, E1, E2, lengths, ctx.temperature, *state
+        weights, saved_paths if paths is None else paths, scores, tokens, E1, E2, lengths, ctx.temperature, *state
     )
     return _in_dtypes(grads, scores, E1, E2)
 
@@ -491,6 +513,57 @@ def _crf_sample_grad(ctx: Any, grad_log_prob: Tensor, *_unused: Any) -> tuple:
 
 
 _autograd(crf_sample, _crf_sample_grad, _crf_sample_setup)
+
+
+@_operator
+def crf_sample_distinct(
+    scores: Tensor,
+    tokens: Tensor,
+    E1: Tensor,
+    E2: Tensor,
+    lengths: Optional[Tensor] = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    seed: Optional[Tensor] = None,
+    uniforms: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`viterbi_numba.crf_sample` with ``replacement=False``: log_prob (B, N) (-inf beyond ``count``),
+    beam_idx, tokens (B, T, N) (PAD beyond ``count``), the priority-sampling weights p/q (B, N), kappa (B,),
+    count (B,), then the forward pass's saved state; ``uniforms`` (B, T, N + 1, 2 (N + 1)) replay given draws
+    instead of the ``seed`` (the layout of :func:`viterbi_numba.crf_sample`)."""
+    forward, draws = _draw(scores, tokens, E1, E2, lengths, num_samples, temperature, seed, uniforms, False)
+    return (
+        _tensor(draws.log_prob),
+        _tensor(draws.beam_idx),
+        _tensor(draws.tokens),
+        _tensor(draws.weights),
+        _tensor(draws.kappa),
+        _tensor(draws.count),
+        *_saved(forward.saved),
+    )
+
+
+@_fake(crf_sample_distinct)
+def _(scores, tokens, E1, E2, lengths=None, num_samples=1, temperature=1.0, seed=None, uniforms=None):  # type: ignore[no-untyped-def]
+    log_prob, beam_idx, path_tokens, *state = _crf_sample_like(scores, tokens, E1, E2, lengths, num_samples)
+    B = scores.shape[0]
+    weights = _float_like(scores, (B, num_samples), log_prob.dtype)
+    kappa = _float_like(scores, (B,), log_prob.dtype)
+    return log_prob, beam_idx, path_tokens, weights, kappa, _ids_like(scores, (B,)), *state
+
+
+def _crf_sample_distinct_grad(ctx: Any, grad_log_prob: Tensor, *_unused: Any) -> tuple:
+    paths = ctx.saved_tensors[5]
+    # A path beyond ``count`` is PAD everywhere (position 0 is before every length) and its log_prob, -inf,
+    # is a constant: weight 0 whatever the incoming gradient (even inf or NaN), and slot 0 in place of PAD
+    # for crf_paths_backward, which takes beam slots before each length.
+    drawn = paths[:, 0, :] >= 0
+    weights = torch.where(drawn, grad_log_prob, torch.zeros_like(grad_log_prob))
+    grad_scores, grad_E1, grad_E2 = _paths_grad(ctx, weights, paths.clamp_min(0))
+    return grad_scores, None, grad_E1, grad_E2, None, None, None, None, None
+
+
+_autograd(crf_sample_distinct, _crf_sample_distinct_grad, _crf_sample_setup)
 
 
 @_operator

@@ -11,6 +11,7 @@ from stochastic_viterbi_torch import stochastic_viterbi_torch  # noqa: E402
 
 from viterbi_numba import PAD  # noqa: E402
 from viterbi_numba.adapters.torch import (  # noqa: E402
+    DistinctSamples,
     DynamicCRF,
     StochasticViterbiSample,
     StochasticViterbiSamples,
@@ -224,6 +225,40 @@ def test_dynamic_crf_samples_rescore_to_the_same_values_and_gradients():
         torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_dynamic_crf_distinct_samples_rescore_to_the_same_values_and_gradients():
+    crf = _module(DynamicCRF)
+    emissions = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    masks = _masks([6, 3, 1])  # the last sequence has K = 5 paths, fewer than the 7 asked for
+    draws = crf.sample(emissions, 7, masks=masks, generator=torch.Generator().manual_seed(2), replacement=False)
+    assert isinstance(draws, DistinctSamples) and draws.tokens.shape == (B, T, 7)
+    assert draws.log_prob.shape == draws.weights.shape == (B, 7) and draws.kappa.shape == (B,)
+    assert draws.count.tolist() == [7, 7, K] and draws.kappa[-1] == -np.inf
+    for b, count in enumerate(draws.count.tolist()):
+        assert len({tuple(draws.tokens[b, :, n].tolist()) for n in range(count)}) == count  # distinct
+    assert (draws.tokens[1, 3:] == PAD).all() and (draws.tokens[2, :, K:] == PAD).all()
+    assert torch.isinf(draws.log_prob[2, K:]).all() and (draws.weights[2, K:] == 0).all()
+    assert not any(t.requires_grad for t in (draws.weights, draws.kappa, draws.count))
+    # the same generator seed draws the same samples, another seed others
+    again = crf.sample(emissions, 7, masks=masks, generator=torch.Generator().manual_seed(2), replacement=False)
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))
+    other = crf.sample(emissions, 7, masks=masks, generator=torch.Generator().manual_seed(3), replacement=False)
+    assert not torch.equal(other.tokens, draws.tokens)
+    # an incoming gradient on every entry, also beyond the count: those entries get none (no NaN)
+    weights = torch.randn(B, 7, dtype=torch.float64)
+    params = (emissions, crf.E1.weight, crf.E2.weight)
+    ours = torch.autograd.grad(draws.log_prob, params, weights)
+    total = 0
+    for b, count in enumerate(draws.count.tolist()):
+        for n in range(count):
+            row = slice(b, b + 1)
+            rescored = crf(emissions[row], draws.tokens[row, :, n], masks[row])
+            torch.testing.assert_close(rescored[0], draws.log_prob[b, n], rtol=1e-10, atol=1e-10)
+            total = total + rescored[0] * weights[b, n]
+    for a, want in zip(ours, torch.autograd.grad(total, params)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, want, rtol=1e-10, atol=1e-10)
+
+
 def test_dynamic_crf_nbest_rescores_best_first():
     crf = _module(DynamicCRF)
     emissions = torch.randn(B, T, V, dtype=torch.float64)
@@ -272,6 +307,17 @@ def test_gradcheck_every_differentiable_output():
         ),
         (emissions, *tables),
     )
+    assert torch.autograd.gradcheck(
+        lambda em, e1, e2: _with_tables(
+            crf,
+            e1,
+            e2,
+            lambda: (
+                crf.sample(em, 3, masks=masks, generator=torch.Generator().manual_seed(3), replacement=False).log_prob
+            ),
+        ),
+        (emissions, *tables),
+    )
     writeup = StochasticViterbiSamples(v, low_rank=d, beam_size=k, num_samples=2).double()
     uniforms = torch.rand(b, t - 1, k, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.autograd.gradcheck(
@@ -290,6 +336,10 @@ def test_cuda_and_bad_inputs_are_clear_errors():
         crf.forward_decoder(np.zeros((B, T, V)))
     with pytest.raises(ValueError, match="num_samples must be at least 1"):
         crf.sample(torch.randn(B, T, V, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="num_samples must be at least 1"):
+        crf.sample(torch.randn(B, T, V, dtype=torch.float64), 0, replacement=False)
+    with pytest.raises(TypeError, match="replacement must be a bool, got str"):
+        crf.sample(torch.randn(B, T, V, dtype=torch.float64), 2, replacement="no")
     with pytest.raises(ValueError, match="targets must be token ids"):
         crf(torch.randn(B, T, V, dtype=torch.float64), torch.full((B, T), V))
 

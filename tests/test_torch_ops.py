@@ -44,6 +44,10 @@ def _opcheck_cases():
     sample = ops.stochastic_viterbi(*plain[:1], tokens, *plain[1:], lengths, N, 0.8, seed)
     paths = ops.crf_sample(*plain[:1], tokens, *plain[1:], lengths, N, 0.8, seed)[1]
     uniforms = torch.rand(B, T - 1, K, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    distinct_uniforms = torch.rand(
+        B, T, N + 1, 2 * (N + 1), dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    scores32 = scores.detach().float().requires_grad_()
     return {
         "topk_beam": (emissions, K),
         "topk_beam forced": (emissions, K, tokens[:, :, -1]),
@@ -54,7 +58,12 @@ def _opcheck_cases():
         "stochastic_viterbi replayed": (scores, tokens, E1, E2, None, N, 1.0, None, uniforms),
         "stochastic_viterbi_backward": (torch.randn_like(sample[0]), sample[0], sample[4], tokens, *plain[1:], lengths),
         "crf_sample": (scores, tokens, E1, E2, lengths, N, 0.8, seed),
-        "crf_sample float32": (scores.detach().float().requires_grad_(), tokens, E1.float(), E2, lengths, 2, 1.0, seed),
+        "crf_sample float32": (scores32, tokens, E1.float(), E2, lengths, 2, 1.0, seed),
+        "crf_sample_distinct": (scores, tokens, E1, E2, lengths, N, 0.8, seed),
+        # the last sequence (length 2) has K**2 = 16 paths: count 16, then PAD paths with log_prob -inf
+        "crf_sample_distinct every path": (scores, tokens, E1, E2, lengths, K**2 + 4, 0.8, seed),
+        "crf_sample_distinct replayed": (scores, tokens, E1, E2, None, N, 1.0, None, distinct_uniforms),
+        "crf_sample_distinct float32": (scores32, tokens, E1.float(), E2, None, 2, 1.0, seed),
         "log_partition": (scores, tokens, E1, E2, lengths, 0.8),
         "marginals": (*plain[:1], tokens, *plain[1:], lengths, 0.8),
         "log_likelihood": (emissions, tokens[:, :, 1], E1, E2, K, lengths, 1.0),
@@ -119,7 +128,7 @@ def test_every_operator_has_cpu_and_cuda_kernels():
 
 def test_the_samplers_are_functions_of_their_seed():
     _, scores, E1, E2, tokens, lengths = _inputs()
-    for op in (ops.crf_sample, ops.stochastic_viterbi):
+    for op in (ops.crf_sample, ops.stochastic_viterbi, ops.crf_sample_distinct):
         a = op(scores, tokens, E1, E2, lengths, N, 1.0, torch.tensor(5))
         b = op(scores, tokens, E1, E2, lengths, N, 1.0, torch.tensor(5))
         c = op(scores, tokens, E1, E2, lengths, N, 1.0, torch.tensor(6))
@@ -141,6 +150,40 @@ def test_operators_agree_with_the_array_api():
     forward = vn.crf_forward(*arrays[:4], 0.8, arrays[4])
     for got, expected in zip(grads, forward.paths_grad(want.beam_idx)):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    # without replacement: every output is the array API's, and the gradient its paths_grad
+    distinct = ops.crf_sample_distinct(scores, tokens, E1, E2, lengths, N, 0.8, torch.tensor(9))
+    want = vn.crf_sample(*arrays[:4], N, 0.8, arrays[4], seed=9, replacement=False)
+    fields = ("log_prob", "beam_idx", "tokens", "weights", "kappa", "count")
+    for name, got in zip(fields, distinct):
+        np.testing.assert_array_equal(got.detach().numpy(), getattr(want, name), err_msg=name)
+    assert (want.count == N).all()  # every column drawn: paths_grad takes them all
+    weights = torch.randn(B, N, dtype=torch.float64)
+    grads = torch.autograd.grad((distinct[0] * weights).sum(), (scores, E1, E2))
+    for got, expected in zip(grads, forward.paths_grad(want.beam_idx, weights.numpy())):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert not any(t.requires_grad for t in distinct[1:])  # only log_prob is differentiable
+
+
+def test_distinct_samples_beyond_the_count_get_no_gradient():
+    _, scores, E1, E2, tokens, lengths = _inputs()
+    paths = K ** int(lengths[-1])  # the short last sequence has 16 paths, fewer than drawn
+    num_samples = paths + 4
+    log_prob, beam_idx, _, weights, _, count, *_ = ops.crf_sample_distinct(
+        scores, tokens, E1, E2, lengths, num_samples, 0.8, torch.tensor(3)
+    )
+    assert count.tolist() == [num_samples, num_samples, paths]
+    assert (beam_idx[-1, :, paths:] == -1).all() and torch.isinf(log_prob[-1, paths:]).all()
+    assert (weights[-1, paths:] == 0).all()
+    grad_in = torch.randn(B, num_samples, dtype=torch.float64)
+    # the same loss without the -inf entries: the reference gradient, reached through drawn paths only
+    drawn = torch.arange(num_samples)[None, :] < count[:, None]
+    want = torch.autograd.grad(log_prob[drawn] @ grad_in[drawn], (scores, E1, E2), retain_graph=True)
+    for beyond in (1.0, float("nan")):  # a gradient beyond the count, even NaN, is ignored
+        grad_out = torch.where(drawn, grad_in, torch.full_like(grad_in, beyond))
+        got = torch.autograd.grad(log_prob, (scores, E1, E2), grad_out, retain_graph=True)
+        for have, expected in zip(got, want):
+            assert torch.isfinite(have).all()
+            torch.testing.assert_close(have, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_through_the_operators():
@@ -152,12 +195,16 @@ def test_gradcheck_through_the_operators():
     def sample_log_prob(s, e1, e2):
         return ops.crf_sample(s, tokens, e1, e2, lengths, 3, 0.7, torch.tensor(4))[0]
 
+    def distinct_log_prob(s, e1, e2):
+        return ops.crf_sample_distinct(s, tokens, e1, e2, lengths, 3, 0.7, torch.tensor(4))[0]
+
     def likelihood(em, e1, e2):
         return ops.log_likelihood(em, tokens[:, :, 2], e1, e2, K, lengths, 1.0)[0]
 
     for fn, leaves in (
         (log_z, (scores, E1, E2)),
         (sample_log_prob, (scores, E1, E2)),
+        (distinct_log_prob, (scores, E1, E2)),
         (likelihood, (emissions, E1, E2)),
     ):
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
