@@ -281,6 +281,14 @@ def build(jit: Callable) -> SimpleNamespace:
         return -(top + math.log1p(math.exp(-abs(a - b))))
 
     @jit
+    def not_picked(picked, count, i):
+        """Whether child i is not among picked[:count]."""
+        for q in range(count):
+            if picked[q] == i:
+                return False
+        return True
+
+    @jit
     def pick_unpicked(prefix, masses, picked, count, target, scan):
         """The child a node draws next: the smallest i not among picked[:count] whose running mass over the
         children not picked (prefix[i] minus the masses[j] of the picked j <= i) exceeds ``target`` (a
@@ -293,10 +301,7 @@ def build(jit: Callable) -> SimpleNamespace:
         if scan:
             running = 0.0
             for i in range(K):
-                free = True
-                for q in range(count):
-                    free = free and picked[q] != i
-                if free:
+                if not_picked(picked, count, i):
                     running += masses[i]
                     if running > target:
                         found = i
@@ -328,10 +333,7 @@ def build(jit: Callable) -> SimpleNamespace:
             return found
         last = 0
         for i in range(K):
-            free = masses[i] > 0.0
-            for q in range(count):
-                free = free and picked[q] != i
-            if free:
+            if masses[i] > 0.0 and not_picked(picked, count, i):
                 last = i
         return last
 
@@ -370,10 +372,7 @@ def build(jit: Callable) -> SimpleNamespace:
             if scan:  # the running sums cannot resolve the mass left: sum it afresh
                 remaining = 0.0
                 for i in range(K):
-                    free = True
-                    for q in range(k):
-                        free = free and picked[q] != i
-                    if free:
+                    if not_picked(picked, k, i):
                         remaining += masses[i]
             u_pick, u_gumbel = distinct_uniforms(uniforms, use_uniforms, seed_lo, seed_hi, b, t, place, k)
             if k > 0:  # the largest of the children left: a Gumbel of their mass, at most the last one
@@ -390,12 +389,35 @@ def build(jit: Callable) -> SimpleNamespace:
         return kept
 
     @jit
-    def distinct_path(scores_b, tokens_b, E1, E2, history_b, place, length, out_beam_idx, out_tokens):
-        """The path of the distinct sampler's final beam place ``place``, read from ``history_b[t, place]``
-        (parent place * K + state, the search having run from the last position down) into out_beam_idx /
-        out_tokens (T,), PAD after ``length``; returns its score S(y), summed in float64."""
+    def priority_weight(log_prob, kappa):
+        """p / q with q = P(G > kappa) = 1 - exp(-exp(log p - kappa)), the inclusion probability of a
+        sample given the threshold kappa (priority sampling); log q is the gap itself when it is very
+        negative and 0 when it is large (1 - exp(-exp(40)) rounds to 1)."""
+        gap = log_prob - kappa
+        if gap < -30.0:
+            log_q = gap
+        elif gap > 40.0:
+            log_q = 0.0
+        else:
+            log_q = math.log(-math.expm1(-math.exp(gap)))
+        return math.exp(log_prob - log_q)
+
+    @jit
+    def distinct_sample(scores_b, tokens_b, E1, E2, history_b, place, count, length, inv_temp, log_z, perturbed,
+                        kappa, out_beam_idx, out_tokens):  # fmt: skip
+        """Sample ``place`` of the distinct sampler's final beam: its path, read from ``history_b[t, place]``
+        (parent place * K + state, the search having run from the last position down), into out_beam_idx /
+        out_tokens (T,), PAD after ``length``; returns (log_prob, perturbed, weight), with log_prob =
+        S(y) * inv_temp - log_z (S summed in float64) and the priority-sampling weight. A place at or
+        beyond ``count`` is no sample: PAD throughout and (-inf, -inf, 0)."""
         K = scores_b.shape[1]
         D = E1.shape[1]
+        T = out_beam_idx.shape[0]
+        if place >= count:
+            for t in range(T):
+                out_beam_idx[t] = PAD
+                out_tokens[t] = PAD
+            return -math.inf, -math.inf, 0.0
         path_score = np.float64(0.0)
         x = 0
         for t in range(length):
@@ -411,24 +433,11 @@ def build(jit: Callable) -> SimpleNamespace:
                     dot += np.float64(E1[tokens_b[t - 1, x], d]) * np.float64(E2[tokens_b[t, y], d])
                 path_score += dot
             x = y
-        for t in range(length, out_beam_idx.shape[0]):
+        for t in range(length, T):
             out_beam_idx[t] = PAD
             out_tokens[t] = PAD
-        return path_score
-
-    @jit
-    def priority_weight(log_prob, kappa):
-        """p / q with q = P(G > kappa) = 1 - exp(-exp(log p - kappa)), the inclusion probability of a
-        sample given the threshold kappa (priority sampling); log q is the gap itself when it is very
-        negative and 0 when it is large (1 - exp(-exp(40)) rounds to 1)."""
-        gap = log_prob - kappa
-        if gap < -30.0:
-            log_q = gap
-        elif gap > 40.0:
-            log_q = 0.0
-        else:
-            log_q = math.log(-math.expm1(-math.exp(gap)))
-        return math.exp(log_prob - log_q)
+        log_prob = path_score * inv_temp - log_z
+        return log_prob, perturbed, priority_weight(log_prob, kappa)
 
     return SimpleNamespace(
         keep_best=keep_best,
@@ -438,7 +447,7 @@ def build(jit: Callable) -> SimpleNamespace:
         pick_unpicked=pick_unpicked,
         distinct_uniforms=distinct_uniforms,
         expand_node=expand_node,
-        distinct_path=distinct_path,
+        distinct_sample=distinct_sample,
         priority_weight=priority_weight,
         ranks_above=ranks_above,
         place_forced=place_forced,

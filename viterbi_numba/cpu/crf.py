@@ -35,8 +35,7 @@ uniform_pair = portable.uniform_pair
 gumbel = portable.gumbel
 distinct_uniforms = portable.distinct_uniforms
 expand_node = portable.expand_node
-distinct_path = portable.distinct_path
-priority_weight = portable.priority_weight
+distinct_sample = portable.distinct_sample
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,21 +353,10 @@ def distinct_sample_kernel(
         kappa = perturbed[N] if size > N else -np.inf
         out_kappa[b] = kappa
         for k in range(N):
-            if k >= count:
-                out_log_prob[b, k] = -np.inf
-                out_perturbed[b, k] = -np.inf
-                out_weights[b, k] = 0.0
-                for t in range(T):
-                    out_beam_idx[b, t, k] = PAD
-                    out_tokens[b, t, k] = PAD
-                continue
-            path_score = distinct_path(
-                scores[b], tokens[b], E1, E2, history, k, length, out_beam_idx[b, :, k], out_tokens[b, :, k]
-            )
-            log_prob = path_score * inv_temp - log_z[b]
-            out_log_prob[b, k] = log_prob
-            out_perturbed[b, k] = perturbed[k]
-            out_weights[b, k] = priority_weight(log_prob, kappa)
+            out_log_prob[b, k], out_perturbed[b, k], out_weights[b, k] = distinct_sample(
+                scores[b], tokens[b], E1, E2, history, k, count, length, np.float64(inv_temp), log_z[b],
+                perturbed[k], kappa, out_beam_idx[b, :, k], out_tokens[b, :, k],
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,8 +49,7 @@ def build(blk) -> Family:
     gumbel = blk.gumbel
     distinct_uniforms = blk.distinct_uniforms
     expand_node = blk.expand_node
-    distinct_path = blk.distinct_path
-    priority_weight = blk.priority_weight
+    distinct_sample = blk.distinct_sample
     d2 = float64[:, ::1]
     ROW_STRIDE = RANK + 1
     ROW_STAGE = PRODUCT_DEPTH * ROW_STRIDE
@@ -368,21 +367,10 @@ def build(blk) -> Family:
             out_count[b] = count
             out_kappa[b] = kappa
         for k in range(tid, N, threads):
-            if k < count:
-                path_score = distinct_path(
-                    scores[b], tokens[b], E1, E2, history[b], k, length, out_beam_idx[b, :, k], out_tokens[b, :, k]
-                )
-                log_prob = path_score * float64(inv_temp) - float64(log_z[b])
-                out_log_prob[b, k] = log_prob
-                out_perturbed[b, k] = beam_G[b, k]
-                out_weights[b, k] = priority_weight(log_prob, kappa)
-            else:
-                out_log_prob[b, k] = NEG_INF
-                out_perturbed[b, k] = NEG_INF
-                out_weights[b, k] = ZERO
-                for step in range(T):
-                    out_beam_idx[b, step, k] = PAD
-                    out_tokens[b, step, k] = PAD
+            out_log_prob[b, k], out_perturbed[b, k], out_weights[b, k] = distinct_sample(
+                scores[b], tokens[b], E1, E2, history[b], k, count, length, float64(inv_temp), float64(log_z[b]),
+                beam_G[b, k], kappa, out_beam_idx[b, :, k], out_tokens[b, :, k],
+            )  # fmt: skip
 
     @family.kernel((t.i1, t.f3, t.f3))
     def backward_start(lengths, alpha, marginals):
