@@ -91,6 +91,7 @@ def writeup_size_cases(repeats, progress):
     """
     B, T, V, K, D = (WRITEUP_SIZE[x] for x in "BTVKD")
     emissions, E1, E2 = make_inputs(B, T, V, K, D)
+    E1_unit, E2_unit = E1 * np.float32(10), E2 * np.float32(10)  # the write-up's nn.Embedding: N(0, 1) entries
     em_t, E1_t, E2_t = (torch.from_numpy(a) for a in (emissions, E1, E2))
     beam = vn.topk_beam(emissions, K)
     beam_t = (torch.from_numpy(beam.scores), torch.from_numpy(beam.tokens))
@@ -110,6 +111,11 @@ def writeup_size_cases(repeats, progress):
     baselines = {
         "topk": ("torch.topk", lambda: torch.topk(em_t, K, 2), repeats),
         "viterbi": ("fairseq-style torch Viterbi", lambda: tb.viterbi(em_t, E1_t, E2_t, K), repeats),
+        "viterbi-unit": (
+            "fairseq-style torch Viterbi",
+            lambda: tb.viterbi(em_t, torch.from_numpy(E1_unit), torch.from_numpy(E2_unit), K),
+            repeats,
+        ),
         "viterbi-beam": ("fairseq-style torch Viterbi", lambda: tb.viterbi_beam(*beam_t, E1_t, E2_t), repeats),
         "stochastic-viterbi-1": (
             "torch stochastic Viterbi",
@@ -145,18 +151,24 @@ def writeup_size_cases(repeats, progress):
             "Viterbi, end to end (top-K + decode)",
             lambda: vn.viterbi_decode(*vn.topk_beam(emissions, K), E1, E2),
             "viterbi",
+            5,
+        ),
+        (
+            "Viterbi, end to end, N(0, 1) tables (the write-up's initialisation)",
+            lambda: vn.viterbi_decode(*vn.topk_beam(emissions, K), E1_unit, E2_unit),
+            "viterbi-unit",
             3,
         ),
         ("Viterbi, given the beam", lambda: vn.viterbi_decode(beam.scores, beam.tokens, E1, E2), "viterbi-beam", 3),
-        ("stochastic Viterbi N=1, end to end", ours_stochastic_viterbi(1, True), "stochastic-viterbi-1", 15),
+        ("stochastic Viterbi N=1, end to end", ours_stochastic_viterbi(1, True), "stochastic-viterbi-1", 25),
         ("stochastic Viterbi N=1, given the beam", ours_stochastic_viterbi(1, False), "stochastic-viterbi-1-beam", 15),
-        ("stochastic Viterbi N=8, end to end", ours_stochastic_viterbi(8, True), "stochastic-viterbi-8", 40),
+        ("stochastic Viterbi N=8, end to end", ours_stochastic_viterbi(8, True), "stochastic-viterbi-8", 100),
         ("stochastic Viterbi N=8, given the beam", ours_stochastic_viterbi(8, False), "stochastic-viterbi-8-beam", 40),
         (
             "exact sampler (crf_sample) N=8, end to end",
             lambda: vn.crf_sample(*vn.topk_beam(emissions, K), E1, E2, num_samples=8, seed=1),
             "stochastic-viterbi-8",
-            80,
+            150,
         ),
         (
             "exact sampler (crf_sample) N=8, given the beam",
@@ -320,10 +332,11 @@ def memory_cases(progress):
 
 
 def scaling_cases(repeats, quick, progress):
-    """Sampler time (given the beam) over K, T and N around the write-up's size; torch where it is affordable."""
+    """Sampler time (given the beam) over K, D, T and N around the write-up's size; torch where it is affordable."""
     base = dict(WRITEUP_SIZE, N=1)
     sweeps = {
-        "K": [64, 128, 256] if quick else [64, 128, 256, 512],
+        "K": [64, 128, 256] if quick else [64, 128, 256, 512, 1024],
+        "D": [16, 32] if quick else [16, 32, 64, 128],
         "T": [25, 97] if quick else [25, 50, 97, 200],
         "N": [1, 8] if quick else [1, 2, 4, 8, 16],
     }
@@ -452,18 +465,18 @@ def write_report(info, writeup_rows, memory_rows, scaling_rows):
             lines.append(f"| {theirs['case']} | {theirs['peak_mb']:.0f} | | |")
     lines += [
         "",
-        "Scaling (given the beam; B=8, D=32; V=4000 for the K sweep, 2000 otherwise): stochastic Viterbi, Viterbi "
-        "and exact sampler time, ms.",
+        "Scaling (given the beam; B=8 and the write-up's size but for the varied axis; V=4000 for the K sweep, "
+        "2000 otherwise): stochastic Viterbi, Viterbi and exact sampler time, ms.",
         "",
-        "| varied | K | T | N | stochastic Viterbi | Viterbi | exact sampler | torch stochastic Viterbi | speed-up (stochastic Viterbi) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| varied | K | D | T | N | stochastic Viterbi | Viterbi | exact sampler | torch stochastic Viterbi | speed-up (stochastic Viterbi) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in scaling_rows:
         s = r["size"]
         torch_t = "—" if r["torch"] is None else fmt(r["torch"])
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         lines.append(
-            f"| {r['axis']} | {s['K']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | "
+            f"| {r['axis']} | {s['K']} | {s['D']} | {s['T']} | {s['N']} | {fmt(r['ours'])} | {fmt(r['viterbi'])} | "
             f"{fmt(r['exact'])} | {torch_t} | {speed} |"
         )
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
@@ -490,7 +503,7 @@ def main(argv=None):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=11 + len(MEMORY_CASES) + (7 if args.quick else 13), unit="case")
+        bar = tqdm(total=12 + len(MEMORY_CASES) + (9 if args.quick else 18), unit="case")
     except ImportError:
         bar = None
 

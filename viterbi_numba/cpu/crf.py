@@ -28,8 +28,9 @@ from numba import njit, prange
 
 from .. import _portable
 from .._portable import PAD
-from .decode import _FASTMATH, _transition_block, portable, softmax_pick
+from .decode import _FASTMATH, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
+from .tiles import gather_operands, strip_dots, strip_width, transition_block, workspace
 
 uniform_pair = portable.uniform_pair
 gumbel = portable.gumbel
@@ -57,13 +58,10 @@ def _column_max(prev, trans, inv_temp, col_max):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _forward_step(prev, trans, inv_temp, col_max, col_sum):
-    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]).
-
-    Rows with prev[i] = -inf (unreachable beam slots) are skipped: they add exactly 0.
-    """
+def _column_sums(prev, trans, inv_temp, col_max, col_sum):
+    """col_sum[j] = sum_i exp(prev[i] + trans[i, j] * inv_temp - col_max[j]) over a whole block, rows with
+    prev[i] = -inf skipped (``_forward_step`` on a block that is kept)."""
     K = prev.shape[0]
-    _column_max(prev, trans, inv_temp, col_max)
     for j in range(K):
         col_sum[j] = 0.0
     for i in range(K):
@@ -72,6 +70,41 @@ def _forward_step(prev, trans, inv_temp, col_max, col_sum):
             row = trans[i]
             for j in range(K):
                 col_sum[j] += fast_exp(a + row[j] * inv_temp - col_max[j])
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _forward_step(prev, src_rows, dst_rows, E1, E2, work, inv_temp, col_max, col_sum):
+    """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]), for
+    the step's block trans = E1[src_rows] E2[dst_rows]^T, made and reduced strip by strip (``tiles``):
+    each strip's maxima and then its sums are taken while it is in L1, in order of i.
+
+    A row with prev[i] = -inf (an unreachable beam slot) adds exactly 0: its logits are -inf, which
+    ``fmax`` passes over and ``fast_exp`` maps to 0. (Testing for such rows costs more than it saves:
+    LLVM then keeps the strip's running sums in memory.)
+    """
+    src_emb, dst_t, strip, top, total = work
+    gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t)
+    K = prev.shape[0]
+    width = strip_width(prev)
+    for column in range(0, K, width):
+        strip_dots(src_emb, dst_t, column, K, strip)
+        for c in range(width):
+            top[c] = -np.inf
+        for i in range(K):
+            a = prev[i]
+            row = strip[i]
+            for c in range(width):
+                top[c] = fmax(a + row[c] * inv_temp, top[c])
+        for c in range(width):
+            total[c] = 0.0
+        for i in range(K):
+            a = prev[i]
+            row = strip[i]
+            for c in range(width):
+                total[c] += fast_exp(a + row[c] * inv_temp - top[c])
+        for c in range(min(width, K - column)):
+            col_max[column + c] = top[c]
+            col_sum[column + c] = total[c]
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -114,15 +147,14 @@ def _log_total(alpha_last):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, src_emb, dst_emb, trans, alpha, col_max, col_sum):
+def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, work, alpha, col_max, col_sum):
     """Forward pass of one sequence; fills alpha, col_max, col_sum (T, K) up to ``length``; returns log Z.
 
     scores_b, tokens_b: (T, K). The log normaliser is accumulated in float64.
     """
     log_norm = _forward_begin(scores_b[0], inv_temp, alpha[0])
     for t in range(1, length):
-        _transition_block(tokens_b[t - 1], tokens_b[t], E1, E2, src_emb, dst_emb, trans)
-        _forward_step(alpha[t - 1], trans, inv_temp, col_max[t], col_sum[t])
+        _forward_step(alpha[t - 1], tokens_b[t - 1], tokens_b[t], E1, E2, work, inv_temp, col_max[t], col_sum[t])
         log_norm += _forward_position(scores_b[t], inv_temp, col_max[t], col_sum[t], alpha[t])
     return log_norm + _log_total(alpha[length - 1])
 
@@ -133,24 +165,10 @@ def forward_kernel(scores, tokens, E1, E2, lengths, inv_temp, out_log_z, alpha, 
     pass needs, alpha, col_max, col_sum (B, T, K) (see the module docstring; valid up to each length)."""
     B, T, K = scores.shape
     D = E1.shape[1]
-    dtype = scores.dtype
     for b in prange(B):
-        src_emb = np.empty((K, D), dtype=dtype)
-        dst_emb = np.empty((K, D), dtype=dtype)
-        trans = np.empty((K, K), dtype=dtype)
+        work = workspace(K, D, scores)
         out_log_z[b] = _forward(
-            scores[b],
-            tokens[b],
-            E1,
-            E2,
-            lengths[b],
-            inv_temp,
-            src_emb,
-            dst_emb,
-            trans,
-            alpha[b],
-            col_max[b],
-            col_sum[b],
+            scores[b], tokens[b], E1, E2, lengths[b], inv_temp, work, alpha[b], col_max[b], col_sum[b]
         )
 
 
@@ -362,6 +380,19 @@ def distinct_sample_kernel(
 # --------------------------------------------------------------------------------------------------
 # forward-backward: marginals and gradients
 # --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _full_block(src_rows, dst_rows, E1, E2, work, dst_emb, trans):
+    """trans (K, K) = the step's block (``tiles.transition_block``) and dst_emb[j] = E2[dst_rows[j]], for
+    the kernels that multiply xi by the table rows (the E1 rows are work[0][:K])."""
+    transition_block(src_rows, dst_rows, E1, E2, work, trans)
+    D = E2.shape[1]
+    for j in range(dst_rows.shape[0]):
+        dst = E2[dst_rows[j]]
+        for d in range(D):
+            dst_emb[j, d] = dst[d]
+
+
+# --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _xi_times(xi, rows, out):
     """out = xi @ rows for xi (K, K), rows (K, D).
@@ -460,7 +491,8 @@ def backward_kernel(
     for c in prange(count):
         b = first + c
         length = lengths[b]
-        src_emb = np.empty((K, D), dtype=dtype)
+        work = workspace(K, D, alpha)
+        src_emb = work[0][:K]
         dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
         ratio = np.empty(K, dtype=dtype)
@@ -474,7 +506,7 @@ def backward_kernel(
         for j in range(K):
             mu[length - 1, j] /= total
         for t in range(length - 1, 0, -1):
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            _full_block(tokens[b, t - 1], tokens[b, t], E1, E2, work, dst_emb, trans)
             for j in range(K):
                 ratio[j] = mu[t, j] / col_sum[b, t, j]
             # trans becomes xi in place: xi[i, j] = exp(logits[i, j] - col_max[j]) * mu_t[j] / col_sum[j]
@@ -656,11 +688,9 @@ def forward_ratio_kernel(
     dtype = scores.dtype
     for b in prange(B):
         length = lengths[b]
-        src_emb = np.empty((K, D), dtype=dtype)
-        dst_emb = np.empty((K, D), dtype=dtype)
+        work = workspace(K, D, E1)
         trans = np.empty((K, K), dtype=dtype)
-        q_src_emb = np.empty((K, Dq), dtype=dtype)
-        q_dst_emb = np.empty((K, Dq), dtype=dtype)
+        q_work = workspace(K, Dq, E1)
         q_trans = np.zeros((K, K), dtype=dtype)
         q_top = np.zeros(K, dtype=dtype)
         q_prev = np.zeros(K, dtype=dtype)
@@ -669,15 +699,16 @@ def forward_ratio_kernel(
         q_log_norm = _forward_begin(q_scores[b, 0], inv_temp, q_alpha[b, 0]) if use_q else 0.0
         for t in range(1, length):
             if use_q:
-                _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
-                _forward_step(q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t])
+                transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_work, q_trans)
+                _column_max(q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t])
+                _column_sums(q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t])
                 for j in range(K):
                     q_top[j] = q_col_max[b, t, j] + np.log(q_col_sum[b, t, j])
                     q_prev[j] = q_alpha[b, t - 1, j]
                 q_log_norm += _forward_position(
                     q_scores[b, t], inv_temp, q_col_max[b, t], q_col_sum[b, t], q_alpha[b, t]
                 )
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, work, trans)
             _column_max(alpha[b, t - 1], trans, inv_temp, col_max[b, t])
             _sums_and_prefix_ratios(
                 alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], prefix[t - 1], prefix[t], own, use_q,
@@ -746,10 +777,12 @@ def log_ratio_kernel(
     for c in prange(count):
         b = first + c
         length = lengths[b]
-        src_emb = np.empty((K, D), dtype=dtype)
+        work = workspace(K, D, E1)
+        src_emb = work[0][:K]
         dst_emb = np.empty((K, D), dtype=dtype)
         trans = np.empty((K, K), dtype=dtype)
-        q_src_emb = np.empty((K, Dq), dtype=dtype)
+        q_work = workspace(K, Dq, E1)
+        q_src_emb = q_work[0][:K]
         q_dst_emb = np.empty((K, Dq), dtype=dtype)
         q_trans = np.empty((K, K), dtype=dtype)
         cond = np.empty((K, K), dtype=dtype)
@@ -777,12 +810,12 @@ def log_ratio_kernel(
         F = prefix_ratios[b] if have_prefix else np.zeros((T, K), dtype=dtype)
         if not have_prefix:  # forward sweep: F[t, j] = sum_i c_t(i | j) (F[t-1, i] + log ratio_t(i, j))
             for t in range(1, length):
-                _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+                _full_block(tokens[b, t - 1], tokens[b, t], E1, E2, work, dst_emb, trans)
                 _conditionals(
                     alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
                 )
                 if use_q:
-                    _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
+                    _full_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_work, q_dst_emb, q_trans)
                     _log_ratios(
                         log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums, own
                     )
@@ -808,12 +841,12 @@ def log_ratio_kernel(
                 marginals[b, length - 1, j] = q_mu[j] - mu[j]
         # backward sweep, last position first
         for t in range(length - 1, 0, -1):
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
+            _full_block(tokens[b, t - 1], tokens[b, t], E1, E2, work, dst_emb, trans)
             _conditionals(
                 alpha[b, t - 1], trans, inv_temp, col_max[b, t], col_sum[b, t], log_sums, inv_sums, cond, log_cond
             )
             if use_q:
-                _transition_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_src_emb, q_dst_emb, q_trans)
+                _full_block(tokens[b, t - 1], tokens[b, t], q_E1, q_E2, q_work, q_dst_emb, q_trans)
                 _log_ratios(
                     log_cond, q_alpha[b, t - 1], q_trans, inv_temp, q_col_max[b, t], q_col_sum[b, t], log_sums, own
                 )

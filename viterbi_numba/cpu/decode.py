@@ -8,8 +8,9 @@ Conventions shared by the kernels
 * Beam scores are shifted per position by their maximum before use (``shift[t]``), so a large constant
   added to the scores neither loses float32 precision nor changes a decision; reported path scores add
   the cumulative shift back.
-* The transition block ``trans[i, j] = E1[tok[t-1, i]] . E2[tok[t, j]]`` of one step is computed into
-  a (K, K) scratch array and reused, never stored for all steps.
+* The transition block ``trans[i, j] = E1[tok[t-1, i]] . E2[tok[t, j]]`` of one step is made in column
+  strips by ``tiles.py``'s register tiles and reduced as it is made (Viterbi, the sampler's weights);
+  never stored for all steps.
 * Positions at or after a sequence's length are padding: the path score carries over, back-pointers are
   the identity, probabilities are 0 and indices/tokens are ``PAD`` (-1).
 """
@@ -21,6 +22,7 @@ from numba import njit, prange
 
 from .. import _portable
 from .intrinsics import fast_exp, fmax
+from .tiles import ROWS, gather_operands, strip_dots, strip_width, tile_dots, workspace
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
 # and "contract" are left out so that sums are done in the documented sequential order.
@@ -31,7 +33,6 @@ chain_uniforms = portable.chain_uniforms
 inverse_cdf_pick = portable.inverse_cdf_pick
 path_increments = portable.path_increments
 fairseq_step_scores = portable.fairseq_step_scores
-ranks_above = portable.ranks_above
 backtrace = portable.backtrace
 place_forced = portable.place_forced
 keep_best = portable.keep_best
@@ -41,55 +42,72 @@ nbest_paths = portable.nbest_paths
 # --------------------------------------------------------------------------------------------------
 # beam top-K
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _worse(key_a, id_a, key_b, id_b):
-    """True when (key_a, id_a) ranks below (key_b, id_b): lower score, or equal score and larger id."""
-    return ranks_above(key_b, id_b, key_a, id_a)
+_BLOCK = 32  # entries per block of a row's pre-filter (at most)
+_ROWS_PER_CHUNK = 8  # rows of top-K per scratch allocation
 
 
-@njit(cache=True, inline="always")
-def _sift_down(keys, ids, start, size):
-    """Restore the min-heap (worst element at the root) below ``start`` within ``keys[:size]``."""
-    pos = start
-    key = keys[pos]
-    idx = ids[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and _worse(keys[child + 1], ids[child + 1], keys[child], ids[child]):
-            child += 1
-        if not _worse(keys[child], ids[child], key, idx):
-            break
-        keys[pos] = keys[child]
-        ids[pos] = ids[child]
-        pos = child
-    keys[pos] = key
-    ids[pos] = idx
-
-
-_SAMPLE = 2048  # strided sample that sets the pre-filter threshold of a long row
-_OVERSAMPLE = 3  # the threshold aims at about 3k candidates; fewer than k (p < 1e-5) falls back
-
-
-@njit(cache=True, inline="always")
-def _sample_threshold(row, k, keys, ids):
-    """A score that about ``_OVERSAMPLE * k`` entries of ``row`` reach, from a strided sample of it."""
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _block_maxima(row, block, maxima):
+    """maxima[c] = the largest of row[block c : block (c + 1)] (the last block may be shorter); returns
+    the count of NaN and +inf entries, where those maxima are meaningless. One vectorised pass."""
     V = row.shape[0]
-    stride = V // _SAMPLE
-    rank = min(_SAMPLE, (_SAMPLE * _OVERSAMPLE * k) // V + 1)
-    for s in range(rank):
-        keys[s] = row[s * stride]
-        ids[s] = s
-    for start in range(rank // 2 - 1, -1, -1):
-        _sift_down(keys, ids, start, rank)
-    for s in range(rank, _SAMPLE):
-        x = row[s * stride]
-        if x > keys[0]:
-            keys[0] = x
-            ids[0] = s
-            _sift_down(keys, ids, 0, rank)
-    return keys[0]
+    bad = 0
+    for c in range(maxima.shape[0]):
+        start = c * block
+        top = row[start]
+        for u in range(start, min(start + block, V)):
+            x = row[u]
+            top = fmax(x, top)
+            bad += not x < np.inf
+        maxima[c] = top
+    return bad
+
+
+@njit(cache=True, inline="always")
+def _topk_row(
+    emissions, row_id, k, force_tokens, use_force, block, candidates, values, maxima, out_scores, out_tokens, bad_rows
+):
+    """``topk_beam_kernel`` for one row, with its scratch."""
+    B, T, V = emissions.shape
+    blocks = maxima.shape[0]
+    b = row_id // T
+    t = row_id - b * T
+    row = emissions[b, t]
+    forced = force_tokens[b, t] if use_force else -1
+    if block == _BLOCK:  # a constant block length lets LLVM unroll the block into whole vectors
+        bad = _block_maxima(row, _BLOCK, maxima)
+    else:
+        bad = _block_maxima(row, block, maxima)
+    bad_rows[b, t] = bad > 0
+    threshold = -np.inf
+    if bad == 0 and blocks > k:
+        threshold = np.partition(maxima, blocks - k)[blocks - k]  # the k-th largest block maximum
+    count = 0
+    for c in range(blocks):
+        if maxima[c] >= threshold or bad > 0:
+            for u in range(c * block, min(c * block + block, V)):
+                candidates[count] = u  # kept when it reaches the threshold (NaN does too)
+                count += (not row[u] < threshold) & (u != forced)
+    first = 0
+    if forced >= 0:  # first with +inf, then moved to its own score's place
+        out_scores[b, t, 0] = np.inf
+        out_tokens[b, t, 0] = forced
+        first = 1
+    if bad > 0:  # the call raises: any valid ids will do
+        for slot in range(first, k):
+            out_scores[b, t, slot] = 0.0
+            out_tokens[b, t, slot] = slot
+        return
+    # the best first, equal scores in order of id (the sort is stable; candidates are in id order)
+    for c in range(count):
+        values[c] = -row[candidates[c]]
+    order = np.argsort(values[:count], kind="mergesort")
+    for slot in range(first, k):
+        u = candidates[order[slot - first]]
+        out_scores[b, t, slot] = row[u]
+        out_tokens[b, t, slot] = u
+    if forced >= 0:
+        place_forced(out_scores[b, t], out_tokens[b, t], k, row[forced], forced)
 
 
 @njit(cache=True, parallel=True)
@@ -98,102 +116,31 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
 
     With ``use_force``, ``force_tokens[b, t]`` is in the beam whatever its score, kept at its own score.
     ``bad_rows[b, t]`` is set to 1 where the row holds NaN or +inf (results there are meaningless).
-    A long row is first filtered by a threshold from a sample (one predictable branch per entry), so the
-    heap only sees a few k candidates; if fewer than k pass, the row is redone without the filter.
+    A row is first filtered: the maxima of its blocks (32 entries, fewer when the row has under 128 k),
+    in one vectorised pass, and their k-th largest as the threshold. At least k blocks reach it, so at
+    least k entries do; only those blocks are scanned for the entries that reach it (about 1.2 k on
+    Gaussian scores at the write-up's size), which a stable sort then ranks. A row with NaN or +inf is
+    ranked whole.
     """
     B, T, V = emissions.shape
-    inf = np.inf
-    for row_id in prange(B * T):
-        b = row_id // T
-        t = row_id - b * T
-        row = emissions[b, t]
-        keys = np.empty(max(k, _SAMPLE), dtype=emissions.dtype)
-        ids = np.empty(max(k, _SAMPLE), dtype=np.int64)
-        candidates = np.empty(V, dtype=np.int32)
-        forced = force_tokens[b, t] if use_force else -1
-        threshold = _sample_threshold(row, k, keys, ids) if V >= 16 * k else -inf
-        while True:
-            # candidates: every id whose score is not below the threshold (NaN lands here too)
-            count = 0
-            bad = 0
-            for u in range(V):
-                x = row[u]
-                if not x < threshold:
-                    if not x < inf:
-                        bad = 1
-                    candidates[count] = u
-                    count += 1
-            if count >= k or threshold == -inf:
-                break
-            threshold = -inf
-        bad_rows[b, t] = bad
-        # fill the heap with the forced token (ranked first) and the first candidates that are not forced
-        filled = 0
-        if forced >= 0:
-            keys[0] = inf
-            ids[0] = forced
-            filled = 1
-        c = 0
-        while filled < k:
-            u = candidates[c]
-            if u != forced:
-                keys[filled] = row[u]
-                ids[filled] = u
-                filled += 1
-            c += 1
-        for start in range(k // 2 - 1, -1, -1):
-            _sift_down(keys, ids, start, k)
-        # the rest: ids only grow, so an equal score never displaces an earlier token
-        root = keys[0]
-        first_unseen = c
-        for c in range(first_unseen, count):
-            u = candidates[c]
-            x = row[u]
-            if x > root and u != forced:
-                keys[0] = x
-                ids[0] = u
-                _sift_down(keys, ids, 0, k)
-                root = keys[0]
-        # heapsort: the worst goes to the end each time, leaving best-first order
-        for size in range(k - 1, 0, -1):
-            key0 = keys[0]
-            id0 = ids[0]
-            keys[0] = keys[size]
-            ids[0] = ids[size]
-            keys[size] = key0
-            ids[size] = id0
-            _sift_down(keys, ids, 0, size)
-        if forced >= 0:  # the forced token sits first with key +inf: move it to its own score's place
-            place_forced(keys, ids, k, row[forced], forced)
-        for slot in range(k):
-            out_scores[b, t, slot] = keys[slot]
-            out_tokens[b, t, slot] = ids[slot]
+    block = max(1, min(_BLOCK, V // (4 * k)))
+    blocks = -(-V // block)
+    rows = B * T
+    for chunk in prange(-(-rows // _ROWS_PER_CHUNK)):
+        # scratch once per chunk of rows: a (V)-long buffer per row would cost page faults each time
+        candidates = np.empty(V, dtype=np.int64)
+        values = np.empty(V, dtype=emissions.dtype)
+        maxima = np.empty(blocks, dtype=emissions.dtype)
+        for row_id in range(chunk * _ROWS_PER_CHUNK, min(rows, (chunk + 1) * _ROWS_PER_CHUNK)):
+            _topk_row(
+                emissions, row_id, k, force_tokens, use_force, block, candidates, values, maxima, out_scores,
+                out_tokens, bad_rows,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
 # shared per-step pieces
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _transition_block(src_rows, dst_rows, E1, E2, src_emb, dst_emb, trans):
-    """trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]: two gathered (K, D) copies, one BLAS gemm.
-
-    BLAS (through SciPy) runs the K x D x K product at about twice the speed of the best vectorised
-    loop Numba gives here; the caller keeps BLAS single-threaded, since the kernels already use every
-    core across sequences.
-    """
-    K = src_rows.shape[0]
-    D = E1.shape[1]
-    for i in range(K):
-        src = E1[src_rows[i]]
-        for d in range(D):
-            src_emb[i, d] = src[d]
-    for j in range(K):
-        dst = E2[dst_rows[j]]
-        for d in range(D):
-            dst_emb[j, d] = dst[d]
-    np.dot(src_emb, dst_emb.T, trans)  # the transposed operand goes to BLAS as is, no copy
-
-
 @njit(cache=True, inline="always")
 def _position_shifts(scores_b, length, shift, cum_shift):
     """shift[t] = max_k scores_b[t, k]; cum_shift[t] = sum of shifts up to min(t, length - 1)."""
@@ -270,45 +217,65 @@ def _rows_product(src_rows, order, start, E1, src_block, dst_emb, trans_block):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, dst_norm, src_block, dst_emb, trans_block, best, arg):
-    """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[c, j] = the lowest such i.
+def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, dst_norm, work, strip_best, strip_arg, best, arg):
+    """best[j] = max_i prev[i] + E1[src_rows[i]] . E2[dst_rows[j]]; arg[j] = the lowest such i.
 
-    Returns c, the row of ``arg`` (2, K) that holds the result.
-
-    Exact branch and bound: predecessor rows are visited by decreasing ``prev``, in blocks that double
-    (32, 32, 64, ...) with one gemm each, and the visit stops once no remaining row can reach any column's best, since
-    prev[i] + a_i . b_j <= prev[i] + max|a| |b_j| (Cauchy-Schwarz; a margin covers rounding). Where the
-    scores of a step are spread wider than the transitions, most of the K x K x D product is skipped.
+    The block is made and reduced strip by strip (``tiles``), each strip's tiles in order of decreasing
+    ``prev`` (the rows are gathered in that order), with an exact branch and bound per strip: the visit
+    stops once no remaining row can reach any of the strip's columns' best, since prev[i] + a_i . b_j
+    <= prev[i] + max|a| |b_j| (Cauchy-Schwarz; a margin covers rounding). Where the scores of a step
+    are spread wider than the transitions, most of the K x K x D product is skipped. Ties go to the
+    lowest i whatever the order of the visit.
     """
+    src_emb, dst_t, strip, _, _ = work
     K = prev.shape[0]
-    reach = _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm)
-    for j in range(K):
-        best[j] = -np.inf
-        arg[0, j] = K
+    D = E1.shape[1]
+    width = strip_width(prev)
     order[:] = np.argsort(-prev)
-    current = 0  # arg[current] holds the arg-maxima so far (two buffers: see _vector)
-    start = 0
-    while start < K:
-        if start > 0:
-            top = prev[order[start]]
-            if top == -np.inf or not _any_open(top, reach, dst_norm, best):
-                break
-        rows = _rows_product(src_rows, order, start, E1, src_block, dst_emb, trans_block)
-        for r in range(rows):
-            i = np.int32(order[start + r])
-            s = prev[i]
-            row = trans_block[r]
-            read = arg[current]
-            write = arg[1 - current]
-            for j in range(K):
-                cand = s + row[j]
-                old = best[j]
-                better = (cand > old) | ((cand == old) & (i < read[j]))  # ties: lowest i
-                write[j] = i if better else read[j]
-                best[j] = fmax(cand, old)
-            current = 1 - current
-        start += rows
-    return current
+    largest = 0.0
+    for r in range(K):
+        src = E1[src_rows[order[r]]]
+        norm = 0.0
+        for d in range(D):
+            src_emb[r, d] = src[d]
+            norm += src[d] * src[d]
+        largest = max(largest, np.sqrt(norm))
+    reach = largest * 1.001  # room for the products' rounding
+    for j in range(K):
+        dst = E2[dst_rows[j]]
+        norm = 0.0
+        for d in range(D):
+            dst_t[d, j] = dst[d]
+            norm += dst[d] * dst[d]
+        dst_norm[j] = np.sqrt(norm)
+    for column in range(0, K, width):
+        columns = min(width, K - column)
+        for c in range(width):
+            strip_best[c] = -np.inf if c < columns else np.inf  # +inf: a padding column, closed
+            strip_arg[0, c] = K
+        current = 0  # strip_arg[current] holds the arg-maxima so far (two buffers: see intrinsics.fmax)
+        for row in range(0, K, ROWS):
+            if row > 0:
+                top = prev[order[row]]
+                if top == -np.inf or not _any_open(top, reach, dst_norm[column : column + width], strip_best):
+                    break
+            tile_dots(src_emb, dst_t, row, column, strip)
+            for r in range(row, min(row + ROWS, K)):
+                i = np.int32(order[r])
+                s = prev[i]
+                values = strip[r]
+                read = strip_arg[current]
+                write = strip_arg[1 - current]
+                for c in range(width):
+                    cand = s + values[c]
+                    old = strip_best[c]
+                    better = (cand > old) | ((cand == old) & (i < read[c]))  # ties: lowest i
+                    write[c] = i if better else read[c]
+                    strip_best[c] = fmax(cand, old)
+                current = 1 - current
+        for c in range(columns):
+            best[column + c] = strip_best[c]
+            arg[column + c] = strip_arg[current, c]
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -327,38 +294,28 @@ def viterbi_kernel(
     for b in prange(B):
         length = lengths[b]
         order = np.empty(K, dtype=np.int64)
-        dst_norm = np.empty(K, dtype=dtype)
-        src_block = np.empty((K, D), dtype=dtype)
-        dst_emb = np.empty((K, D), dtype=dtype)
-        trans_block = np.empty((K, K), dtype=dtype)
+        work = workspace(K, D, scores)
+        dst_norm = np.zeros(work[1].shape[1], dtype=dtype)  # padding columns: 0
+        strip_best = np.empty(work[2].shape[1], dtype=dtype)
+        strip_arg = np.empty((2, work[2].shape[1]), dtype=np.int32)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         history = np.empty((length, K), dtype=dtype)  # shifted cumulative scores per step
         back = np.empty((length, K), dtype=np.int32)
         best = np.empty(K, dtype=dtype)
-        arg = np.empty((2, K), dtype=np.int32)
+        arg = np.empty(K, dtype=np.int32)
         _position_shifts(scores[b], length, shift, cum_shift)
         for j in range(K):
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
-            c = _viterbi_step(
-                history[t - 1],
-                tokens[b, t - 1],
-                tokens[b, t],
-                E1,
-                E2,
-                order,
-                dst_norm,
-                src_block,
-                dst_emb,
-                trans_block,
-                best,
-                arg,
-            )
+            _viterbi_step(
+                history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, dst_norm, work, strip_best, strip_arg,
+                best, arg,
+            )  # fmt: skip
             emission_shift = shift[t]
             for j in range(K):
                 history[t, j] = best[j] + (scores[b, t, j] - emission_shift)
-                back[t, j] = arg[c, j]
+                back[t, j] = arg[j]
         y = backtrace(history[length - 1], back[1:], tokens[b], length, out_beam_idx[b], out_tokens[b])
         out_score[b] = history[length - 1, y] + cum_shift[length - 1]
         if fairseq_steps:
@@ -475,7 +432,6 @@ def nbest_kernel(scores, tokens, E1, E2, lengths, out_beam_idx, out_tokens, out_
 # --------------------------------------------------------------------------------------------------
 # the write-up's stochastic Viterbi
 # --------------------------------------------------------------------------------------------------
-_PICK_BLOCK = 16  # rows between the sampler's saved running sums
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -527,59 +483,39 @@ def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _draw_predecessors(
-    prev,
-    weights,
-    trans,
-    trans_weights,
-    unif,
-    inv_temp,
-    tiny,
-    picks,
-    totals,
-    checkpoints,
-    targets,
-    blocks,
-    logits,
-    prefix,
+    prev, weights, trans, trans_weights, unif, inv_temp, tiny, picks, running, targets, counts, logits, prefix
 ):
     """The sampling step of one chain: picks[j] = predecessor of state j, drawn with uniform unif[j].
 
     Column j's weights are weights[i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``); the pick
-    is the smallest i with unif[j] * total_j < prefix_j[i]. One vectorised pass over the rows sums every
-    column and saves the running sums every ``_PICK_BLOCK`` rows (``checkpoints``); each column's pick is
-    then found by redoing its running sum from the last saved value not above its target, in the same
-    order and arithmetic, so the result is that of a full scan. Columns whose total underflows below
-    ``tiny``, or whose target rounding leaves no crossing, are redone by ``_direct_pick``.
+    is the smallest i with unif[j] * total_j < running_j[i], the running sums taken in order of i. One
+    vectorised pass over the rows writes every column's running sums (``running``, (K, K)); since they
+    never decrease, the pick is the count of rows whose running sum is at most the target, a second
+    vectorised pass (no search, no branch). Columns whose total underflows below ``tiny``, or whose
+    target rounding leaves no crossing, are redone by ``_direct_pick``.
     """
     K = prev.shape[0]
-    for j in range(K):
-        totals[j] = 0.0
     for i in range(K):
         a = weights[i]
-        if a != 0.0:
-            row = trans_weights[i]
+        row = trans_weights[i]
+        sums = running[i]
+        if i == 0:
             for j in range(K):
-                totals[j] += a * row[j]
-        if (i + 1) % _PICK_BLOCK == 0:
-            checkpoints[(i + 1) // _PICK_BLOCK - 1, :] = totals
-    # the block of rows where each column's running sum passes its target
+                sums[j] = a * row[j]
+        else:
+            before = running[i - 1]
+            for j in range(K):
+                sums[j] = before[j] + a * row[j]  # a row of weight 0 adds exactly 0
+    totals = running[K - 1]
     for j in range(K):
         targets[j] = unif[j] * totals[j]
-        blocks[j] = 0
-    for c in range(K // _PICK_BLOCK):
+        counts[j] = 0
+    for i in range(K):
+        sums = running[i]
         for j in range(K):
-            blocks[j] += np.int32(checkpoints[c, j] <= targets[j])
+            counts[j] += np.int32(sums[j] <= targets[j])
     for j in range(K):
-        first = blocks[j] * _PICK_BLOCK
-        running = checkpoints[blocks[j] - 1, j] if first > 0 else totals[j] * 0.0
-        pick = K
-        for i in range(first, min(first + _PICK_BLOCK, K)):
-            a = weights[i]
-            if a != 0.0:
-                running += a * trans_weights[i, j]
-                if running > targets[j]:
-                    pick = i
-                    break
+        pick = counts[j]
         if totals[j] < tiny or pick == K:
             pick = _direct_pick(prev, trans, j, inv_temp, unif[j], logits, prefix)
         picks[j] = pick
@@ -619,24 +555,20 @@ def stochastic_viterbi_kernel(
     dtype = scores.dtype
     for b in prange(B):
         length = lengths[b]
-        src_emb = np.empty((K, D), dtype=dtype)
-        dst_emb = np.empty((K, D), dtype=dtype)
+        src_emb, dst_t, strip, column_max, _ = workspace(K, D, scores)
+        width = strip_width(scores)
         trans = np.empty((K, K), dtype=dtype)
         trans_weights = np.empty((K, K), dtype=dtype)
-        column_max = np.empty(K, dtype=dtype)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         chain_scores = np.empty((N, K), dtype=dtype)  # shifted cumulative scores per chain
-        new_scores = np.empty(K, dtype=dtype)
         prev_weights = np.empty((N, K), dtype=dtype)
-        row_needed = np.empty(K, dtype=np.bool_)
-        totals = np.empty(K, dtype=dtype)
-        targets = np.empty(K, dtype=dtype)
         unif = np.empty(K, dtype=np.float64)
-        prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         picks = np.empty(K, dtype=np.int32)
-        blocks = np.empty(K, dtype=np.int32)
-        checkpoints = np.empty((K // _PICK_BLOCK, K), dtype=dtype)
+        running = np.empty((K, K), dtype=dtype)  # a chain's running sums of a step
+        targets = np.empty(K, dtype=dtype)
+        counts = np.empty(K, dtype=np.int32)
+        prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         logits = np.empty(K, dtype=dtype)
         _position_shifts(scores[b], length, shift, cum_shift)
         for n in range(N):
@@ -645,61 +577,50 @@ def stochastic_viterbi_kernel(
                 out_path_scores[b, 0, j, n] = scores[b, 0, j]
             _softmax_into(chain_scores[n], logits, out_beam_probs[b, 0], n)
         for t in range(1, length):
-            _transition_block(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_emb, trans)
-            # per-chain factor exp((prev[i] - max prev) / temp); a row no chain can reach is never read
-            for i in range(K):
-                row_needed[i] = False
+            # the block strip by strip, each strip's column maxima and shared factor
+            # exp((trans[i, j] - max_i trans[i, j]) / temp) taken while it is in L1
+            gather_operands(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_t)
+            for column in range(0, K, width):
+                strip_dots(src_emb, dst_t, column, K, strip)
+                for c in range(width):
+                    column_max[c] = strip[0, c]
+                for i in range(1, K):
+                    row = strip[i]
+                    for c in range(width):
+                        column_max[c] = fmax(row[c], column_max[c])
+                columns = min(width, K - column)
+                for i in range(K):
+                    row = strip[i]
+                    trans_row = trans[i, column : column + columns]
+                    weight_row = trans_weights[i, column : column + columns]
+                    for c in range(columns):
+                        trans_row[c] = row[c]
+                        weight_row[c] = fast_exp((row[c] - column_max[c]) * inv_temp)
+            emission_shift = shift[t]
             for n in range(N):
                 prev = chain_scores[n]
+                # the chain's factor exp((prev[i] - max prev) / temp) and the uniforms of this step
                 m = prev[0]
                 for i in range(1, K):
                     m = max(m, prev[i])
                 for i in range(K):
                     prev_weights[n, i] = fast_exp((prev[i] - m) * inv_temp)
-                    row_needed[i] |= prev_weights[n, i] > 0.0
-            # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp)
-            for j in range(K):
-                column_max[j] = trans[0, j]
-            for i in range(1, K):
-                row = trans[i]
-                for j in range(K):
-                    column_max[j] = fmax(row[j], column_max[j])
-            for i in range(K):
-                if row_needed[i]:
-                    for j in range(K):
-                        trans_weights[i, j] = fast_exp((trans[i, j] - column_max[j]) * inv_temp)
-            emission_shift = shift[t]
-            for n in range(N):
-                prev = chain_scores[n]
-                # the uniforms of this (step, chain)
                 if use_uniforms:
                     for j in range(K):
                         unif[j] = uniforms[b, t - 1, j, n]
                 else:
                     chain_uniforms(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, n, unif)
                 _draw_predecessors(
-                    prev,
-                    prev_weights[n],
-                    trans,
-                    trans_weights,
-                    unif,
-                    inv_temp,
-                    tiny,
-                    picks,
-                    totals,
-                    checkpoints,
-                    targets,
-                    blocks,
-                    logits,
-                    prefix,
-                )
+                    prev, prev_weights[n], trans, trans_weights, unif, inv_temp, tiny, picks, running, targets, counts,
+                    logits, prefix,
+                )  # fmt: skip
                 for j in range(K):
                     pick = picks[j]
-                    new_scores[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
                     out_backpointers[b, t - 1, j, n] = pick
+                    logits[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
                 for j in range(K):
-                    prev[j] = new_scores[j]
-                    out_path_scores[b, t, j, n] = new_scores[j] + cum_shift[t]
+                    prev[j] = logits[j]
+                    out_path_scores[b, t, j, n] = logits[j] + cum_shift[t]
                 _softmax_into(prev, logits, out_beam_probs[b, t], n)
         # padding, then the final argmax (lowest index on ties) and the backtrace of each chain
         for n in range(N):

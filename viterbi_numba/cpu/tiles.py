@@ -1,0 +1,189 @@
+"""Register tiles of a step's transition block, for kernels that consume the block as it is made.
+
+A step's block is ``trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]`` (K x K, each a D-long dot). The
+kernels never build it whole: they walk it in column strips of ``strip_width`` columns, each strip (K x strip_width,
+in L1) made by ``strip_dots`` and reduced at once by the caller (a column maximum, the exps and their
+sums, the picks), so the block never travels to L2 and back (docs/design.md §6, "Transition tiles").
+
+``strip_dots`` runs the micro-kernel ``tile_dots``: ``ROWS`` rows times ``strip_width`` columns of
+accumulators, each a vector register (two per row), updated with one vector FMA per (row, vector, d).
+Numba cannot keep such a tile in registers itself (LLVM vectorises only innermost loops, and an
+accumulator array in memory costs a load and a store per FMA), so ``tile_dots`` is an ``@intrinsic``
+that writes the loop in LLVM IR. Vectors are as wide as the machine's widest (16 float32 lanes with
+AVX-512, 8 with AVX2); every entry is the same chain of FMAs over d in order, so the bits do not
+depend on the width, the thread count or a BLAS library.
+
+Operands are gathered once per step by ``gather_operands``: ``src_emb`` (K_rows, D) and ``dst_t``
+(D, K_cols), padded with zeros to whole tiles (``padded_rows``, ``padded_columns``).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _vector_bytes() -> int:
+    """32 (AVX2) or 64 (AVX-512) bytes: the width of the machine's vector registers LLVM will use."""
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:  # no feature string on this platform: LLVM splits or merges as needed
+        return 32
+    return 64 if features.get("avx512f", False) else 32
+
+
+VECTOR_BYTES = _vector_bytes()
+ROWS = 6  # rows of a tile: with two vectors per row, 12 accumulators, which fit AVX2's 16 registers
+STRIP_F32 = 2 * VECTOR_BYTES // 4  # columns of a tile: two vectors
+STRIP_F64 = 2 * VECTOR_BYTES // 8
+
+
+@intrinsic
+def tile_dots(typingctx, src_emb, dst_t, row, column, out):
+    """out[row + r, c] = sum_d src_emb[row + r, d] * dst_t[d, column + c] for r < ROWS, c < out.shape[1]
+    (= strip_width), summed over d in order with fused multiply-adds; every index must be in bounds (the
+    caller pads to whole tiles). C-contiguous 2-D arrays of one float type."""
+    arrays = (src_emb, dst_t, out)
+    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+        return None
+    dtype = src_emb.dtype
+    if dtype not in (types.float32, types.float64) or dst_t.dtype != dtype or out.dtype != dtype:
+        return None
+    if not (isinstance(row, types.Integer) and isinstance(column, types.Integer)):
+        return None
+    lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+    vectors = 2
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        element = context.get_value_type(dtype)
+        vec = ir.VectorType(element, lanes)
+        a, b, o = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 4))
+        row0 = context.cast(builder, args[2], signature.args[2], types.int64)
+        col0 = context.cast(builder, args[3], signature.args[3], types.int64)
+        depth = cgutils.unpack_tuple(builder, a.shape, 2)[1]
+        b_width = cgutils.unpack_tuple(builder, b.shape, 2)[1]
+        o_width = cgutils.unpack_tuple(builder, o.shape, 2)[1]
+        suffix = f"v{lanes}f{dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.{suffix}"
+        )
+        a_rows = [
+            builder.gep(a.data, [builder.mul(builder.add(row0, ir.Constant(i64, r)), depth)]) for r in range(ROWS)
+        ]
+        b_start = builder.gep(b.data, [col0])
+        zero = ir.Constant(vec, [0.0] * lanes)
+        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        entry = builder.block
+        loop = builder.append_basic_block("tile.loop")
+        done = builder.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", depth, ir.Constant(i64, 0)), loop, done)
+        # the loop over d: ROWS x vectors accumulators, carried in phis (registers)
+        builder.position_at_end(loop)
+        d = builder.phi(i64)
+        d.add_incoming(ir.Constant(i64, 0), entry)
+        accumulators = [[builder.phi(vec) for _ in range(vectors)] for _ in range(ROWS)]
+        for phis in accumulators:
+            for phi in phis:
+                phi.add_incoming(zero, entry)
+        b_row = builder.gep(b_start, [builder.mul(d, b_width)])
+        b_vectors = [
+            builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer()), align=4)
+            for v in range(vectors)
+        ]
+        updated = []
+        for r in range(ROWS):
+            x = builder.load(builder.gep(a_rows[r], [d]))
+            x = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+            x = builder.shuffle_vector(x, ir.Constant(vec, ir.Undefined), broadcast)
+            updated.append([builder.call(fma, [x, b_vectors[v], accumulators[r][v]]) for v in range(vectors)])
+        d_next = builder.add(d, ir.Constant(i64, 1))
+        d.add_incoming(d_next, loop)
+        for r in range(ROWS):
+            for v in range(vectors):
+                accumulators[r][v].add_incoming(updated[r][v], loop)
+        builder.cbranch(builder.icmp_signed("<", d_next, depth), loop, done)
+        # the tile, stored once
+        builder.position_at_end(done)
+        results = []
+        for r in range(ROWS):
+            for v in range(vectors):
+                phi = builder.phi(vec)
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(updated[r][v], loop)
+                results.append(phi)
+        for r in range(ROWS):
+            out_row = builder.gep(o.data, [builder.mul(builder.add(row0, ir.Constant(i64, r)), o_width)])
+            for v in range(vectors):
+                pointer = builder.bitcast(builder.gep(out_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer())
+                builder.store(results[r * vectors + v], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(src_emb, dst_t, row, column, out), codegen
+
+
+@njit(cache=True, inline="always")
+def padded_rows(K):
+    """K rounded up to whole tiles of ROWS."""
+    return -(-K // ROWS) * ROWS
+
+
+@njit(cache=True, inline="always")
+def strip_width(values):
+    """Columns of a strip for the float type of the array ``values``."""
+    return STRIP_F32 if values.itemsize == 4 else STRIP_F64
+
+
+@njit(cache=True, inline="always")
+def gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t):
+    """src_emb[i] = E1[src_rows[i]] and dst_t[:, j] = E2[dst_rows[j]]; the padding rows and columns
+    beyond K stay as the caller made them (zeros)."""
+    D = E1.shape[1]
+    for i in range(src_rows.shape[0]):
+        src = E1[src_rows[i]]
+        for d in range(D):
+            src_emb[i, d] = src[d]
+    for j in range(dst_rows.shape[0]):
+        dst = E2[dst_rows[j]]
+        for d in range(D):
+            dst_t[d, j] = dst[d]
+
+
+@njit(cache=True, inline="always")
+def strip_dots(src_emb, dst_t, column, rows, strip):
+    """strip[i, c] = src_emb[i] . dst_t[:, column + c] for i < rows (rounded up to whole tiles)."""
+    for row in range(0, rows, ROWS):
+        tile_dots(src_emb, dst_t, row, column, strip)
+
+
+@njit(cache=True, inline="always")
+def workspace(K, D, values):
+    """A sequence's scratch for its steps' blocks, of the float type of ``values``: (src_emb (K_rows, D),
+    dst_t (D, K_cols), strip (K_rows, strip_width), and two (strip_width) vectors for a strip's
+    reductions), the padding zeroed. The two vectors are separate arrays: as views of one, LLVM does
+    not vectorise loops that read one and write the other."""
+    width = strip_width(values)
+    rows = padded_rows(K)
+    src_emb = np.zeros((rows, D), dtype=values.dtype)
+    dst_t = np.zeros((D, -(-K // width) * width), dtype=values.dtype)
+    strip = np.empty((rows, width), dtype=values.dtype)
+    return src_emb, dst_t, strip, np.empty(width, dtype=values.dtype), np.empty(width, dtype=values.dtype)
+
+
+@njit(cache=True, inline="always")
+def transition_block(src_rows, dst_rows, E1, E2, work, trans):
+    """trans (K, K) = the step's whole block, strip by strip, for the kernels that keep it (the backward
+    passes); the same bits as the strips the fused kernels reduce."""
+    src_emb, dst_t, strip, _, _ = work
+    gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t)
+    K = trans.shape[0]
+    width = strip.shape[1]
+    for column in range(0, K, width):
+        strip_dots(src_emb, dst_t, column, K, strip)
+        for i in range(K):
+            for c in range(min(width, K - column)):
+                trans[i, column + c] = strip[i, c]
