@@ -82,13 +82,22 @@ def test_empty_batch():
     assert got.scores.shape == (0, 3, 2) and got.tokens.shape == (0, 3, 2)
 
 
-def test_long_rows_with_prefilter_fallback_and_forcing(rng):
-    """Long rows take the sampled-threshold filter; a row built to defeat the sample must still be exact."""
-    V, k = 30000, 64
-    emissions = rng.standard_normal((2, 2, V))
-    emissions[0, 0, :: V // 2048] += 10.0  # only the sampled entries are large: too few candidates pass
-    emissions[1, 1] = np.sort(emissions[1, 1])  # ascending: every candidate displaces the heap's root
-    forced = rng.integers(0, V, (2, 2))
+@pytest.mark.parametrize(
+    "V, k",
+    [(30000, 64), (30000, 256), (32 * 257, 256), (32 * 257 + 5, 256), (4 * 64 * 7 + 3, 64), (3000, 1024)],
+)
+def test_long_rows_with_the_block_filter_and_forcing(rng, V, k):
+    """Long rows take the block-maxima filter (blocks of 32 entries, or fewer when the row has under
+    128 k entries; barely more blocks than k in the third and fourth cases); it must stay exact on rows
+    built against it: ties everywhere (the threshold is a value many entries share), one block holding
+    all the large entries, an ascending row, and forced tokens below the threshold."""
+    emissions = rng.standard_normal((2, 3, V))
+    emissions[0, 0] = np.round(emissions[0, 0])  # five distinct values: ties at the threshold
+    emissions[0, 1, :32] += 10.0  # one block holds the 32 largest entries
+    emissions[1, 1] = np.sort(emissions[1, 1])  # ascending
+    emissions[1, 2] = np.round(emissions[1, 2] * 2) / 2
+    forced = rng.integers(0, V, (2, 3))
+    forced[0, 0] = int(np.argmin(emissions[0, 0]))  # far below the threshold
     for force in (None, forced):
         got = topk_beam(emissions, k, force_tokens=force)
         want_scores, want_tokens = ref.topk(emissions, k, force)

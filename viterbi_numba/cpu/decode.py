@@ -162,7 +162,7 @@ def _position_shifts(scores_b, length, shift, cum_shift):
 # --------------------------------------------------------------------------------------------------
 # Viterbi (max-product)
 # --------------------------------------------------------------------------------------------------
-_ROW_BLOCK = 32  # predecessor rows in the first gemm of the pruned Viterbi step
+_ROW_BLOCK = 32  # predecessor rows in the first gemm of the n best's pruned step
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -339,11 +339,11 @@ def _nbest_step(
     predecessor's list, best first (-inf where it has fewer). values must be -inf on entry; a column whose
     emission is -inf (no path passes there) is left so.
 
-    ``_viterbi_step``'s exact branch and bound: predecessors are visited by decreasing best prefix, in
-    blocks that double, one gemm each, until no remaining row can enter any column's list (Cauchy-
-    Schwarz, with a margin for rounding). A row reaches a column's list only where its best prefix plus
-    the transition is at least the list's n-th (``lowest``): one vectorised count per row finds whether
-    any column is reached, and only those rows take the scalar inserts.
+    An exact branch and bound (Viterbi's, with whole-K row blocks): predecessors are visited by
+    decreasing best prefix, in blocks that double, one gemm each, until no remaining row can enter any
+    column's list (Cauchy-Schwarz, with a margin for rounding). A row reaches a column's list only where
+    its best prefix plus the transition is at least the list's n-th (``lowest``): one vectorised count
+    per row finds whether any column is reached, and only those rows take the scalar inserts.
     """
     K, n = prev.shape
     reach = _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm)

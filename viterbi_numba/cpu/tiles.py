@@ -23,12 +23,15 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 
 def _vector_bytes() -> int:
-    """32 (AVX2) or 64 (AVX-512) bytes: the width of the machine's vector registers LLVM will use."""
+    """32 (AVX2) or 64 (AVX-512) bytes: the width of the vector registers of the CPU Numba compiles for
+    (the host, or the one ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` names)."""
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return 64 if "+avx512f" in (config.CPU_FEATURES or "") else 32
     try:
         features = llvm.get_host_cpu_features()
     except RuntimeError:  # no feature string on this platform: LLVM splits or merges as needed
