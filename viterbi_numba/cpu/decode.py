@@ -79,25 +79,23 @@ def _topk_row(
     else:
         bad = _block_maxima(row, block, maxima)
     bad_rows[b, t] = bad > 0
-    threshold = -np.inf
-    if bad == 0 and blocks > k:
-        threshold = np.partition(maxima, blocks - k)[blocks - k]  # the k-th largest block maximum
-    count = 0
-    for c in range(blocks):
-        if maxima[c] >= threshold or bad > 0:
-            for u in range(c * block, min(c * block + block, V)):
-                candidates[count] = u  # kept when it reaches the threshold (NaN does too)
-                count += (not row[u] < threshold) & (u != forced)
     first = 0
     if forced >= 0:  # first with +inf, then moved to its own score's place
         out_scores[b, t, 0] = np.inf
         out_tokens[b, t, 0] = forced
         first = 1
-    if bad > 0:  # the call raises: any valid ids will do
+    if bad > 0:  # NaN or +inf: the call raises, and any valid ids will do
         for slot in range(first, k):
             out_scores[b, t, slot] = 0.0
             out_tokens[b, t, slot] = slot
         return
+    threshold = np.partition(maxima, blocks - k)[blocks - k] if blocks > k else -np.inf  # k-th largest
+    count = 0
+    for c in range(blocks):
+        if maxima[c] >= threshold:
+            for u in range(c * block, min(c * block + block, V)):
+                candidates[count] = u  # kept when it reaches the threshold
+                count += (row[u] >= threshold) & (u != forced)
     # the best first, equal scores in order of id (the sort is stable; candidates are in id order)
     for c in range(count):
         values[c] = -row[candidates[c]]
@@ -120,7 +118,7 @@ def topk_beam_kernel(emissions, k, force_tokens, use_force, out_scores, out_toke
     in one vectorised pass, and their k-th largest as the threshold. At least k blocks reach it, so at
     least k entries do; only those blocks are scanned for the entries that reach it (about 1.2 k on
     Gaussian scores at the write-up's size), which a stable sort then ranks. A row with NaN or +inf is
-    ranked whole.
+    only flagged.
     """
     B, T, V = emissions.shape
     block = max(1, min(_BLOCK, V // (4 * k)))
