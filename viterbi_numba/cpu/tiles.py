@@ -1,9 +1,11 @@
 """Register tiles of a step's transition block, for kernels that consume the block as it is made.
 
 A step's block is ``trans[i, j] = E1[src_rows[i]] . E2[dst_rows[j]]`` (K x K, each a D-long dot). The
-kernels never build it whole: they walk it in column strips of ``strip_width`` columns, each strip (K x strip_width,
-in L1) made by ``strip_dots`` and reduced at once by the caller (a column maximum, the exps and their
-sums, the picks), so the block never travels to L2 and back (docs/design.md §6, "Transition tiles").
+forward pass, Viterbi and the stochastic sampler never build it whole: they walk it in column strips of
+``strip_width`` columns, each strip (K x strip_width, in L1) made by ``strip_dots`` and reduced at once
+(column maxima, sums of exps, the sampler's weights), so the block does not travel to L2 and back
+(docs/design.md §6, "Transition tiles"). Kernels that keep a whole block (the backward passes) get it
+from ``transition_block``, made of the same strips.
 
 ``strip_dots`` runs the micro-kernel ``tile_dots``: ``ROWS`` rows times ``strip_width`` columns of
 accumulators, each a vector register (two per row), updated with one vector FMA per (row, vector, d).
@@ -14,7 +16,8 @@ AVX-512, 8 with AVX2); every entry is the same chain of FMAs over d in order, so
 depend on the width, the thread count or a BLAS library.
 
 Operands are gathered once per step by ``gather_operands``: ``src_emb`` (K_rows, D) and ``dst_t``
-(D, K_cols), padded with zeros to whole tiles (``padded_rows``, ``padded_columns``).
+(D, K_cols), with K_rows and K_cols rounded up to whole tiles and strips and the padding zero
+(``workspace``).
 """
 
 from __future__ import annotations
