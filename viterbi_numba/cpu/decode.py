@@ -164,26 +164,32 @@ _ROW_BLOCK = 32  # predecessor rows in the first gemm of the n best's pruned ste
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _norm(values):
+    """The Euclidean norm of a table row, summed in float64."""
+    total = 0.0
+    for d in range(values.shape[0]):
+        total += values[d] * values[d]
+    return np.sqrt(total)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _reach(src_rows, E1):
+    """A bound on a_i . b_j / |b_j| over the step's rows a_i = E1[src_rows[i]]: their largest norm, with
+    room for the products' rounding (the branch and bound's row side)."""
+    largest = 0.0
+    for i in range(src_rows.shape[0]):
+        largest = max(largest, _norm(E1[src_rows[i]]))
+    return largest * 1.001
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _stage_columns(src_rows, dst_rows, E1, E2, dst_emb, dst_norm):
     """The branch and bound's column side: dst_emb[j] = E2[dst_rows[j]] and dst_norm[j] = its norm.
-    Returns ``reach``, a bound on a_i . b_j / |b_j| over the step's rows a_i = E1[src_rows[i]] (their
-    largest norm, with room for the gemm's rounding)."""
-    D = E1.shape[1]
+    Returns ``_reach``."""
     for j in range(dst_rows.shape[0]):
-        dst = E2[dst_rows[j]]
-        norm = 0.0
-        for d in range(D):
-            dst_emb[j, d] = dst[d]
-            norm += dst[d] * dst[d]
-        dst_norm[j] = np.sqrt(norm)
-    max_src_norm = 0.0
-    for i in range(src_rows.shape[0]):
-        src = E1[src_rows[i]]
-        norm = 0.0
-        for d in range(D):
-            norm += src[d] * src[d]
-        max_src_norm = max(max_src_norm, np.sqrt(norm))
-    return max_src_norm * 1.001
+        dst_emb[j, :] = E2[dst_rows[j]]
+        dst_norm[j] = _norm(E2[dst_rows[j]])
+    return _reach(src_rows, E1)
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -227,25 +233,12 @@ def _viterbi_step(prev, src_rows, dst_rows, E1, E2, order, dst_norm, work, strip
     """
     src_emb, dst_t, strip, _, _ = work
     K = prev.shape[0]
-    D = E1.shape[1]
     width = strip_width(prev)
     order[:] = np.argsort(-prev)
-    largest = 0.0
-    for r in range(K):
-        src = E1[src_rows[order[r]]]
-        norm = 0.0
-        for d in range(D):
-            src_emb[r, d] = src[d]
-            norm += src[d] * src[d]
-        largest = max(largest, np.sqrt(norm))
-    reach = largest * 1.001  # room for the products' rounding
+    gather_operands(src_rows[order], dst_rows, E1, E2, src_emb, dst_t)  # rows in the order of the visit
+    reach = _reach(src_rows, E1)
     for j in range(K):
-        dst = E2[dst_rows[j]]
-        norm = 0.0
-        for d in range(D):
-            dst_t[d, j] = dst[d]
-            norm += dst[d] * dst[d]
-        dst_norm[j] = np.sqrt(norm)
+        dst_norm[j] = _norm(E2[dst_rows[j]])
     for column in range(0, K, width):
         columns = min(width, K - column)
         for c in range(width):
