@@ -127,3 +127,23 @@ def test_a_tie_across_the_kth_place_changes_the_token_set():
     assert set(topk_beam(no_tie, 2).tokens[0, 0]) == set(
         torch.topk(torch.from_numpy(no_tie), 2, 2).indices.numpy()[0, 0]
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_with_signed_zeros_extremes_and_neg_inf(rng, dtype):
+    """The filter works on integer keys of the floats: -0.0 must tie with +0.0 (lower id first), the
+    largest finite magnitudes and -inf must keep their order, and a bisection over the whole key range
+    (both signs' extremes in one row) must not overflow."""
+    V, k = 9000, 64
+    info = np.finfo(dtype)
+    emissions = rng.standard_normal((2, 2, V)).astype(dtype)
+    emissions[0, 0] = np.where(rng.random(V) < 0.5, -0.0, 0.0)  # one value, two bit patterns
+    emissions[0, 1, rng.integers(0, V, 40)] = info.max
+    emissions[0, 1, rng.integers(0, V, 40)] = -info.max
+    emissions[0, 1, rng.integers(0, V, 3000)] = -np.inf
+    emissions[1, 0] = np.where(rng.random(V) < 0.99, -np.inf, emissions[1, 0])  # fewer than k finite
+    emissions[1, 1] = np.where(rng.random(V) < 0.5, info.tiny, -info.tiny)
+    got = topk_beam(emissions, k)
+    order = np.argsort(-emissions, axis=2, kind="stable")[:, :, :k]
+    np.testing.assert_array_equal(got.tokens, order)
+    np.testing.assert_array_equal(got.scores, np.take_along_axis(emissions, order, 2))

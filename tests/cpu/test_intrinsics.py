@@ -33,3 +33,56 @@ def test_softmax_pick_never_reads_its_scratch(garbage):
         want = cpu_decode.softmax_pick(logits, 1.0, u, np.zeros(4))
         assert cpu_decode.softmax_pick(logits, 1.0, u, np.full(4, garbage)) == want
     assert cpu_decode.softmax_pick(logits, 1.0, 0.5, np.full(4, garbage)) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ordered_keys_order_like_the_values(dtype):
+    """ordered_key is monotonic over every kind of float (-inf, normals, subnormals, both zeros, +inf),
+    reads -0.0 as +0.0, and key_value maps a key back to its value."""
+    from numba import njit
+
+    from viterbi_numba.cpu.intrinsics import key_value, ordered_key
+
+    @njit
+    def keys_and_back(values):
+        keys = np.empty(values.shape[0], np.int64)
+        back = np.empty_like(values)
+        for i in range(values.shape[0]):
+            keys[i] = ordered_key(values[i])
+            back[i] = key_value(keys[i], values[i])
+        return keys, back
+
+    info = np.finfo(dtype)
+    special = [-np.inf, -info.max, -1.5, -info.tiny, -info.smallest_subnormal, -0.0, 0.0]
+    special += [info.smallest_subnormal, info.tiny, 1.5, info.max, np.inf]
+    values = np.sort(np.concatenate([np.array(special, dtype), np.random.default_rng(0).standard_normal(500)]))
+    values = values.astype(dtype)
+    keys, back = keys_and_back(values)
+    assert (np.diff(keys) >= 0).all()
+    assert ((np.diff(keys) == 0) == (np.diff(values) == 0)).all()  # equal keys exactly for equal values
+    np.testing.assert_array_equal(back, values)
+    assert keys[np.flatnonzero(values == 0)].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mask_at_least_and_lowest_bit(dtype):
+    from numba import njit
+
+    from viterbi_numba.cpu.intrinsics import MASK_BYTES, lowest_bit, mask_at_least
+
+    @njit
+    def reaching(row, start, threshold):
+        mask = mask_at_least(row, start, threshold)
+        found = []
+        while mask:
+            found.append(start + lowest_bit(mask))
+            mask &= mask - np.uint64(1)
+        return found
+
+    lanes = MASK_BYTES // np.dtype(dtype).itemsize
+    row = np.random.default_rng(1).standard_normal(3 * lanes).astype(dtype)
+    row[lanes + 2] = -np.inf
+    for start in (0, 1, lanes, 2 * lanes):
+        for threshold in (-np.inf, 0.0, float(row[start + 3])):
+            want = [start + i for i in range(lanes) if row[start + i] >= threshold]
+            assert reaching(row, start, threshold) == want

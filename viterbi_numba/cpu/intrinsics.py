@@ -1,4 +1,5 @@
-"""LLVM-level helpers of the CPU kernels: a vectorisable float32 exp and a maxnum without masked stores.
+"""LLVM-level helpers of the CPU kernels: a vectorisable float32 exp, a maxnum without masked stores and
+the integer keys that order floats.
 
 ``fast_exp``: a branch-free float32 exp that LLVM vectorises (CPU only; float64 keeps ``math.exp``).
 
@@ -15,6 +16,13 @@ e^r by its degree-7 Taylor polynomial (truncation error < 1e-8, so float32 round
 slower than a plain store on AMD Zen. The kernels therefore (1) take running maxima with ``fmax``, a
 ``maxnum`` marked ``nnan`` (their operands are never NaN), which stores unconditionally, and (2) keep
 running arg-maxima and picks in two buffers, reading one and writing the other.
+
+``ordered_key``: a float's bits as a signed integer of its width that orders like the value (negative
+floats' magnitude bits flipped), with -0.0 read as +0.0; ``key_value`` maps a key back. Top-K selects
+and sorts on these keys: a bisection's counts and a radix sort's digits are integer work.
+
+``mask_at_least``: one 64-byte vector of a row compared with a threshold, as a bit mask, so that top-K
+finds the few entries that reach its threshold without a branch per entry (``lowest_bit`` walks them).
 """
 
 from __future__ import annotations
@@ -90,3 +98,95 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args, fastmath=("nnan", "nsz"))
 
     return a(a, b), codegen
+
+
+@intrinsic
+def ordered_key(typingctx, x):
+    """The signed integer of x's width whose order is x's order (for non-NaN x; -0.0 and +0.0 give 0)."""
+    if not isinstance(x, types.Float):
+        return None
+    width = x.bitwidth
+    key_type = types.int32 if width == 32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        int_t = ir.IntType(width)
+        bits = builder.bitcast(args[0], int_t)
+        magnitude = ir.Constant(int_t, (1 << (width - 1)) - 1)
+        key = builder.xor(bits, builder.and_(builder.ashr(bits, ir.Constant(int_t, width - 1)), magnitude))
+        minus_zero = builder.icmp_signed("==", key, ir.Constant(int_t, -1))  # only -0.0 maps to -1
+        return builder.add(key, builder.zext(minus_zero, int_t))
+
+    return key_type(x), codegen
+
+
+@intrinsic
+def key_value(typingctx, key, like):
+    """The float of ``like``'s type whose ``ordered_key`` is ``key`` (an integer within that key's range)."""
+    if not (isinstance(like, types.Float) and isinstance(key, types.Integer)):
+        return None
+    width = like.bitwidth
+
+    def codegen(context, builder, signature, args):
+        int_t = ir.IntType(width)
+        key = context.cast(builder, args[0], signature.args[0], types.int32 if width == 32 else types.int64)
+        magnitude = ir.Constant(int_t, (1 << (width - 1)) - 1)
+        bits = builder.xor(key, builder.and_(builder.ashr(key, ir.Constant(int_t, width - 1)), magnitude))
+        return builder.bitcast(bits, context.get_value_type(like))
+
+    return like(key, like), codegen
+
+
+MASK_BYTES = 64  # bytes compared by one ``mask_at_least``: 16 float32 or 8 float64 entries
+
+
+@intrinsic
+def mask_at_least(typingctx, row, start, threshold):
+    """Bit i (i < MASK_BYTES / itemsize) set where row[start + i] >= threshold; one vector compare. The
+    caller keeps start + MASK_BYTES / itemsize <= len(row). ``row``: a C-contiguous 1-D float array;
+    ``threshold``: a float that the row's type holds exactly (-inf, or a value of the row)."""
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"):
+        return None
+    if not (isinstance(row.dtype, types.Float) and isinstance(threshold, types.Float)):
+        return None
+    if not isinstance(start, types.Integer):
+        return None
+    lanes = MASK_BYTES * 8 // row.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(row.dtype)
+        vec = ir.VectorType(element, lanes)
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        first = context.cast(builder, args[1], signature.args[1], types.int64)
+        values = builder.load(builder.bitcast(builder.gep(array.data, [first]), vec.as_pointer()), align=4)
+        value = context.cast(builder, args[2], signature.args[2], row.dtype)  # exact: a value of the row's type
+        splat = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        splat = builder.shuffle_vector(splat, ir.Constant(vec, ir.Undefined), broadcast)
+        reached = builder.fcmp_ordered(">=", values, splat)
+        return builder.zext(builder.bitcast(reached, ir.IntType(lanes)), ir.IntType(64))
+
+    return types.uint64(row, start, threshold), codegen
+
+
+@intrinsic
+def lowest_bit(typingctx, mask):
+    """The index of the lowest set bit of a nonzero uint64."""
+    if mask != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        cttz = builder.module.declare_intrinsic("llvm.cttz", [i64], ir.FunctionType(i64, [i64, ir.IntType(1)]))
+        return builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return types.int64(mask), codegen
+
+
+def key_buffer(n, like):
+    """An uninitialised array of n keys of ``ordered_key``'s type for arrays like ``like``."""
+
+
+@overload(key_buffer, inline="always")
+def _key_buffer_overload(n, like):
+    key_dtype = np.int32 if like.dtype.bitwidth == 32 else np.int64
+    return lambda n, like: np.empty(n, dtype=key_dtype)
