@@ -54,3 +54,37 @@ def test_every_entry_is_one_chain_of_fmas_over_d():
 def test_the_vector_width_follows_the_compile_target():
     assert tiles.VECTOR_BYTES in (32, 64)
     assert tiles.STRIP_F32 == 2 * tiles.VECTOR_BYTES // 4 and tiles.STRIP_F64 == 2 * tiles.VECTOR_BYTES // 8
+
+
+@njit(cache=True)
+def _crossings(weights, prev_weights, targets):
+    counts = np.full(targets.shape, -1, dtype=np.int32)
+    tiles.crossing_counts(weights, prev_weights, targets, counts)
+    totals = np.full(targets.shape, np.nan, dtype=weights.dtype)
+    tiles.column_totals(weights, prev_weights, totals)
+    return counts, totals
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chains, K", [(1, 1), (3, 5), (7, 40), (8, 16), (11, 33), (16, 64)])
+def test_crossing_counts_are_the_sequential_running_sums(dtype, chains, K):
+    """The sampler's column totals are the running sums' last (the products rounded, then summed in
+    order of i, as np.cumsum does) and its counts, for every chain tile (8, 4, 2, 1 chains) and padded
+    widths, the number of rows whose running sum is at most the target, including targets exactly equal
+    to a running sum (counted) and rows of weight 0 (they add exactly 0)."""
+    rng = np.random.default_rng(chains * 100 + K)
+    lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
+    width = -(-K // lanes) * lanes
+    weights = np.zeros((K, width), dtype)
+    weights[:, :K] = rng.random((K, K)) * (rng.random((K, K)) < 0.8)
+    prev_weights = (rng.random((chains, K)) * (rng.random((chains, K)) < 0.7)).astype(dtype)
+    running = np.cumsum(prev_weights[:, :, None] * weights[None, :, :K], axis=1)  # (chains, K rows, K)
+    targets = np.zeros((chains, width), dtype)
+    targets[:, :K] = (rng.random((chains, K)) * running[:, -1]).astype(dtype)
+    rows = rng.integers(0, K, (chains, K))
+    exact = rng.random((chains, K)) < 0.3  # targets that equal a running sum
+    targets[:, :K] = np.where(exact, np.take_along_axis(running, rows[:, None, :], 1)[:, 0], targets[:, :K])
+    counts, totals = _crossings(weights, prev_weights, targets)
+    np.testing.assert_array_equal(totals[:, :K], running[:, -1])
+    want = (running <= targets[:, None, :K]).sum(axis=1)
+    np.testing.assert_array_equal(counts[:, :K], want)

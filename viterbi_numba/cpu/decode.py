@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from .. import _portable
 from .intrinsics import MASK_BYTES, fast_exp, fmax, key_buffer, key_value, lowest_bit, mask_at_least, ordered_key
-from .tiles import ROWS, gather_operands, strip_dots, strip_width, tile_dots, workspace
+from .tiles import ROWS, column_totals, crossing_counts, gather_operands, strip_dots, strip_width, tile_dots, workspace
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
 # and "contract" are left out so that sums are done in the documented sequential order.
@@ -551,42 +551,31 @@ def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _draw_predecessors(
-    prev, weights, trans, trans_weights, unif, inv_temp, tiny, picks, running, targets, counts, logits, prefix
-):
-    """The sampling step of one chain: picks[j] = predecessor of state j, drawn with uniform unif[j].
+    chain_scores, prev_weights, trans, trans_weights, totals, unif, inv_temp, tiny, picks, targets, counts, logits,
+    prefix,
+):  # fmt: skip
+    """The sampling step of every chain: picks[n, j] = chain n's predecessor of state j, drawn with
+    uniform unif[n, j].
 
-    Column j's weights are weights[i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``); the pick
-    is the smallest i with unif[j] * total_j < running_j[i], the running sums taken in order of i. One
-    vectorised pass over the rows writes every column's running sums (``running``, (K, K)); since they
-    never decrease, the pick is the count of rows whose running sum is at most the target, a second
-    vectorised pass (no search, no branch). Columns whose total underflows below ``tiny``, or whose
-    target rounding leaves no crossing, are redone by ``_direct_pick``.
+    Column j's weights are prev_weights[n, i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``),
+    ``totals[n, j]`` their sum in order of i; the pick is the smallest i with unif[n, j] * totals[n, j] <
+    the running sum over rows 0..i. Running sums never decrease, so the pick is the count of rows whose
+    running sum is at most the target: ``tiles.crossing_counts`` counts them for all chains in one
+    pass over the weights, with the running sums in registers (no search, no branch, no (K, K) array of
+    sums). Columns whose total underflows below ``tiny``, or whose target rounding leaves no crossing,
+    are redone by ``_direct_pick``.
     """
-    K = prev.shape[0]
-    for i in range(K):
-        a = weights[i]
-        row = trans_weights[i]
-        sums = running[i]
-        if i == 0:
-            for j in range(K):
-                sums[j] = a * row[j]
-        else:
-            before = running[i - 1]
-            for j in range(K):
-                sums[j] = before[j] + a * row[j]  # a row of weight 0 adds exactly 0
-    totals = running[K - 1]
-    for j in range(K):
-        targets[j] = unif[j] * totals[j]
-        counts[j] = 0
-    for i in range(K):
-        sums = running[i]
+    N, K = prev_weights.shape
+    for n in range(N):
         for j in range(K):
-            counts[j] += np.int32(sums[j] <= targets[j])
-    for j in range(K):
-        pick = counts[j]
-        if totals[j] < tiny or pick == K:
-            pick = _direct_pick(prev, trans, j, inv_temp, unif[j], logits, prefix)
-        picks[j] = pick
+            targets[n, j] = unif[n, j] * totals[n, j]
+    crossing_counts(trans_weights, prev_weights, targets, counts)
+    for n in range(N):
+        for j in range(K):
+            pick = counts[n, j]
+            if totals[n, j] < tiny or pick == K:
+                pick = _direct_pick(chain_scores[n], trans, j, inv_temp, unif[n, j], logits, prefix)
+            picks[n, j] = pick
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -626,16 +615,17 @@ def stochastic_viterbi_kernel(
         src_emb, dst_t, strip, column_max, _ = workspace(K, D, scores)
         width = strip_width(scores)
         trans = np.empty((K, K), dtype=dtype)
-        trans_weights = np.empty((K, K), dtype=dtype)
+        padded = dst_t.shape[1]  # K in whole strips: the padding's weights stay 0, its counts unread
+        trans_weights = np.zeros((K, padded), dtype=dtype)
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         chain_scores = np.empty((N, K), dtype=dtype)  # shifted cumulative scores per chain
         prev_weights = np.empty((N, K), dtype=dtype)
-        unif = np.empty(K, dtype=np.float64)
-        picks = np.empty(K, dtype=np.int32)
-        running = np.empty((K, K), dtype=dtype)  # a chain's running sums of a step
-        targets = np.empty(K, dtype=dtype)
-        counts = np.empty(K, dtype=np.int32)
+        unif = np.empty((N, K), dtype=np.float64)
+        picks = np.empty((N, K), dtype=np.int32)
+        totals = np.empty((N, padded), dtype=dtype)  # each chain's column totals of a step's weights
+        targets = np.zeros((N, padded), dtype=dtype)
+        counts = np.empty((N, padded), dtype=np.int32)
         prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         logits = np.empty(K, dtype=dtype)
         _position_shifts(scores[b], length, shift, cum_shift)
@@ -645,8 +635,21 @@ def stochastic_viterbi_kernel(
                 out_path_scores[b, 0, j, n] = scores[b, 0, j]
             _softmax_into(chain_scores[n], logits, out_beam_probs[b, 0], n)
         for t in range(1, length):
-            # the block strip by strip, each strip's column maxima and shared factor
-            # exp((trans[i, j] - max_i trans[i, j]) / temp) taken while it is in L1
+            # each chain's factor exp((prev[i] - max prev) / temp) and its uniforms of this step
+            for n in range(N):
+                prev = chain_scores[n]
+                m = prev[0]
+                for i in range(1, K):
+                    m = max(m, prev[i])
+                for i in range(K):
+                    prev_weights[n, i] = fast_exp((prev[i] - m) * inv_temp)
+                if use_uniforms:
+                    for j in range(K):
+                        unif[n, j] = uniforms[b, t - 1, j, n]
+                else:
+                    chain_uniforms(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, n, unif[n])
+            # the block strip by strip: each strip's column maxima and the shared factor
+            # exp((trans[i, j] - max_i trans[i, j]) / temp), taken while the strip is in L1
             gather_operands(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_t)
             for column in range(0, K, width):
                 strip_dots(src_emb, dst_t, column, K, strip)
@@ -664,26 +667,16 @@ def stochastic_viterbi_kernel(
                     for c in range(columns):
                         trans_row[c] = row[c]
                         weight_row[c] = fast_exp((row[c] - column_max[c]) * inv_temp)
+            column_totals(trans_weights, prev_weights, totals)
+            _draw_predecessors(
+                chain_scores, prev_weights, trans, trans_weights, totals, unif, inv_temp, tiny, picks, targets, counts,
+                logits, prefix,
+            )  # fmt: skip
             emission_shift = shift[t]
             for n in range(N):
                 prev = chain_scores[n]
-                # the chain's factor exp((prev[i] - max prev) / temp) and the uniforms of this step
-                m = prev[0]
-                for i in range(1, K):
-                    m = max(m, prev[i])
-                for i in range(K):
-                    prev_weights[n, i] = fast_exp((prev[i] - m) * inv_temp)
-                if use_uniforms:
-                    for j in range(K):
-                        unif[j] = uniforms[b, t - 1, j, n]
-                else:
-                    chain_uniforms(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, n, unif)
-                _draw_predecessors(
-                    prev, prev_weights[n], trans, trans_weights, unif, inv_temp, tiny, picks, running, targets, counts,
-                    logits, prefix,
-                )  # fmt: skip
                 for j in range(K):
-                    pick = picks[j]
+                    pick = picks[n, j]
                     out_backpointers[b, t - 1, j, n] = pick
                     logits[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
                 for j in range(K):

@@ -15,6 +15,10 @@ that writes the loop in LLVM IR. Vectors are as wide as the machine's widest (16
 AVX-512, 8 with AVX2); every entry is the same chain of FMAs over d in order, so the bits do not
 depend on the width, the thread count or a BLAS library.
 
+The stochastic sampler's draw has register tiles of its own, ``running_sums``: for a few chains and one
+vector of columns they keep each chain's running sums (and targets and counts) in registers while they
+walk the rows of the step's weights: ``column_totals`` and ``crossing_counts`` (docs/design.md §6).
+
 Operands are gathered once per step by ``gather_operands``: ``src_emb`` (K_rows, D) and ``dst_t``
 (D, K_cols), with K_rows and K_cols rounded up to whole tiles and strips and the padding zero
 (``workspace``).
@@ -130,6 +134,141 @@ def tile_dots(typingctx, src_emb, dst_t, row, column, out):
         return context.get_dummy_value()
 
     return types.none(src_emb, dst_t, row, column, out), codegen
+
+
+CHAIN_TILES = (8, 4, 2, 1) if VECTOR_BYTES == 64 else (4, 2, 1)  # three vectors a chain: 32 or 16 registers
+
+
+def _running_sums(chains, count):
+    @intrinsic
+    def running_sums(typingctx, weights, prev_weights, targets, out, chain, column):
+        """For n < chains and the vector of columns j = column, column + 1, ...: the running sums
+        s_i = sum_{i' <= i} prev_weights[chain + n, i'] * weights[i', j] over the rows i (a product, then a
+        sum, in order of i: no FMA), kept in registers. ``count``: out[chain + n, j] = the number of
+        rows whose s_i is at most targets[chain + n, j] (out int32); else out[chain + n, j] = the total
+        (targets unread). The columns must be in bounds (the caller pads to whole vectors). 2-D
+        C-contiguous arrays: weights (K, width), prev_weights (N, K), targets and out (N, width)."""
+        arrays = (weights, prev_weights, targets, out)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+            return None
+        dtype = weights.dtype
+        if dtype not in (types.float32, types.float64) or out.dtype != (types.int32 if count else dtype):
+            return None
+        if prev_weights.dtype != dtype or targets.dtype != dtype:
+            return None
+        if not (isinstance(chain, types.Integer) and isinstance(column, types.Integer)):
+            return None
+        lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            vec = ir.VectorType(context.get_value_type(dtype), lanes)
+            ivec = ir.VectorType(ir.IntType(32), lanes)
+            w, a, tg, o = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
+            chain0 = context.cast(builder, args[4], signature.args[4], types.int64)
+            col0 = context.cast(builder, args[5], signature.args[5], types.int64)
+            rows = cgutils.unpack_tuple(builder, a.shape, 2)[1]
+            w_width = cgutils.unpack_tuple(builder, w.shape, 2)[1]
+            t_width = cgutils.unpack_tuple(builder, tg.shape, 2)[1]
+            o_width = cgutils.unpack_tuple(builder, o.shape, 2)[1]
+
+            def vector_at(data, row, width, vtype):
+                offset = builder.add(builder.mul(row, width), col0)
+                return builder.bitcast(builder.gep(data, [offset]), vtype.as_pointer())
+
+            chain_rows = [builder.add(chain0, ir.Constant(i64, n)) for n in range(chains)]
+            a_rows = [builder.gep(a.data, [builder.mul(r, rows)]) for r in chain_rows]
+            if count:
+                chain_targets = [builder.load(vector_at(tg.data, r, t_width, vec), align=4) for r in chain_rows]
+            zero = ir.Constant(vec, [0.0] * lanes)
+            izero = ir.Constant(ivec, [0] * lanes)
+            broadcast = ir.Constant(ivec, [0] * lanes)
+            entry = builder.block
+            loop = builder.append_basic_block("running.loop")
+            done = builder.append_basic_block("running.done")
+            builder.cbranch(builder.icmp_signed(">", rows, ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            sums = [builder.phi(vec) for _ in range(chains)]
+            tallies = [builder.phi(ivec) for _ in range(chains)] if count else []
+            for n in range(chains):
+                sums[n].add_incoming(zero, entry)
+                if count:
+                    tallies[n].add_incoming(izero, entry)
+            row = builder.load(vector_at(w.data, i, w_width, vec), align=4)
+            new_sums, new_tallies = [], []
+            for n in range(chains):
+                x = builder.load(builder.gep(a_rows[n], [i]))
+                x = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                x = builder.shuffle_vector(x, ir.Constant(vec, ir.Undefined), broadcast)
+                total = builder.fadd(sums[n], builder.fmul(x, row))  # no flags: rounded twice, as specified
+                new_sums.append(total)
+                if count:
+                    reached = builder.fcmp_ordered("<=", total, chain_targets[n])
+                    new_tallies.append(builder.add(tallies[n], builder.zext(reached, ivec)))
+            i_next = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(i_next, loop)
+            for n in range(chains):
+                sums[n].add_incoming(new_sums[n], loop)
+                if count:
+                    tallies[n].add_incoming(new_tallies[n], loop)
+            builder.cbranch(builder.icmp_signed("<", i_next, rows), loop, done)
+            builder.position_at_end(done)
+            kept, first, last = (new_tallies, izero, ivec) if count else (new_sums, zero, vec)
+            results = []
+            for n in range(chains):
+                results.append(builder.phi(last))
+                results[n].add_incoming(first, entry)
+                results[n].add_incoming(kept[n], loop)
+            for n in range(chains):
+                builder.store(results[n], vector_at(o.data, chain_rows[n], o_width, last), align=4)
+            return context.get_dummy_value()
+
+        return types.none(weights, prev_weights, targets, out, chain, column), codegen
+
+    return running_sums
+
+
+_counts = {n: _running_sums(n, True) for n in (8, 4, 2, 1)}
+_totals = {n: _running_sums(n, False) for n in (8, 4, 2, 1)}
+counts_8, counts_4, counts_2, counts_1 = (_counts[n] for n in (8, 4, 2, 1))
+totals_8, totals_4, totals_2, totals_1 = (_totals[n] for n in (8, 4, 2, 1))
+
+
+@njit(cache=True, inline="always")
+def _each_chain_tile(tile_8, tile_4, tile_2, tile_1, weights, prev_weights, targets, out):
+    """A ``running_sums`` tile for every chain (rows of prev_weights, in tiles of CHAIN_TILES) and every
+    vector of columns of ``weights`` (whose width is whole vectors)."""
+    chains = prev_weights.shape[0]
+    lanes = VECTOR_BYTES // weights.itemsize
+    for column in range(0, weights.shape[1], lanes):
+        chain = 0
+        if CHAIN_TILES[0] == 8:
+            while chain + 8 <= chains:
+                tile_8(weights, prev_weights, targets, out, chain, column)
+                chain += 8
+        while chain + 4 <= chains:
+            tile_4(weights, prev_weights, targets, out, chain, column)
+            chain += 4
+        if chain + 2 <= chains:
+            tile_2(weights, prev_weights, targets, out, chain, column)
+            chain += 2
+        if chain < chains:
+            tile_1(weights, prev_weights, targets, out, chain, column)
+
+
+@njit(cache=True, inline="always")
+def column_totals(weights, prev_weights, totals):
+    """totals[n, j] = sum_i prev_weights[n, i] * weights[i, j], summed in order of i (``running_sums``)."""
+    _each_chain_tile(totals_8, totals_4, totals_2, totals_1, weights, prev_weights, totals, totals)
+
+
+@njit(cache=True, inline="always")
+def crossing_counts(weights, prev_weights, targets, counts):
+    """counts[n, j] = the number of rows i whose running sum (as ``column_totals`` sums) is at most
+    targets[n, j]."""
+    _each_chain_tile(counts_8, counts_4, counts_2, counts_1, weights, prev_weights, targets, counts)
 
 
 @njit(cache=True, inline="always")
