@@ -550,32 +550,37 @@ def _direct_pick(prev, trans, j, inv_temp, target_u, logits, prefix):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _draw_predecessors(
-    chain_scores, prev_weights, trans, trans_weights, totals, unif, inv_temp, tiny, picks, targets, counts, logits,
-    prefix,
+def _draw_strip(
+    chain_scores, prev_weights, strip, weights, unif, column, inv_temp, tiny, totals, targets, counts, picks,
+    picked_trans, logits, prefix,
 ):  # fmt: skip
-    """The sampling step of every chain: picks[n, j] = chain n's predecessor of state j, drawn with
-    uniform unif[n, j].
+    """The sampling step of every chain for the strip of columns j = column + c (c < strip width, j < K):
+    picks[n, j] = chain n's predecessor of state j, drawn with uniform unif[n, j], and picked_trans[n, j]
+    = trans[picks[n, j], j].
 
-    Column j's weights are prev_weights[n, i] * trans_weights[i, j] (see ``stochastic_viterbi_kernel``),
-    ``totals[n, j]`` their sum in order of i; the pick is the smallest i with unif[n, j] * totals[n, j] <
-    the running sum over rows 0..i. Running sums never decrease, so the pick is the count of rows whose
-    running sum is at most the target: ``tiles.crossing_counts`` counts them for all chains in one
-    pass over the weights, with the running sums in registers (no search, no branch, no (K, K) array of
-    sums). Columns whose total underflows below ``tiny``, or whose target rounding leaves no crossing,
-    are redone by ``_direct_pick``.
+    ``strip`` (K, width) holds the strip's transitions, ``weights`` (K, width) their shared factors
+    (0 in the padding columns); column j's weights are prev_weights[n, i] * weights[i, c], ``totals[n,
+    c]`` their sum in order of i, and the pick is the smallest i with unif[n, j] * totals[n, c] < the
+    running sum over rows 0..i. Running sums never decrease, so the pick is the count of rows whose
+    running sum is at most the target: ``tiles.crossing_counts`` counts them for all chains in one pass
+    over the strip, with the running sums in registers (no search, no branch). Columns whose total
+    underflows below ``tiny``, or whose target rounding leaves no crossing, are redone by
+    ``_direct_pick``.
     """
     N, K = prev_weights.shape
+    columns = min(weights.shape[1], K - column)
+    column_totals(weights, prev_weights, totals)
     for n in range(N):
-        for j in range(K):
-            targets[n, j] = unif[n, j] * totals[n, j]
-    crossing_counts(trans_weights, prev_weights, targets, counts)
+        for c in range(columns):
+            targets[n, c] = unif[n, column + c] * totals[n, c]
+    crossing_counts(weights, prev_weights, targets, counts)
     for n in range(N):
-        for j in range(K):
-            pick = counts[n, j]
-            if totals[n, j] < tiny or pick == K:
-                pick = _direct_pick(chain_scores[n], trans, j, inv_temp, unif[n, j], logits, prefix)
-            picks[n, j] = pick
+        for c in range(columns):
+            pick = counts[n, c]
+            if totals[n, c] < tiny or pick == K:
+                pick = _direct_pick(chain_scores[n], strip, c, inv_temp, unif[n, column + c], logits, prefix)
+            picks[n, column + c] = pick
+            picked_trans[n, column + c] = strip[pick, c]
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -604,7 +609,7 @@ def stochastic_viterbi_kernel(
     by the inverse-CDF rule with the uniform ``U[b, t-1, j, n]``. The weights are factored,
     ``exp((prev[i] - max prev) / temp) * exp((trans[i, j] - max_i trans[i, j]) / temp)``, so the K x K exps
     of a step are shared by all N chains; a column whose factored total falls below ``tiny`` (underflow)
-    is recomputed directly. The draw itself is ``_draw_predecessors``.
+    is recomputed directly. The draw itself is ``_draw_strip``.
     """
     B, T, K = scores.shape
     N = out_beam_idx.shape[2]
@@ -614,18 +619,17 @@ def stochastic_viterbi_kernel(
         length = lengths[b]
         src_emb, dst_t, strip, column_max, _ = workspace(K, D, scores)
         width = strip_width(scores)
-        trans = np.empty((K, K), dtype=dtype)
-        padded = dst_t.shape[1]  # K in whole strips: the padding's weights stay 0, its counts unread
-        trans_weights = np.zeros((K, padded), dtype=dtype)
+        weights = np.empty((K, width), dtype=dtype)  # a strip's shared factors
         shift = np.empty(T, dtype=np.float64)
         cum_shift = np.empty(T, dtype=np.float64)
         chain_scores = np.empty((N, K), dtype=dtype)  # shifted cumulative scores per chain
         prev_weights = np.empty((N, K), dtype=dtype)
         unif = np.empty((N, K), dtype=np.float64)
         picks = np.empty((N, K), dtype=np.int32)
-        totals = np.empty((N, padded), dtype=dtype)  # each chain's column totals of a step's weights
-        targets = np.zeros((N, padded), dtype=dtype)
-        counts = np.empty((N, padded), dtype=np.int32)
+        picked_trans = np.empty((N, K), dtype=dtype)  # trans[picks[n, j], j]
+        totals = np.empty((N, width), dtype=dtype)  # each chain's column totals of a strip's weights
+        targets = np.zeros((N, width), dtype=dtype)  # (the padding's stay 0, its counts unread)
+        counts = np.empty((N, width), dtype=np.int32)
         prefix = np.empty(K, dtype=dtype)  # scratch of _direct_pick
         logits = np.empty(K, dtype=dtype)
         _position_shifts(scores[b], length, shift, cum_shift)
@@ -648,8 +652,8 @@ def stochastic_viterbi_kernel(
                         unif[n, j] = uniforms[b, t - 1, j, n]
                 else:
                     chain_uniforms(seed_lo, seed_hi, _portable.STREAM_STOCHASTIC_VITERBI, b, t - 1, n, unif[n])
-            # the block strip by strip: each strip's column maxima and the shared factor
-            # exp((trans[i, j] - max_i trans[i, j]) / temp), taken while the strip is in L1
+            # the block strip by strip, each strip drawn from while it is in L1: its column maxima, the
+            # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp), and every chain's picks
             gather_operands(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_t)
             for column in range(0, K, width):
                 strip_dots(src_emb, dst_t, column, K, strip)
@@ -662,23 +666,22 @@ def stochastic_viterbi_kernel(
                 columns = min(width, K - column)
                 for i in range(K):
                     row = strip[i]
-                    trans_row = trans[i, column : column + columns]
-                    weight_row = trans_weights[i, column : column + columns]
+                    weight_row = weights[i]
                     for c in range(columns):
-                        trans_row[c] = row[c]
                         weight_row[c] = fast_exp((row[c] - column_max[c]) * inv_temp)
-            column_totals(trans_weights, prev_weights, totals)
-            _draw_predecessors(
-                chain_scores, prev_weights, trans, trans_weights, totals, unif, inv_temp, tiny, picks, targets, counts,
-                logits, prefix,
-            )  # fmt: skip
+                    for c in range(columns, width):
+                        weight_row[c] = 0.0  # the padding adds nothing to the running sums
+                _draw_strip(
+                    chain_scores, prev_weights, strip, weights, unif, column, inv_temp, tiny, totals, targets, counts,
+                    picks, picked_trans, logits, prefix,
+                )  # fmt: skip
             emission_shift = shift[t]
             for n in range(N):
                 prev = chain_scores[n]
                 for j in range(K):
                     pick = picks[n, j]
                     out_backpointers[b, t - 1, j, n] = pick
-                    logits[j] = prev[pick] + trans[pick, j] + (scores[b, t, j] - emission_shift)
+                    logits[j] = prev[pick] + picked_trans[n, j] + (scores[b, t, j] - emission_shift)
                 for j in range(K):
                     prev[j] = logits[j]
                     out_path_scores[b, t, j, n] = logits[j] + cum_shift[t]
