@@ -69,12 +69,12 @@ def _crossings(weights, prev_weights, targets):
 @pytest.mark.parametrize("chains, K", [(1, 1), (3, 5), (7, 40), (8, 16), (11, 33), (16, 64)])
 def test_crossing_counts_are_the_sequential_running_sums(dtype, chains, K):
     """The sampler's column totals are the running sums' last (the products rounded, then summed in
-    order of i, as np.cumsum does) and its counts, for every chain tile (8, 4, 2, 1 chains) and padded
-    widths, the number of rows whose running sum is at most the target, including targets exactly equal
+    order of i, as np.cumsum does) and its counts, for every chain tile (4, 2, 1 chains) and padded
+    widths of one or more strips, the number of rows whose running sum is at most the target, including targets exactly equal
     to a running sum (counted) and rows of weight 0 (they add exactly 0)."""
     rng = np.random.default_rng(chains * 100 + K)
-    lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
-    width = -(-K // lanes) * lanes
+    strip = tiles.STRIP_F32 if dtype == np.float32 else tiles.STRIP_F64
+    width = -(-K // strip) * strip
     weights = np.zeros((K, width), dtype)
     weights[:, :K] = rng.random((K, K)) * (rng.random((K, K)) < 0.8)
     prev_weights = (rng.random((chains, K)) * (rng.random((chains, K)) < 0.7)).astype(dtype)
@@ -88,3 +88,47 @@ def test_crossing_counts_are_the_sequential_running_sums(dtype, chains, K):
     np.testing.assert_array_equal(totals[:, :K], running[:, -1])
     want = (running <= targets[:, None, :K]).sum(axis=1)
     np.testing.assert_array_equal(counts[:, :K], want)
+
+
+@njit(cache=True)
+def _strip_maxima(src_rows, dst_rows, E1, E2, offsets, scale, with_offsets):
+    """Every strip's column maxima from strip_dots_max, and the strips themselves, as (K, K) blocks."""
+    K = src_rows.shape[0]
+    src_emb, dst_t, strip, column_max, _ = tiles.workspace(K, E1.shape[1], E1)
+    tiles.gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t)
+    width = strip.shape[1]
+    trans = np.empty((K, K), dtype=E1.dtype)
+    maxima = np.empty(K, dtype=E1.dtype)
+    for column in range(0, K, width):
+        if with_offsets:
+            tiles.strip_dots_max(src_emb, dst_t, column, K, strip, offsets, scale, column_max)
+        else:
+            tiles.strip_dots_max(src_emb, dst_t, column, K, strip, None, scale, column_max)
+        for c in range(min(width, K - column)):
+            maxima[column + c] = column_max[c]
+            for i in range(K):
+                trans[i, column + c] = strip[i, c]
+    return trans, maxima
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 5, 7, 40, 100])
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_strip_maxima_are_taken_from_the_tiles_registers(dtype, K, with_offsets):
+    """strip_dots_max's column maxima are those of offsets[i] + trans[i, j] * scale (a product, then a
+    sum, as NumPy rounds them), or of trans[i, j], over the real rows only: every entry here is negative,
+    so a tile's padding row (a dot of 0) would win if it were not masked, and rows with offset -inf are
+    passed over."""
+    rng = np.random.default_rng(K)
+    V, D = 2 * K + 3, 4
+    E1 = np.abs(rng.standard_normal((V, D))).astype(dtype)
+    E2 = -np.abs(rng.standard_normal((V, D))).astype(dtype) - dtype(0.1)
+    src_rows, dst_rows = rng.integers(0, V, K), rng.integers(0, V, K)
+    offsets = (rng.standard_normal(K) - 30.0).astype(dtype)
+    offsets[rng.random(K) < 0.3] = -np.inf
+    scale = dtype(0.75)
+    trans, maxima = _strip_maxima(src_rows, dst_rows, E1, E2, offsets, scale, with_offsets)
+    assert np.all(trans < 0)
+    logits = offsets[:, None] + trans * scale if with_offsets else trans
+    assert maxima.dtype == dtype
+    np.testing.assert_array_equal(maxima, logits.max(axis=0))

@@ -30,7 +30,7 @@ from .. import _portable
 from .._portable import PAD
 from .decode import _FASTMATH, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
-from .tiles import gather_operands, strip_dots, strip_width, transition_block, workspace
+from .tiles import gather_operands, strip_dots_max, strip_width, transition_block, workspace
 
 uniform_pair = portable.uniform_pair
 gumbel = portable.gumbel
@@ -76,7 +76,8 @@ def _column_sums(prev, trans, inv_temp, col_max, col_sum):
 def _forward_step(prev, src_rows, dst_rows, E1, E2, work, inv_temp, col_max, col_sum):
     """col_max[j] = max_i prev[i] + trans[i, j] * inv_temp; col_sum[j] = sum_i exp(that - col_max[j]), for
     the step's block trans = E1[src_rows] E2[dst_rows]^T, made and reduced strip by strip (``tiles``):
-    each strip's maxima and then its sums are taken while it is in L1, in order of i.
+    each strip's maxima are taken from the tiles' registers as they are made, then its sums while it
+    is in L1, both in order of i.
 
     A row with prev[i] = -inf (an unreachable beam slot) adds exactly 0: its logits are -inf, which
     ``fmax`` passes over and ``fast_exp`` maps to 0, so the sums have the bits of a loop that skips
@@ -87,14 +88,7 @@ def _forward_step(prev, src_rows, dst_rows, E1, E2, work, inv_temp, col_max, col
     K = prev.shape[0]
     width = strip_width(prev)
     for column in range(0, K, width):
-        strip_dots(src_emb, dst_t, column, K, strip)
-        for c in range(width):
-            top[c] = -np.inf
-        for i in range(K):
-            a = prev[i]
-            row = strip[i]
-            for c in range(width):
-                top[c] = fmax(a + row[c] * inv_temp, top[c])
+        strip_dots_max(src_emb, dst_t, column, K, strip, prev, inv_temp, top)
         for c in range(width):
             total[c] = 0.0
         for i in range(K):

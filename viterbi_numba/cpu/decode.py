@@ -22,7 +22,16 @@ from numba import njit, prange
 
 from .. import _portable
 from .intrinsics import MASK_BYTES, fast_exp, fmax, key_buffer, key_value, lowest_bit, mask_at_least, ordered_key
-from .tiles import ROWS, column_totals, crossing_counts, gather_operands, strip_dots, strip_width, tile_dots, workspace
+from .tiles import (
+    ROWS,
+    column_totals,
+    crossing_counts,
+    gather_operands,
+    strip_dots_max,
+    strip_width,
+    tile_dots,
+    workspace,
+)
 
 # "nsz"/"arcp"/"afn" let LLVM vectorise without changing -inf handling or summation order; "reassoc"
 # and "contract" are left out so that sums are done in the documented sequential order.
@@ -656,13 +665,7 @@ def stochastic_viterbi_kernel(
             # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp), and every chain's picks
             gather_operands(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_t)
             for column in range(0, K, width):
-                strip_dots(src_emb, dst_t, column, K, strip)
-                for c in range(width):
-                    column_max[c] = strip[0, c]
-                for i in range(1, K):
-                    row = strip[i]
-                    for c in range(width):
-                        column_max[c] = fmax(row[c], column_max[c])
+                strip_dots_max(src_emb, dst_t, column, K, strip, None, inv_temp, column_max)
                 columns = min(width, K - column)
                 for i in range(K):
                     row = strip[i]

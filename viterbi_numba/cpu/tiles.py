@@ -9,6 +9,9 @@ from ``transition_block``, made of the same strips.
 
 ``strip_dots`` runs the micro-kernel ``tile_dots``: ``ROWS`` rows times ``strip_width`` columns of
 accumulators, each a vector register (two per row), updated with one vector FMA per (row, vector, d).
+``strip_dots_max`` also takes the strip's column maxima (of the entries, or of offsets[i] + entry *
+scale, as the forward pass needs) from the tile's registers before it is stored, in place of a pass
+over the strip.
 Numba cannot keep such a tile in registers itself (LLVM vectorises only innermost loops, and an
 accumulator array in memory costs a load and a store per FMA), so ``tile_dots`` is an ``@intrinsic``
 that writes the loop in LLVM IR. Vectors are as wide as the machine's widest (16 float32 lanes with
@@ -48,15 +51,14 @@ def _vector_bytes() -> int:
 
 VECTOR_BYTES = _vector_bytes()
 ROWS = 6  # rows of a tile: with two vectors per row, 12 accumulators, which fit AVX2's 16 registers
-STRIP_F32 = 2 * VECTOR_BYTES // 4  # columns of a tile: two vectors
-STRIP_F64 = 2 * VECTOR_BYTES // 8
+VECTORS = 2  # vectors of columns in a tile, and in a strip
+STRIP_F32 = VECTORS * VECTOR_BYTES // 4
+STRIP_F64 = VECTORS * VECTOR_BYTES // 8
 
 
-@intrinsic
-def tile_dots(typingctx, src_emb, dst_t, row, column, out):
-    """out[row + r, c] = sum_d src_emb[row + r, d] * dst_t[d, column + c] for r < ROWS, c < out.shape[1]
-    (= strip_width), summed over d in order with fused multiply-adds; every index must be in bounds (the
-    caller pads to whole tiles). C-contiguous 2-D arrays of one float type."""
+def _typed_tile(src_emb, dst_t, row, column, out):
+    """The float type of a tile's operands, or None where they are not C-contiguous 2-D arrays of one
+    float type and integer indices."""
     arrays = (src_emb, dst_t, out)
     if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
         return None
@@ -65,8 +67,46 @@ def tile_dots(typingctx, src_emb, dst_t, row, column, out):
         return None
     if not (isinstance(row, types.Integer) and isinstance(column, types.Integer)):
         return None
+    return dtype
+
+
+@intrinsic
+def tile_dots(typingctx, src_emb, dst_t, row, column, out):
+    """out[row + r, c] = sum_d src_emb[row + r, d] * dst_t[d, column + c] for r < ROWS, c < out.shape[1]
+    (= strip_width), summed over d in order with fused multiply-adds; every index must be in bounds (the
+    caller pads to whole tiles). C-contiguous 2-D arrays of one float type."""
+    dtype = _typed_tile(src_emb, dst_t, row, column, out)
+    if dtype is None:
+        return None
+    return types.none(src_emb, dst_t, row, column, out), _tile_codegen(dtype, None)
+
+
+@intrinsic
+def tile_dots_max(typingctx, src_emb, dst_t, row, column, out, rows, offsets, scale, column_max):
+    """``tile_dots``, then column_max[c] = max(offsets[i] + out[i, c] * scale, column_max[c]) for the
+    tile's rows i = row + r < rows in order of r (a product, then a sum: no FMA), while the tile is in
+    registers; offsets None: max(out[i, c], column_max[c]). ``column_max`` (strip_width) of the float
+    type, ``offsets`` (>= rows) too."""
+    dtype = _typed_tile(src_emb, dst_t, row, column, out)
+    if dtype is None or not isinstance(rows, types.Integer) or scale != dtype:
+        return None
+    if not (isinstance(column_max, types.Array) and column_max.ndim == 1 and column_max.layout == "C"):
+        return None
+    if column_max.dtype != dtype:
+        return None
+    with_offsets = not isinstance(offsets, types.NoneType)
+    if with_offsets and not (isinstance(offsets, types.Array) and offsets.ndim == 1 and offsets.layout == "C"):
+        return None
+    if with_offsets and offsets.dtype != dtype:
+        return None
+    signature = types.none(src_emb, dst_t, row, column, out, rows, offsets, scale, column_max)
+    return signature, _tile_codegen(dtype, with_offsets)
+
+
+def _tile_codegen(dtype, with_offsets):
+    """The code of ``tile_dots`` (with_offsets None) or of ``tile_dots_max``."""
     lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
-    vectors = 2
+    vectors = VECTORS
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
@@ -87,7 +127,6 @@ def tile_dots(typingctx, src_emb, dst_t, row, column, out):
         ]
         b_start = builder.gep(b.data, [col0])
         zero = ir.Constant(vec, [0.0] * lanes)
-        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         entry = builder.block
         loop = builder.append_basic_block("tile.loop")
         done = builder.append_basic_block("tile.done")
@@ -107,9 +146,7 @@ def tile_dots(typingctx, src_emb, dst_t, row, column, out):
         ]
         updated = []
         for r in range(ROWS):
-            x = builder.load(builder.gep(a_rows[r], [d]))
-            x = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-            x = builder.shuffle_vector(x, ir.Constant(vec, ir.Undefined), broadcast)
+            x = _broadcast(builder, builder.load(builder.gep(a_rows[r], [d])), vec)
             updated.append([builder.call(fma, [x, b_vectors[v], accumulators[r][v]]) for v in range(vectors)])
         d_next = builder.add(d, ir.Constant(i64, 1))
         d.add_incoming(d_next, loop)
@@ -131,22 +168,72 @@ def tile_dots(typingctx, src_emb, dst_t, row, column, out):
             for v in range(vectors):
                 pointer = builder.bitcast(builder.gep(out_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer())
                 builder.store(results[r * vectors + v], pointer, align=4)
+        if with_offsets is not None:
+            _column_max_epilogue(context, builder, signature, args, results, vec, vectors, with_offsets)
         return context.get_dummy_value()
 
-    return types.none(src_emb, dst_t, row, column, out), codegen
+    return codegen
 
 
-CHAIN_TILES = (8, 4, 2, 1) if VECTOR_BYTES == 64 else (4, 2, 1)  # three vectors a chain: 32 or 16 registers
+def _column_max_epilogue(context, builder, signature, args, results, vec, vectors, with_offsets):
+    """``tile_dots_max``'s update of column_max from the tile's accumulators ``results`` (ROWS x vectors),
+    row by row in order; rows at or beyond ``rows`` (the padding) pass as -inf."""
+    i64 = ir.IntType(64)
+    lanes = vec.count
+    row0 = context.cast(builder, args[2], signature.args[2], types.int64)
+    rows = context.cast(builder, args[5], signature.args[5], types.int64)
+    scale = _broadcast(builder, args[7], vec)
+    maxima = context.make_array(signature.args[8])(context, builder, args[8])
+    pointers = [
+        builder.bitcast(builder.gep(maxima.data, [ir.Constant(i64, v * lanes)]), vec.as_pointer())
+        for v in range(vectors)
+    ]
+    column_max = [builder.load(pointer, align=4) for pointer in pointers]
+    if with_offsets:
+        offsets = context.make_array(signature.args[6])(context, builder, args[6])
+    suffix = f"v{lanes}{vec.element.intrinsic_name}"
+    maxnum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec]), f"llvm.maxnum.{suffix}")
+    minus_inf = ir.Constant(vec, [float("-inf")] * lanes)
+    last = builder.sub(rows, ir.Constant(i64, 1))
+    for r in range(ROWS):
+        i = builder.add(row0, ir.Constant(i64, r))
+        inside = builder.icmp_signed("<", i, rows)
+        if with_offsets:
+            # a padding row reads the last offset (in bounds) and is then masked
+            offset = builder.load(builder.gep(offsets.data, [builder.select(inside, i, last)]))
+            offset = _broadcast(builder, offset, vec)
+        for v in range(vectors):
+            value = results[r * vectors + v]
+            if with_offsets:
+                value = builder.fadd(offset, builder.fmul(value, scale))
+            value = builder.select(inside, value, minus_inf)
+            column_max[v] = builder.call(maxnum, [value, column_max[v]], fastmath=("nnan", "nsz"))
+    for v in range(vectors):
+        builder.store(column_max[v], pointers[v], align=4)
+
+
+def _broadcast(builder, scalar, vec):
+    """``scalar`` in every lane of a vector of type ``vec``."""
+    lanes = vec.count
+    x = builder.insert_element(ir.Constant(vec, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        x, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    )
+
+
+# chains of a running-sums tile, each over a strip's VECTORS vectors of columns: three registers per
+# chain and vector (sum, target, count), 24 of AVX-512's 32 or 12 of AVX2's 16
+CHAIN_TILES = (4, 2, 1) if VECTOR_BYTES == 64 else (2, 1)
 
 
 def _running_sums(chains, count):
     @intrinsic
     def running_sums(typingctx, weights, prev_weights, targets, out, chain, column):
-        """For n < chains and the vector of columns j = column, column + 1, ...: the running sums
+        """For n < chains and the VECTORS vectors of columns j = column, column + 1, ...: the running sums
         s_i = sum_{i' <= i} prev_weights[chain + n, i'] * weights[i', j] over the rows i (a product, then a
         sum, in order of i: no FMA), kept in registers. ``count``: out[chain + n, j] = the number of
         rows whose s_i is at most targets[chain + n, j] (out int32); else out[chain + n, j] = the total
-        (targets unread). The columns must be in bounds (the caller pads to whole vectors). 2-D
+        (targets unread). The columns must be in bounds (the caller pads to whole strips). 2-D
         C-contiguous arrays: weights (K, width), prev_weights (N, K), targets and out (N, width)."""
         arrays = (weights, prev_weights, targets, out)
         if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
@@ -159,6 +246,7 @@ def _running_sums(chains, count):
         if not (isinstance(chain, types.Integer) and isinstance(column, types.Integer)):
             return None
         lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        tile = [(n, v) for n in range(chains) for v in range(VECTORS)]
 
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
@@ -172,17 +260,18 @@ def _running_sums(chains, count):
             t_width = cgutils.unpack_tuple(builder, tg.shape, 2)[1]
             o_width = cgutils.unpack_tuple(builder, o.shape, 2)[1]
 
-            def vector_at(data, row, width, vtype):
-                offset = builder.add(builder.mul(row, width), col0)
+            def vector_at(data, row, width, v, vtype):
+                offset = builder.add(builder.mul(row, width), builder.add(col0, ir.Constant(i64, v * lanes)))
                 return builder.bitcast(builder.gep(data, [offset]), vtype.as_pointer())
 
             chain_rows = [builder.add(chain0, ir.Constant(i64, n)) for n in range(chains)]
             a_rows = [builder.gep(a.data, [builder.mul(r, rows)]) for r in chain_rows]
             if count:
-                chain_targets = [builder.load(vector_at(tg.data, r, t_width, vec), align=4) for r in chain_rows]
+                targets_of = {
+                    (n, v): builder.load(vector_at(tg.data, chain_rows[n], t_width, v, vec), align=4) for n, v in tile
+                }
             zero = ir.Constant(vec, [0.0] * lanes)
             izero = ir.Constant(ivec, [0] * lanes)
-            broadcast = ir.Constant(ivec, [0] * lanes)
             entry = builder.block
             loop = builder.append_basic_block("running.loop")
             done = builder.append_basic_block("running.done")
@@ -190,39 +279,36 @@ def _running_sums(chains, count):
             builder.position_at_end(loop)
             i = builder.phi(i64)
             i.add_incoming(ir.Constant(i64, 0), entry)
-            sums = [builder.phi(vec) for _ in range(chains)]
-            tallies = [builder.phi(ivec) for _ in range(chains)] if count else []
-            for n in range(chains):
-                sums[n].add_incoming(zero, entry)
+            sums = {key: builder.phi(vec) for key in tile}
+            tallies = {key: builder.phi(ivec) for key in tile} if count else {}
+            for key in tile:
+                sums[key].add_incoming(zero, entry)
                 if count:
-                    tallies[n].add_incoming(izero, entry)
-            row = builder.load(vector_at(w.data, i, w_width, vec), align=4)
-            new_sums, new_tallies = [], []
-            for n in range(chains):
-                x = builder.load(builder.gep(a_rows[n], [i]))
-                x = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                x = builder.shuffle_vector(x, ir.Constant(vec, ir.Undefined), broadcast)
-                total = builder.fadd(sums[n], builder.fmul(x, row))  # no flags: rounded twice, as specified
-                new_sums.append(total)
+                    tallies[key].add_incoming(izero, entry)
+            row = [builder.load(vector_at(w.data, i, w_width, v, vec), align=4) for v in range(VECTORS)]
+            factors = [_broadcast(builder, builder.load(builder.gep(a_rows[n], [i])), vec) for n in range(chains)]
+            new_sums, new_tallies = {}, {}
+            for n, v in tile:
+                total = builder.fadd(sums[n, v], builder.fmul(factors[n], row[v]))  # no flags: rounded twice
+                new_sums[n, v] = total
                 if count:
-                    reached = builder.fcmp_ordered("<=", total, chain_targets[n])
-                    new_tallies.append(builder.add(tallies[n], builder.zext(reached, ivec)))
+                    reached = builder.fcmp_ordered("<=", total, targets_of[n, v])
+                    new_tallies[n, v] = builder.add(tallies[n, v], builder.zext(reached, ivec))
             i_next = builder.add(i, ir.Constant(i64, 1))
             i.add_incoming(i_next, loop)
-            for n in range(chains):
-                sums[n].add_incoming(new_sums[n], loop)
+            for key in tile:
+                sums[key].add_incoming(new_sums[key], loop)
                 if count:
-                    tallies[n].add_incoming(new_tallies[n], loop)
+                    tallies[key].add_incoming(new_tallies[key], loop)
             builder.cbranch(builder.icmp_signed("<", i_next, rows), loop, done)
             builder.position_at_end(done)
             kept, first, last = (new_tallies, izero, ivec) if count else (new_sums, zero, vec)
-            results = []
-            for n in range(chains):
-                results.append(builder.phi(last))
-                results[n].add_incoming(first, entry)
-                results[n].add_incoming(kept[n], loop)
-            for n in range(chains):
-                builder.store(results[n], vector_at(o.data, chain_rows[n], o_width, last), align=4)
+            results = {key: builder.phi(last) for key in tile}
+            for key in tile:
+                results[key].add_incoming(first, entry)
+                results[key].add_incoming(kept[key], loop)
+            for n, v in tile:
+                builder.store(results[n, v], vector_at(o.data, chain_rows[n], o_width, v, last), align=4)
             return context.get_dummy_value()
 
         return types.none(weights, prev_weights, targets, out, chain, column), codegen
@@ -230,28 +316,25 @@ def _running_sums(chains, count):
     return running_sums
 
 
-_counts = {n: _running_sums(n, True) for n in (8, 4, 2, 1)}
-_totals = {n: _running_sums(n, False) for n in (8, 4, 2, 1)}
-counts_8, counts_4, counts_2, counts_1 = (_counts[n] for n in (8, 4, 2, 1))
-totals_8, totals_4, totals_2, totals_1 = (_totals[n] for n in (8, 4, 2, 1))
+_counts = {n: _running_sums(n, True) for n in (4, 2, 1)}
+_totals = {n: _running_sums(n, False) for n in (4, 2, 1)}
+counts_4, counts_2, counts_1 = (_counts[n] for n in (4, 2, 1))
+totals_4, totals_2, totals_1 = (_totals[n] for n in (4, 2, 1))
 
 
 @njit(cache=True, inline="always")
-def _each_chain_tile(tile_8, tile_4, tile_2, tile_1, weights, prev_weights, targets, out):
+def _each_chain_tile(tile_4, tile_2, tile_1, weights, prev_weights, targets, out):
     """A ``running_sums`` tile for every chain (rows of prev_weights, in tiles of CHAIN_TILES) and every
-    vector of columns of ``weights`` (whose width is whole vectors)."""
+    strip of columns of ``weights`` (whose width is whole strips)."""
     chains = prev_weights.shape[0]
-    lanes = VECTOR_BYTES // weights.itemsize
-    for column in range(0, weights.shape[1], lanes):
+    step = VECTORS * VECTOR_BYTES // weights.itemsize
+    for column in range(0, weights.shape[1], step):
         chain = 0
-        if CHAIN_TILES[0] == 8:
-            while chain + 8 <= chains:
-                tile_8(weights, prev_weights, targets, out, chain, column)
-                chain += 8
-        while chain + 4 <= chains:
-            tile_4(weights, prev_weights, targets, out, chain, column)
-            chain += 4
-        if chain + 2 <= chains:
+        if CHAIN_TILES[0] == 4:
+            while chain + 4 <= chains:
+                tile_4(weights, prev_weights, targets, out, chain, column)
+                chain += 4
+        while chain + 2 <= chains:
             tile_2(weights, prev_weights, targets, out, chain, column)
             chain += 2
         if chain < chains:
@@ -261,14 +344,14 @@ def _each_chain_tile(tile_8, tile_4, tile_2, tile_1, weights, prev_weights, targ
 @njit(cache=True, inline="always")
 def column_totals(weights, prev_weights, totals):
     """totals[n, j] = sum_i prev_weights[n, i] * weights[i, j], summed in order of i (``running_sums``)."""
-    _each_chain_tile(totals_8, totals_4, totals_2, totals_1, weights, prev_weights, totals, totals)
+    _each_chain_tile(totals_4, totals_2, totals_1, weights, prev_weights, totals, totals)
 
 
 @njit(cache=True, inline="always")
 def crossing_counts(weights, prev_weights, targets, counts):
     """counts[n, j] = the number of rows i whose running sum (as ``column_totals`` sums) is at most
     targets[n, j]."""
-    _each_chain_tile(counts_8, counts_4, counts_2, counts_1, weights, prev_weights, targets, counts)
+    _each_chain_tile(counts_4, counts_2, counts_1, weights, prev_weights, targets, counts)
 
 
 @njit(cache=True, inline="always")
@@ -303,6 +386,16 @@ def strip_dots(src_emb, dst_t, column, rows, strip):
     """strip[i, c] = src_emb[i] . dst_t[:, column + c] for i < rows (rounded up to whole tiles)."""
     for row in range(0, rows, ROWS):
         tile_dots(src_emb, dst_t, row, column, strip)
+
+
+@njit(cache=True, inline="always")
+def strip_dots_max(src_emb, dst_t, column, rows, strip, offsets, scale, column_max):
+    """``strip_dots``, and column_max[c] = max_{i < rows} offsets[i] + strip[i, c] * scale (offsets None:
+    max_i strip[i, c]), taken row by row in order from each tile's registers (``tile_dots_max``)."""
+    for c in range(column_max.shape[0]):
+        column_max[c] = -np.inf
+    for row in range(0, rows, ROWS):
+        tile_dots_max(src_emb, dst_t, row, column, strip, rows, offsets, scale, column_max)
 
 
 @njit(cache=True, inline="always")
