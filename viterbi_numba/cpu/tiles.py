@@ -369,16 +369,23 @@ def strip_width(values):
 @njit(cache=True, inline="always")
 def gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t):
     """src_emb[i] = E1[src_rows[i]] and dst_t[:, j] = E2[dst_rows[j]]; the padding rows and columns
-    beyond K stay as the caller made them (zeros)."""
+    beyond K stay as the caller made them (zeros).
+
+    The E2 rows are first copied whole into src_emb, then transposed from there (in L1): a transposing
+    copy straight from the table measured twice as slow at the write-up's size, its strided stores
+    holding back the loads of the next rows, which come from L3 or memory."""
     D = E1.shape[1]
+    for j in range(dst_rows.shape[0]):
+        dst = E2[dst_rows[j]]
+        for d in range(D):
+            src_emb[j, d] = dst[d]
+    for d in range(D):
+        for j in range(dst_rows.shape[0]):
+            dst_t[d, j] = src_emb[j, d]
     for i in range(src_rows.shape[0]):
         src = E1[src_rows[i]]
         for d in range(D):
             src_emb[i, d] = src[d]
-    for j in range(dst_rows.shape[0]):
-        dst = E2[dst_rows[j]]
-        for d in range(D):
-            dst_t[d, j] = dst[d]
 
 
 @njit(cache=True, inline="always")
