@@ -1,12 +1,15 @@
-"""The CPU kernels' own device functions: the vectorisable float32 exp and the softmax pick."""
+"""The CPU kernels' own device functions: the vectorisable float32 exp, the softmax pick, the keys and masks
+of top-K and the prefetch hint."""
 
 import math
 
 import numpy as np
 import pytest
 from cpu_helpers import fast_exp_array
+from numba import njit
 
 from viterbi_numba.cpu import decode as cpu_decode
+from viterbi_numba.cpu import intrinsics
 
 
 def test_fast_exp_accuracy_and_limits():
@@ -86,3 +89,21 @@ def test_mask_at_least_and_lowest_bit(dtype):
         for threshold in (-np.inf, 0.0, float(row[start + 3])):
             want = [start + i for i in range(lanes) if row[start + i] >= threshold]
             assert reaching(row, start, threshold) == want
+
+
+@njit(cache=True)
+def _prefetch_every_row(table):
+    for row in range(table.shape[0]):
+        intrinsics.prefetch_row(table, row)
+    return table.sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (5, 17), (3, 100)])
+def test_prefetch_row_is_only_a_hint(dtype, shape):
+    """prefetch_row compiles for tables of either float type whose rows span part of a cache line, one
+    or several (down to the last row), and changes nothing."""
+    table = np.arange(np.prod(shape), dtype=dtype).reshape(shape)
+    before = table.copy()
+    assert _prefetch_every_row(table) == before.sum()
+    np.testing.assert_array_equal(table, before)

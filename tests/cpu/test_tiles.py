@@ -70,8 +70,9 @@ def _crossings(weights, prev_weights, targets):
 def test_crossing_counts_are_the_sequential_running_sums(dtype, chains, K):
     """The sampler's column totals are the running sums' last (the products rounded, then summed in
     order of i, as np.cumsum does) and its counts, for every chain tile (4, 2, 1 chains) and padded
-    widths of one or more strips, the number of rows whose running sum is at most the target, including targets exactly equal
-    to a running sum (counted) and rows of weight 0 (they add exactly 0)."""
+    widths of one or more strips, the number of rows whose running sum is at most the target,
+    including targets exactly equal to a running sum (counted) and rows of weight 0 (they add exactly
+    0)."""
     rng = np.random.default_rng(chains * 100 + K)
     strip = tiles.STRIP_F32 if dtype == np.float32 else tiles.STRIP_F64
     width = -(-K // strip) * strip

@@ -30,7 +30,7 @@ from .. import _portable
 from .._portable import PAD
 from .decode import _FASTMATH, portable, softmax_pick
 from .intrinsics import fast_exp, fmax
-from .tiles import gather_operands, strip_dots_max, strip_width, transition_block, workspace
+from .tiles import gather_operands, prefetch_operands, strip_dots_max, strip_width, transition_block, workspace
 
 uniform_pair = portable.uniform_pair
 gumbel = portable.gumbel
@@ -148,6 +148,8 @@ def _forward(scores_b, tokens_b, E1, E2, length, inv_temp, work, alpha, col_max,
     """
     log_norm = _forward_begin(scores_b[0], inv_temp, alpha[0])
     for t in range(1, length):
+        if t + 1 < length:
+            prefetch_operands(tokens_b[t], tokens_b[t + 1], E1, E2)
         _forward_step(alpha[t - 1], tokens_b[t - 1], tokens_b[t], E1, E2, work, inv_temp, col_max[t], col_sum[t])
         log_norm += _forward_position(scores_b[t], inv_temp, col_max[t], col_sum[t], alpha[t])
     return log_norm + _log_total(alpha[length - 1])

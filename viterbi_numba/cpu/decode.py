@@ -27,6 +27,7 @@ from .tiles import (
     column_totals,
     crossing_counts,
     gather_operands,
+    prefetch_operands,
     strip_dots_max,
     strip_width,
     tile_dots,
@@ -385,6 +386,8 @@ def viterbi_kernel(
         for j in range(K):
             history[0, j] = scores[b, 0, j] - shift[0]
         for t in range(1, length):
+            if t + 1 < length:
+                prefetch_operands(tokens[b, t], tokens[b, t + 1], E1, E2)
             _viterbi_step(
                 history[t - 1], tokens[b, t - 1], tokens[b, t], E1, E2, order, dst_norm, work, strip_best, strip_arg,
                 best, arg,
@@ -664,6 +667,8 @@ def stochastic_viterbi_kernel(
             # the block strip by strip, each strip drawn from while it is in L1: its column maxima, the
             # shared factor exp((trans[i, j] - max_i trans[i, j]) / temp), and every chain's picks
             gather_operands(tokens[b, t - 1], tokens[b, t], E1, E2, src_emb, dst_t)
+            if t + 1 < length:
+                prefetch_operands(tokens[b, t], tokens[b, t + 1], E1, E2)
             for column in range(0, K, width):
                 strip_dots_max(src_emb, dst_t, column, K, strip, None, inv_temp, column_max)
                 columns = min(width, K - column)

@@ -32,6 +32,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 
@@ -190,3 +191,32 @@ def key_buffer(n, like):
 def _key_buffer_overload(n, like):
     key_dtype = np.int32 if like.dtype.bitwidth == 32 else np.int64
     return lambda n, like: np.empty(n, dtype=key_dtype)
+
+
+@intrinsic
+def prefetch_row(typingctx, table, row):
+    """A hint to bring the cache lines of table[row] (a C-contiguous 2-D array, row in bounds) into L2
+    (``llvm.prefetch``, locality 2): no load waits for it and nothing is read out of bounds."""
+    if not (isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C"):
+        return None
+    if not isinstance(row, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.int64)
+        width = builder.extract_value(array.shape, 1)
+        start = builder.bitcast(builder.gep(array.data, [builder.mul(index, width)]), i8p)
+        item = context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))
+        size = builder.mul(width, ir.Constant(i64, item))
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), size, ir.Constant(i64, 64)) as (offset, _):
+            builder.call(
+                prefetch, [builder.gep(start, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)]
+            )
+        return context.get_dummy_value()
+
+    return types.none(table, row), codegen

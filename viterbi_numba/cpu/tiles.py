@@ -36,6 +36,8 @@ from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
+from .intrinsics import prefetch_row
+
 
 def _vector_bytes() -> int:
     """32 (AVX2) or 64 (AVX-512) bytes: the width of the vector registers of the CPU Numba compiles for
@@ -386,6 +388,16 @@ def gather_operands(src_rows, dst_rows, E1, E2, src_emb, dst_t):
         src = E1[src_rows[i]]
         for d in range(D):
             src_emb[i, d] = src[d]
+
+
+@njit(cache=True, inline="always")
+def prefetch_operands(src_rows, dst_rows, E1, E2):
+    """Hints that bring the next step's rows E1[src_rows] and E2[dst_rows] into L2 while this step
+    computes, so that its ``gather_operands`` does not wait on memory for each row."""
+    for i in range(src_rows.shape[0]):
+        prefetch_row(E1, src_rows[i])
+    for j in range(dst_rows.shape[0]):
+        prefetch_row(E2, dst_rows[j])
 
 
 @njit(cache=True, inline="always")
