@@ -24,7 +24,7 @@ walk the rows of the step's weights: ``column_totals`` and ``crossing_counts`` (
 
 Operands are gathered once per step by ``gather_operands``: ``src_emb`` (K_rows, D) and ``dst_t``
 (D, K_cols), with K_rows and K_cols rounded up to whole tiles and strips and the padding zero
-(``workspace``).
+(``workspace``); ``prefetch_operands`` asks for the next step's rows while a step computes.
 """
 
 from __future__ import annotations
