@@ -1,5 +1,5 @@
-"""LLVM-level helpers of the CPU kernels: a vectorisable float32 exp, a maxnum without masked stores and
-the integer keys that order floats.
+"""LLVM-level helpers of the CPU kernels: a vectorisable float32 exp, a maxnum without masked stores, the
+integer keys that order floats and a prefetch hint.
 
 ``fast_exp``: a branch-free float32 exp that LLVM vectorises (CPU only; float64 keeps ``math.exp``).
 
@@ -23,6 +23,9 @@ and sorts on these keys: a bisection's counts and a radix sort's digits are inte
 
 ``mask_at_least``: one 64-byte vector of a row compared with a threshold, as a bit mask, so that top-K
 finds the few entries that reach its threshold without a branch per entry (``lowest_bit`` walks them).
+
+``prefetch_row``: a hint that brings a table row's cache lines into L2, so that the next step's rows
+are on their way while a step computes (``tiles.prefetch_operands``).
 """
 
 from __future__ import annotations
